@@ -1,0 +1,100 @@
+"""The converted attention module: Hedgehog linear attention, optionally with an exact sliding window.
+
+`hedgehog` is this module with window 0; `lolcats` is it with a window (64 by default) and a learned per-head
+window weight. The module keeps the teacher's projections under their original names and adds only the feature
+maps and the window factors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import _compat
+from ..kernels.hybrid import hybrid_attention
+from .feature_maps import HedgehogFeatureMap
+from .projection import project_qkv, rope_function
+
+TOKEN_MASK_KWARG = "linearize_token_mask"
+
+
+class HybridLinearAttention(nn.Module):
+    """Drop-in replacement for a decoder's softmax attention module.
+
+    Args:
+        original: the softmax attention module being replaced; its children (projections, q/k norms) are adopted.
+        config: the model config (head counts, head size).
+        layer_idx: index of the decoder layer.
+        feature_dim: Hedgehog feature dimension F.
+        window: exact-softmax window in tokens (current token included); 0 for plain linear attention.
+        init_window_factor: initial logit of the per-head window weight.
+        chunk_size: tokens per chunk on the PyTorch path.
+    """
+
+    def __init__(self, original: nn.Module, config, layer_idx: int, feature_dim: int, window: int,
+                 init_window_factor: float = -2.1972, chunk_size: int = 128):
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = original.head_dim
+        self.scaling = original.scaling
+        self.softcap = getattr(original, "attn_logit_softcapping", None)
+        self.rope = rope_function(original)
+        self.window = window
+        self.feature_dim = feature_dim
+        self.init_window_factor = init_window_factor
+        self.chunk_size = chunk_size
+        ref = next(original.parameters())
+        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, feature_dim).to(ref.device, ref.dtype)
+        self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim, feature_dim).to(ref.device, ref.dtype)
+        if window > 0:
+            self.window_factors = nn.Parameter(torch.empty(self.num_heads, device=ref.device, dtype=ref.dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deterministic start: identity feature maps and window weight sigmoid(init_window_factor)."""
+        self.feature_map_q.reset_parameters()
+        self.feature_map_k.reset_parameters()
+        self.reset_window_factors()
+
+    def reset_window_factors(self) -> None:
+        if self.window > 0:
+            with torch.no_grad():
+                self.window_factors.fill_(self.init_window_factor)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """Parameters that conversion added (what attention transfer trains)."""
+        params = [self.feature_map_q.weight, self.feature_map_k.weight]
+        if self.window > 0:
+            params.append(self.window_factors)
+        return params
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        """Same call and return convention as the transformers attention modules: `(output, None)`."""
+        cache = _compat.pop_cache(kwargs)
+        token_mask = kwargs.get(TOKEN_MASK_KWARG)
+        q, k, v = project_qkv(self, hidden_states, position_embeddings)
+        layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
+        out, state = hybrid_attention(
+            q, k, v,
+            self.feature_map_q.weight, self.feature_map_k.weight,
+            self.window_factors if self.window > 0 else None,
+            window=self.window,
+            scale=self.scaling,
+            softcap=self.softcap,
+            token_mask=token_mask,
+            initial_state=layer.state if layer is not None else None,
+            output_final_state=layer is not None,
+            chunk_size=self.chunk_size,
+        )
+        if layer is not None:
+            layer.advance(state, hidden_states.shape[1])
+        out = self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
+        return out, None
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, window={self.window}, feature_dim={self.feature_dim}"
