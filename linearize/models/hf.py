@@ -10,6 +10,7 @@ that never imported linearize.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -54,7 +55,11 @@ class LinearizedModelMixin:
         # The model builds its own LinearizeCache in forward; generate must not hand it a plain DynamicCache.
         return False
 
-    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+    def forward(self, *args, **kwargs):
+        # Positional arguments follow the family's own forward signature (input_ids, attention_mask, ...).
+        names = list(inspect.signature(super().forward).parameters)
+        kwargs.update(zip(names, args))
+        input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
         cache = _compat.pop_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
@@ -104,7 +109,15 @@ def _make_classes(family: Family) -> tuple[type, type]:
         base_model.__init__(self, config)
         self._linearize_init()
 
+    def forward(self, *args, **kwargs):
+        return LinearizedModelMixin.forward(self, *args, **kwargs)
+
+    # generate() reads the forward signature (e.g. to decide whether to build position_ids from the mask).
+    forward.__signature__ = inspect.signature(base_model.forward)
+    forward.__doc__ = base_model.forward.__doc__
+
     model_cls = type(model_name, (LinearizedModelMixin, base_model), {
+        "forward": forward,
         "__module__": __name__,
         "config_class": config_cls,
         "__init__": __init__,
