@@ -18,7 +18,9 @@ logger = logging.getLogger("linearize")
 
 def _add_model_arg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
     parser.add_argument(
-        "--model", default=default, required=default is None,
+        "--model",
+        default=default,
+        required=default is None,
         help="alias (see `linearize models`), local folder, .gguf file or Hub id",
     )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -56,16 +58,21 @@ def _cmd_generate(args) -> int:
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise LinearizeError("--chat: this tokenizer has no chat template; drop --chat")
-        prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     inputs = tok(prompt, return_tensors="pt", add_special_tokens=not args.chat)
     torch.manual_seed(args.seed)
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else {}
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                             **{k: v for k, v in sampling.items() if k != "do_sample"})
-    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+        out = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            **{k: v for k, v in sampling.items() if k != "do_sample"},
+        )
+    new_tokens = out[0, inputs["input_ids"].shape[1] :]
     print(prompt + tok.decode(new_tokens, skip_special_tokens=True))
     return 0
 
@@ -113,8 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arg(p)
     p.add_argument("--recipe", default="lolcats", help="bundled recipe name or path to a YAML recipe")
     p.add_argument("--out", required=True, help="output folder (a normal Hugging Face model folder)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe setting, e.g. --set attention.window=128 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, e.g. --set attention.window=128 (repeatable)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=_cmd_convert)
 
@@ -143,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return args.func(args)

@@ -71,8 +71,20 @@ def test_non_empty_out_folder_is_refused(tmp_path, tiny_folder, capsys):
 
 def test_offline_hub_id_fails_fast_with_one_line(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "linearize.cli", "convert", "--model", "some-org/some-model", "--out", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=60, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "-m",
+            "linearize.cli",
+            "convert",
+            "--model",
+            "some-org/some-model",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("linearize: error: 'some-org/some-model' is not in the local")
@@ -80,8 +92,19 @@ def test_offline_hub_id_fails_fast_with_one_line(tmp_path):
 
 def test_convert_and_generate_from_local_folder(tmp_path, tiny_folder, capsys):
     out = tmp_path / "conv"
-    code = main(["convert", "--model", str(tiny_folder), "--out", str(out), "--set", "attention.feature_dim=8",
-                 "--set", "attention.softmax_layers=[1]"])
+    code = main(
+        [
+            "convert",
+            "--model",
+            str(tiny_folder),
+            "--out",
+            str(out),
+            "--set",
+            "attention.feature_dim=8",
+            "--set",
+            "attention.softmax_layers=[1]",
+        ]
+    )
     assert code == 0
     assert {"config.json", "model.safetensors", "modeling_linearize.py", "linearize_recipe.yaml"} <= {
         p.name for p in out.iterdir()

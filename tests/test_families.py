@@ -33,8 +33,9 @@ def test_roundtrip_strict_equal_logits_and_generate(family, tmp_path):
     with torch.no_grad():
         after = loaded(ids, use_cache=False).logits
     torch.testing.assert_close(after, before, rtol=0, atol=0)
-    out = loaded.generate(ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=6,
-                          do_sample=False, pad_token_id=0)
+    out = loaded.generate(
+        ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     assert out.shape == (2, 11)
 
 

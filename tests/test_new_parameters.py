@@ -30,7 +30,7 @@ def test_conversion_start_is_deterministic_and_identity():
     a = convert(tiny_model("llama", seed=0), ATTN)
     b = convert(tiny_model("llama", seed=5), ATTN)
     _assert_at_start(a)
-    for (na, pa), (nb, pb) in zip(_new_params(a).items(), _new_params(b).items()):
+    for (na, pa), (nb, pb) in zip(_new_params(a).items(), _new_params(b).items(), strict=True):
         assert na == nb and torch.equal(pa, pb)
 
 
@@ -39,7 +39,7 @@ def test_trained_values_survive_save_and_load(tmp_path):
     randomise_new_parameters(model)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    for (name, p), q in zip(_new_params(model).items(), _new_params(loaded).values()):
+    for (name, p), q in zip(_new_params(model).items(), _new_params(loaded).values(), strict=True):
         assert torch.equal(p, q), name
 
 
@@ -60,4 +60,6 @@ def test_teacher_checkpoint_into_converted_skeleton(tmp_path):
     assert all("feature_map" in k or "window_factors" in k for k in info["missing_keys"])
     _assert_at_start(skeleton)
     # The teacher's own weights arrive untouched.
-    torch.testing.assert_close(skeleton.model.layers[0].self_attn.q_proj.weight, teacher.model.layers[0].self_attn.q_proj.weight)
+    torch.testing.assert_close(
+        skeleton.model.layers[0].self_attn.q_proj.weight, teacher.model.layers[0].self_attn.q_proj.weight
+    )

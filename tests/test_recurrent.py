@@ -78,8 +78,13 @@ def test_left_padding_does_not_leak(family, kind):
 
     generated = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     for b, s in enumerate(seqs):
-        alone = model.generate(s[None], attention_mask=torch.ones(1, len(s), dtype=torch.long), max_new_tokens=12,
-                               do_sample=False, pad_token_id=0)
+        alone = model.generate(
+            s[None],
+            attention_mask=torch.ones(1, len(s), dtype=torch.long),
+            max_new_tokens=12,
+            do_sample=False,
+            pad_token_id=0,
+        )
         assert generated[b, T:].tolist() == alone[0, len(s) :].tolist()
 
 
@@ -87,8 +92,16 @@ def test_sampling_and_batched_generate_run():
     model = _model()
     ids = _ids(3, 7)
     torch.manual_seed(0)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=True, top_k=20,
-                         temperature=0.8, num_return_sequences=2, pad_token_id=0)
+    out = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=10,
+        do_sample=True,
+        top_k=20,
+        temperature=0.8,
+        num_return_sequences=2,
+        pad_token_id=0,
+    )
     assert out.shape == (6, 17)
 
 

@@ -7,8 +7,16 @@ import transformers
 
 VOCAB = 128
 COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 # Gemma-style models alternate local (sliding) and global layers.
@@ -20,11 +28,20 @@ FAMILY_CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(**COMMON),
     "qwen3": lambda: transformers.Qwen3Config(**COMMON, head_dim=16),
     "gemma2": lambda: transformers.Gemma2Config(
-        **COMMON, head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=20.0, final_logit_softcapping=30.0,
-        sliding_window=6, layer_types=LOCAL_GLOBAL,
+        **COMMON,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        attn_logit_softcapping=20.0,
+        final_logit_softcapping=30.0,
+        sliding_window=6,
+        layer_types=LOCAL_GLOBAL,
     ),
     "gemma3_text": lambda: transformers.Gemma3TextConfig(
-        **COMMON, head_dim=16, query_pre_attn_scalar=24, sliding_window=6, layer_types=LOCAL_GLOBAL,
+        **COMMON,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=6,
+        layer_types=LOCAL_GLOBAL,
     ),
     "phi3": lambda: transformers.Phi3Config(**COMMON, partial_rotary_factor=0.5),
 }
@@ -73,8 +90,9 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def save_tiny(family: str, folder, seed: int = 0):

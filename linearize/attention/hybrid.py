@@ -31,8 +31,16 @@ class HybridLinearAttention(nn.Module):
         chunk_size: tokens per chunk on the PyTorch path.
     """
 
-    def __init__(self, original: nn.Module, config, layer_idx: int, feature_dim: int, window: int,
-                 init_window_factor: float = -2.1972, chunk_size: int = 128):
+    def __init__(
+        self,
+        original: nn.Module,
+        config,
+        layer_idx: int,
+        feature_dim: int,
+        window: int,
+        init_window_factor: float = -2.1972,
+        chunk_size: int = 128,
+    ):
         super().__init__()
         for name, child in original.named_children():
             self.add_module(name, child)
@@ -80,8 +88,11 @@ class HybridLinearAttention(nn.Module):
         q, k, v = project_qkv(self, hidden_states, position_embeddings)
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         out, state = hybrid_attention(
-            q, k, v,
-            self.feature_map_q.weight, self.feature_map_k.weight,
+            q,
+            k,
+            v,
+            self.feature_map_q.weight,
+            self.feature_map_k.weight,
             self.window_factors if self.window > 0 else None,
             window=self.window,
             scale=self.scaling,

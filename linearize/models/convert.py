@@ -96,8 +96,7 @@ def convert(model: nn.Module, attention: AttentionConfig, base_model: str | None
     family = family_for(config)
     if not isinstance(model, family.causal_lm_cls):
         raise LinearizeError(
-            f"expected a {family.causal_lm_class}, got {type(model).__name__}; load the model with "
-            "AutoModelForCausalLM"
+            f"expected a {family.causal_lm_class}, got {type(model).__name__}; load the model with AutoModelForCausalLM"
         )
     settings = {
         "version": SETTINGS_VERSION,

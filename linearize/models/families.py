@@ -70,10 +70,19 @@ FAMILIES: dict[str, Family] = {
         _family("mistral", "mistral", "Mistral", notes="GQA; config sliding window ignored once linearized"),
         _family("qwen2", "qwen2", "Qwen2", notes="Qwen2/2.5; q/k/v biases"),
         _family("qwen3", "qwen3", "Qwen3", notes="q/k RMS norms before RoPE"),
-        _family("gemma2", "gemma2", "Gemma2",
-                notes="logit soft-capping on the window scores; local layers kept unless convert_sliding_layers"),
-        _family("gemma3_text", "gemma3", "Gemma3", config_class="Gemma3TextConfig",
-                notes="q/k norms, local RoPE on local layers; local layers kept unless convert_sliding_layers"),
+        _family(
+            "gemma2",
+            "gemma2",
+            "Gemma2",
+            notes="logit soft-capping on the window scores; local layers kept unless convert_sliding_layers",
+        ),
+        _family(
+            "gemma3_text",
+            "gemma3",
+            "Gemma3",
+            config_class="Gemma3TextConfig",
+            notes="q/k norms, local RoPE on local layers; local layers kept unless convert_sliding_layers",
+        ),
         _family("phi3", "phi3", "Phi3", notes="fused qkv projection, partial rotary"),
     )
 }
@@ -84,6 +93,4 @@ def family_for(config) -> Family:
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
         return FAMILIES[model_type]
-    raise LinearizeError(
-        f"architecture '{model_type}' is not supported; supported model types: {', '.join(FAMILIES)}"
-    )
+    raise LinearizeError(f"architecture '{model_type}' is not supported; supported model types: {', '.join(FAMILIES)}")

@@ -62,7 +62,7 @@ class LinearizedModelMixin:
     def forward(self, *args, **kwargs):
         # Positional arguments follow the family's own forward signature (input_ids, attention_mask, ...).
         names = list(inspect.signature(super().forward).parameters)
-        kwargs.update(zip(names, args))
+        kwargs.update(zip(names, args, strict=False))
         input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
         cache = _compat.pop_cache(kwargs)
         use_cache = kwargs.get("use_cache")
@@ -101,13 +101,19 @@ def _make_classes(family: Family) -> tuple[type, type]:
     stem = base_model.__name__.removesuffix("ForCausalLM")
     config_name, model_name = f"Linearized{stem}Config", f"Linearized{stem}ForCausalLM"
 
-    config_cls = strict(type(config_name, (base_config,), {
-        "__module__": __name__,
-        "__annotations__": {"linearize": dict | None},
-        "model_type": family.linearized_type,
-        "linearize": None,
-        "__doc__": f"{base_config.__name__} plus the conversion settings of linearize (`linearize` field).",
-    }))
+    config_cls = strict(
+        type(
+            config_name,
+            (base_config,),
+            {
+                "__module__": __name__,
+                "__annotations__": {"linearize": dict | None},
+                "model_type": family.linearized_type,
+                "linearize": None,
+                "__doc__": f"{base_config.__name__} plus the conversion settings of linearize (`linearize` field).",
+            },
+        )
+    )
 
     def __init__(self, config):
         base_model.__init__(self, config)
@@ -120,13 +126,17 @@ def _make_classes(family: Family) -> tuple[type, type]:
     forward.__signature__ = inspect.signature(base_model.forward)
     forward.__doc__ = base_model.forward.__doc__
 
-    model_cls = type(model_name, (LinearizedModelMixin, base_model), {
-        "forward": forward,
-        "__module__": __name__,
-        "config_class": config_cls,
-        "__init__": __init__,
-        "__doc__": f"{base_model.__name__} with its attention converted by linearize.",
-    })
+    model_cls = type(
+        model_name,
+        (LinearizedModelMixin, base_model),
+        {
+            "forward": forward,
+            "__module__": __name__,
+            "config_class": config_cls,
+            "__init__": __init__,
+            "__doc__": f"{base_model.__name__} with its attention converted by linearize.",
+        },
+    )
     return config_cls, model_cls
 
 

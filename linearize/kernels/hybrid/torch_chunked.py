@@ -33,8 +33,18 @@ class HybridState:
     win_mask: torch.Tensor
 
     @classmethod
-    def zeros(cls, batch: int, heads: int, kv_heads: int, head_dim: int, v_dim: int, features: int,
-              window: int, dtype: torch.dtype, device: torch.device) -> "HybridState":
+    def zeros(
+        cls,
+        batch: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        v_dim: int,
+        features: int,
+        window: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> HybridState:
         slots = max(window - 1, 0)
         return cls(
             kv=torch.zeros(batch, heads, features, v_dim, dtype=torch.float32, device=device),
@@ -47,13 +57,13 @@ class HybridState:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.kv, self.ksum, self.win_k, self.win_v, self.win_mask)
 
-    def index_select(self, index: torch.Tensor) -> "HybridState":
+    def index_select(self, index: torch.Tensor) -> HybridState:
         return HybridState(*(t.index_select(0, index.to(t.device)) for t in self.tensors()))
 
-    def repeat_interleave(self, repeats: int) -> "HybridState":
+    def repeat_interleave(self, repeats: int) -> HybridState:
         return HybridState(*(t.repeat_interleave(repeats, dim=0) for t in self.tensors()))
 
-    def to(self, device: torch.device) -> "HybridState":
+    def to(self, device: torch.device) -> HybridState:
         return HybridState(*(t.to(device) for t in self.tensors()))
 
 
