@@ -16,14 +16,15 @@ from .errors import LinearizeError
 logger = logging.getLogger("linearize")
 
 
-def _add_model_arg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+def _add_model_arg(parser: argparse.ArgumentParser, default: str | None = None, dtype: bool = True) -> None:
     parser.add_argument(
         "--model",
         default=default,
         required=default is None,
         help="alias (see `linearize models`), local folder, .gguf file or Hub id",
     )
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
 
 
 def _cmd_convert(args) -> int:
@@ -43,6 +44,28 @@ def _cmd_convert(args) -> int:
     n_conv = sum(kind != "softmax" for kind in layers.values())
     print(f"converted {n_conv}/{len(layers)} attention layers to '{recipe.attention.kind}'; saved to {out}")
     return 0
+
+
+def _cmd_train(args) -> int:
+    from .config import load_recipe
+    from .train.pipeline import run_pipeline
+
+    recipe = load_recipe(args.recipe, args.set)
+    result = run_pipeline(args.model, recipe, args.out, resume=args.resume, overwrite=args.overwrite)
+    if result.summary is not None and _is_main_process():
+        for stage in result.summary["stages"]:
+            val = f", validation loss {stage['val_loss']:.4g}" if stage.get("val_loss") is not None else ""
+            print(
+                f"{stage['name']}: {stage['steps']} steps, {stage['tokens']:,} tokens, {stage['seconds']:.0f} s, "
+                f"loss {stage['first_loss']:.4g} -> {stage['final_loss']:.4g}{val}"
+            )
+        print(f"model: {result.out}  (load with AutoModelForCausalLM.from_pretrained after `import linearize`)")
+        print(f"run:   {result.out / 'run'}  (recipe.yaml, metrics.jsonl, log.txt, summary.json)")
+    return 0
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _cmd_generate(args) -> int:
@@ -116,6 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    p = sub.add_parser(
+        "train",
+        help="the main job: convert, attention transfer, LoRA fine-tuning, export "
+        "(also runs as plain `linearize --model ... --recipe ... --out ...`)",
+    )
+    _add_model_arg(p, default="smollm2-135m", dtype=False)
+    p.add_argument("--recipe", default="lolcats", help="bundled recipe name or path to a YAML recipe")
+    p.add_argument("--out", required=True, help="output folder: the model at its top, the run under run/")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe setting, e.g. --set transfer.tokens=2e6 (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
+    p.set_defaults(func=_cmd_train)
+
     p = sub.add_parser("convert", help="swap the attention of a model and export it (no training)")
     _add_model_arg(p)
     p.add_argument("--recipe", default="lolcats", help="bundled recipe name or path to a YAML recipe")
@@ -151,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `linearize --model M --recipe R --out O` is the main job: the `train` command without its name.
+    lead = 0
+    while lead < len(argv) and argv[lead] in ("-v", "--verbose"):
+        lead += 1
+    if lead < len(argv) and argv[lead].startswith("--") and argv[lead] not in ("--help",):
+        argv.insert(lead, "train")
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

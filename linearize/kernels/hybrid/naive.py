@@ -49,6 +49,34 @@ def softcap_scores(scores: torch.Tensor, softcap: float | None) -> torch.Tensor:
     return softcap * torch.tanh(scores / softcap)
 
 
+def hybrid_attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    window_factor: torch.Tensor | None,
+    window: int,
+    scale: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Normalised attention weights `[B, H, T, T]` of the hybrid op (rows sum to 1 up to eps); see
+    `hybrid_attention_naive` for the arguments. Used by the attention-transfer cross-entropy term."""
+    T = q.shape[1]
+    groups = q.shape[2] // k.shape[2]
+    kr = repeat_kv(k, groups)
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    lin = torch.einsum("bihf,bjhf->bhij", hedgehog_feature_map(q, wq), hedgehog_feature_map(kr, wk))
+    weights = lin * (j <= i - window)
+    if window > 0:
+        scores = softcap_scores(torch.einsum("bihd,bjhd->bhij", q.float(), kr.float()) * scale, softcap)
+        in_window = (j <= i) & (j > i - window)
+        scores = scores.masked_fill(~in_window, torch.finfo(scores.dtype).min)
+        a = torch.exp(scores - scores.amax(-1, keepdim=True)) * in_window
+        weights = weights + torch.sigmoid(window_factor.float())[None, :, None, None] * a
+    return weights / (weights.sum(-1, keepdim=True) + EPS)
+
+
 def hybrid_attention_naive(
     q: torch.Tensor,
     k: torch.Tensor,

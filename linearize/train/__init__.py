@@ -1,0 +1,1 @@
+"""Training: attention transfer (stage 1), LoRA fine-tuning (stage 2), and the pipeline that runs both."""

@@ -1,0 +1,80 @@
+"""Atomic checkpoints of a training stage: trainable tensors, optimiser, schedule, RNG states and step.
+
+A checkpoint is written to a temporary file and renamed over the previous one, so a crash or `kill -9` at any
+moment leaves either the old checkpoint or the new one, never a torn file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+
+STATE_FILE = "state.pt"
+FINAL_FILE = "final.pt"
+
+
+def atomic_save(obj, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(named_params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in named_params.items()}
+
+
+def load_trainable(named_params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(named_params) - set(state))
+    if missing:
+        raise KeyError(f"checkpoint lacks {missing[:3]}")
+    with torch.no_grad():
+        for name, p in named_params.items():
+            p.copy_(state[name].to(p.device, p.dtype))
+
+
+def save_stage_state(folder: Path, step: int, named_params, optimizer, scheduler, extra: dict | None = None) -> None:
+    atomic_save(
+        {
+            "step": step,
+            "params": trainable_state(named_params),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+            "extra": extra or {},
+        },
+        Path(folder) / STATE_FILE,
+    )
+
+
+def load_stage_state(folder: Path) -> dict | None:
+    path = Path(folder) / STATE_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)

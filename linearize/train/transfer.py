@@ -1,0 +1,160 @@
+"""Stage 1, attention transfer: the new attention learns to reproduce the teacher's attention, layer by layer.
+
+Forward hooks on the teacher's attention modules capture, for every converted layer, the layer's input (the
+teacher's own residual stream), its rotary embeddings and its per-head output (the input of `o_proj`). The
+student's attention module of that layer then runs on the same input, and the loss is the MSE between the two
+per-head outputs (times `mse_weight`), plus optionally the cross-entropy between the attention weights. The
+teacher runs under SDPA; T x T matrices exist only when the cross-entropy term asks for them.
+
+Layers never see each other's student outputs, so the layers' losses are independent. `layerwise` exploits
+that: each layer's loss is back-propagated inside the teacher's forward as soon as that layer has run, so only
+one layer's graph is alive at a time; the result equals the joint mode's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import HybridLinearAttention
+from ..config import TransferConfig
+
+
+@dataclass
+class _Captured:
+    hidden: torch.Tensor
+    position_embeddings: tuple
+    target: torch.Tensor | None = None
+
+
+def teacher_attention_modules(teacher: nn.Module, layers: list[int]) -> dict[int, nn.Module]:
+    """The teacher's attention module of each listed layer."""
+    decoder = teacher.get_decoder() if hasattr(teacher, "get_decoder") else teacher.model
+    return {idx: decoder.layers[idx].self_attn for idx in layers}
+
+
+def student_attention_modules(student: nn.Module) -> dict[int, HybridLinearAttention]:
+    return {m.layer_idx: m for m in student.modules() if isinstance(m, HybridLinearAttention)}
+
+
+class TransferObjective:
+    """Computes the stage-1 loss of a batch from a frozen teacher and the student's converted attention modules.
+
+    Args:
+        teacher: the original causal LM (frozen, unconverted).
+        students: converted attention modules by layer index (they share the teacher's projections).
+        cfg: loss weights and the layerwise switch.
+    """
+
+    def __init__(self, teacher: nn.Module, students: dict[int, HybridLinearAttention], cfg: TransferConfig):
+        self.teacher, self.students, self.cfg = teacher, students, cfg
+        self.teacher_attn = teacher_attention_modules(teacher, sorted(students))
+
+    def _layer_loss(self, idx: int, cap: _Captured) -> tuple[torch.Tensor, dict]:
+        student = self.students[idx]
+        pred = student.attention_heads(cap.hidden, cap.position_embeddings)
+        mse = F.mse_loss(pred.float(), cap.target.float())
+        loss = self.cfg.mse_weight * mse
+        stats = {"mse": mse.item()}
+        if self.cfg.xent_weight > 0:
+            xent = self._weights_xent(idx, cap)
+            loss = loss + self.cfg.xent_weight * xent
+            stats["xent"] = xent.item()
+        return loss, stats
+
+    def _weights_xent(self, idx: int, cap: _Captured) -> torch.Tensor:
+        student = self.students[idx]
+        with torch.no_grad():
+            from ..attention.projection import project_qkv
+
+            q, k, _ = project_qkv(student, cap.hidden, cap.position_embeddings)
+            groups = q.shape[2] // k.shape[2]
+            k = k.repeat_interleave(groups, dim=2)
+            scores = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * student.scaling
+            if student.softcap:
+                scores = student.softcap * torch.tanh(scores / student.softcap)
+            T = scores.shape[-1]
+            causal = torch.ones(T, T, dtype=torch.bool, device=scores.device).tril()
+            teacher_p = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        student_p = student.attention_weights(cap.hidden, cap.position_embeddings)
+        return -(teacher_p * torch.log(student_p.clamp_min(1e-12))).sum(-1).mean()
+
+    @contextlib.contextmanager
+    def _hooks(self, on_layer=None):
+        """Capture inputs and per-head outputs of the converted layers during one teacher forward."""
+        captured: dict[int, _Captured] = {}
+        handles = []
+        for idx, attn in self.teacher_attn.items():
+
+            def pre(module, args, kwargs, idx=idx):
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                captured[idx] = _Captured(hidden.detach(), kwargs.get("position_embeddings"))
+
+            def o_pre(module, args, idx=idx):
+                captured[idx].target = args[0].detach()
+
+            handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(attn.o_proj.register_forward_pre_hook(o_pre))
+            if on_layer is not None:
+
+                def post(module, args, output, idx=idx):
+                    on_layer(idx, captured.pop(idx))
+
+                handles.append(attn.register_forward_hook(post))
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _teacher_forward(self, input_ids: torch.Tensor) -> None:
+        decoder = self.teacher.get_decoder() if hasattr(self.teacher, "get_decoder") else self.teacher.model
+        with torch.no_grad():
+            decoder(input_ids=input_ids, use_cache=False)
+
+    def backward(self, input_ids: torch.Tensor) -> dict:
+        """Forward and backward for one batch; returns the loss and per-layer MSE."""
+        stats: dict[str, float] = {}
+        total = 0.0
+
+        def consume(idx: int, cap: _Captured):
+            nonlocal total
+            with torch.enable_grad():
+                loss, layer_stats = self._layer_loss(idx, cap)
+                loss.backward()
+            total += loss.item()
+            for key, value in layer_stats.items():
+                stats[f"{key}/{idx}"] = value
+
+        if self.cfg.layerwise:
+            with self._hooks(on_layer=consume):
+                self._teacher_forward(input_ids)
+        else:
+            with self._hooks() as captured:
+                self._teacher_forward(input_ids)
+            losses = []
+            for idx in sorted(captured):
+                loss, layer_stats = self._layer_loss(idx, captured[idx])
+                losses.append(loss)
+                for key, value in layer_stats.items():
+                    stats[f"{key}/{idx}"] = value
+            joint = torch.stack(losses).sum()
+            joint.backward()
+            total = joint.item()
+        return {"loss": total, **stats}
+
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor) -> tuple[float, dict[int, float]]:
+        """Total loss and per-layer MSE on a batch, without gradients."""
+        with self._hooks() as captured:
+            self._teacher_forward(input_ids)
+        per_layer, total = {}, 0.0
+        for idx in sorted(captured):
+            loss, layer_stats = self._layer_loss(idx, captured[idx])
+            per_layer[idx] = layer_stats["mse"]
+            total += loss.item()
+        return total, per_layer
