@@ -200,7 +200,7 @@ class FinetuneConfig:
     """
 
     enabled: bool = True
-    tokens: int = 65536
+    tokens: int = 32768
     batch_size: int = 4
     ce_weight: float = 1.0
     kd_weight: float = 0.0

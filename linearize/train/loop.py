@@ -63,7 +63,7 @@ class Dist:
 
 def _default_device(rank: int) -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 

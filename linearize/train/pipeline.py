@@ -296,10 +296,11 @@ def _attach_log(run_dir: Path) -> logging.Handler:
 
 
 def _dist_context() -> Dist:
-    """One process, or the process group that `accelerate launch` / torchrun set up."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    """One process, or the process group that `accelerate launch` or torchrun describe in the environment."""
+    import torch.distributed as dist
 
-        state = PartialState()
-        return Dist(rank=state.process_index, world=state.num_processes, device=state.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return Dist.current()

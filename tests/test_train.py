@@ -1,0 +1,275 @@
+"""Training: stage-1 loss falls, layerwise equals joint, the whole pipeline exports a working model, resume after
+kill -9 reproduces an uninterrupted run, NaN stops cleanly, and two data-parallel processes match one."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import WORDS, save_tiny, tiny_model
+
+from linearize.config import AttentionConfig, OptimConfig, RunConfig, TransferConfig, load_recipe
+from linearize.errors import LinearizeError
+from linearize.models.convert import convert
+from linearize.models.twin import shallow_twin
+from linearize.train.loop import Dist, run_stage
+from linearize.train.transfer import TransferObjective, student_attention_modules
+
+TINY_SETS = [
+    "data.seq_len=32",
+    "attention.feature_dim=8",
+    "attention.window=8",
+    "transfer.tokens=2048",
+    "finetune.tokens=1024",
+    "run.checkpoint_every=4",
+    "run.log_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "words.txt"
+    rng = random.Random(0)
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(200)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny("llama", tmp_path_factory.mktemp("models") / "tiny")
+
+
+def _transfer_setup(model, layerwise=False, window=8, layers=None):
+    student = shallow_twin(model)
+    convert(student, AttentionConfig(kind="lolcats", window=window, feature_dim=8))
+    students = student_attention_modules(student)
+    if layers is not None:
+        students = {i: students[i] for i in layers}
+    params = [p for m in students.values() for p in m.new_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    objective = TransferObjective(model, students, TransferConfig(layerwise=layerwise))
+    return objective, params
+
+
+def _train(objective, params, batches, lr=1e-2):
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    for ids in batches:
+        opt.zero_grad()
+        objective.backward(ids)
+        opt.step()
+
+
+def test_transfer_loss_falls_on_tiny_model():
+    model = tiny_model("llama").requires_grad_(False)
+    objective, params = _transfer_setup(model)
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(3, 128, (4, 48), generator=gen) for _ in range(30)]
+    held_out = torch.randint(3, 128, (4, 48), generator=gen)
+    before, _ = objective.evaluate(held_out)
+    _train(objective, params, batches)
+    after, layers = objective.evaluate(held_out)
+    assert after < 0.7 * before, (before, after)
+    assert set(layers) == {0, 1, 2, 3}
+
+
+def test_transfer_loss_falls_on_real_smollm2_layers():
+    from linearize.config import DataConfig
+    from linearize.data import load_documents, pack_documents
+    from linearize.models.loading import load_model
+
+    loaded = load_model("smollm2-135m")
+    model = loaded.model.requires_grad_(False)
+    # Short sequences well past the window, so the linear branch carries real weight.
+    objective, params = _transfer_setup(model, window=8, layers=[0, 1, 2])
+    docs, _ = load_documents(DataConfig(dataset="offline", max_documents=60), loaded.tokenizer)
+    seqs = pack_documents(docs, loaded.tokenizer, seq_len=64)
+    held_out, train = seqs[:2], seqs[2:]
+    before, _ = objective.evaluate(held_out)
+    _train(objective, params, [train[i : i + 2] for i in range(0, 16, 2)])
+    after, layers = objective.evaluate(held_out)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_layerwise_equals_joint():
+    results = []
+    for layerwise in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model("qwen3").requires_grad_(False)
+        objective, params = _transfer_setup(model, layerwise=layerwise)
+        gen = torch.Generator().manual_seed(1)
+        _train(objective, params, [torch.randint(3, 128, (2, 24), generator=gen) for _ in range(5)])
+        results.append([p.detach().clone() for p in params])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _cli(args, env=None, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "linearize.cli", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def _sets(corpus, extra=()):
+    out = []
+    for item in [*TINY_SETS, f"data.dataset={corpus}", *extra]:
+        out += ["--set", item]
+    return out
+
+
+def test_full_pipeline_exports_a_model_that_reloads_fresh_and_generates(tmp_path, tiny_dir, corpus):
+    out = tmp_path / "run"
+    proc = _cli(["--model", str(tiny_dir), "--recipe", "lolcats", "--out", str(out), *_sets(corpus)])
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert f"model: {out}" in stdout
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["transfer", "finetune"]
+    assert summary["stages"][0]["tokens"] >= 2048 and set(summary["transfer_layer_mse"]) == {"0", "1", "2", "3"}
+    lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in lines} == {"transfer", "finetune"}
+    code = (
+        "import torch; from transformers import AutoModelForCausalLM as A, AutoTokenizer as T;"
+        f"d = {str(out)!r}; tok = T.from_pretrained(d, trust_remote_code=True);"
+        "m = A.from_pretrained(d, trust_remote_code=True).eval();"
+        "assert 'lora' not in ' '.join(n for n, _ in m.named_parameters());"
+        "ids = tok('the city of', return_tensors='pt');"
+        "print(len(m.generate(**ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)[0]))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.strip().splitlines()[-1]) == 3 + 6
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_dir, corpus):
+    sets = _sets(corpus, ["transfer.tokens=16384", "finetune.tokens=4096", "run.checkpoint_every=5"])
+    ref = tmp_path / "ref"
+    proc = _cli(["--model", str(tiny_dir), "--out", str(ref), *sets])
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+
+    out = tmp_path / "killed"
+    proc = _cli(["--model", str(tiny_dir), "--out", str(out), *sets], start_new_session=True)
+    state = out / "run" / "checkpoints" / "transfer" / "state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the run ended before its first checkpoint"
+    assert not (out / "model.safetensors").exists()
+
+    proc = _cli(["--model", str(tiny_dir), "--out", str(out), "--resume", *sets])
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resuming stage transfer" in stderr
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_a_different_recipe(tmp_path, tiny_dir, corpus):
+    out = tmp_path / "o"
+    (out / "run").mkdir(parents=True)
+    (out / "run" / "recipe.yaml").write_text("name: lolcats\nattention: {window: 16}\n")
+    proc = _cli(["--model", str(tiny_dir), "--out", str(out), "--resume", *_sets(corpus)])
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "the recipe differs from the run" in stderr.strip().splitlines()[-1]
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    w = torch.nn.Parameter(torch.ones(3))
+
+    def step_fn(step):
+        loss = (w * w).sum() * (float("nan") if step == 7 else 1.0)
+        loss.backward()
+        return {"loss": loss.item()}
+
+    with pytest.raises(LinearizeError, match=r"step 7: loss is nan; last good checkpoint: .*state.pt \(step 4\)"):
+        run_stage(
+            "transfer",
+            {"w": w},
+            OptimConfig(lr=0.1),
+            20,
+            1,
+            step_fn,
+            tmp_path,
+            RunConfig(checkpoint_every=5),
+            Dist(),
+            resume=False,
+        )
+    state = torch.load(tmp_path / "checkpoints" / "transfer" / "state.pt", weights_only=False)
+    assert state["step"] == 4 and torch.isfinite(state["params"]["w"]).all()
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["transfer.tokens=-5"], "transfer.tokens must be > 0"),
+        (["finetune.lora.r=0"], "finetune.lora.r must be > 0"),
+        (["finetune.ce_weight=0"], "not both 0"),
+        (["transfer.optim.schedule=linear"], "schedule must be 'constant' or 'cosine'"),
+        (["data.chat_template=maybe"], "data.chat_template must be"),
+        (["finetune.lora.alpha=big"], "recipe key 'finetune.lora.alpha': expected int"),
+        (["run.bogus=1"], "unknown recipe key 'run.bogus'"),
+    ],
+)
+def test_recipe_validation(sets, message):
+    with pytest.raises(LinearizeError, match=message):
+        load_recipe("lolcats", sets)
+
+
+def test_user_recipe_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("attention: {kind: hedgehog, feature_dim: 32}\ntransfer: {tokens: 1000}\n")
+    recipe = load_recipe(str(path), ["finetune.lora.r=4"])
+    assert recipe.name == "mine" and recipe.attention.feature_dim == 32 and recipe.finetune.lora.r == 4
+    path.write_text("attention: {kind: hedgehog, colour: red}\n")
+    with pytest.raises(LinearizeError, match="unknown recipe key 'attention.colour'"):
+        load_recipe(str(path))
+
+
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_dir, corpus):
+    base = _sets(corpus, ["finetune.enabled=false", "transfer.tokens=1024"])
+    one = tmp_path / "one"
+    proc = _cli(["--model", str(tiny_dir), "--out", str(one), *base, "--set", "transfer.batch_size=4"])
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    two = tmp_path / "two"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "linearize.cli",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(two),
+        *base,
+        "--set",
+        "transfer.batch_size=2",
+    ]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((two / "run" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert Path(two / "config.json").is_file()
