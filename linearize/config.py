@@ -139,8 +139,8 @@ class TransferConfig:
         mse_weight: weight of the MSE between student and teacher per-head attention outputs (LoLCATs: 1000).
         xent_weight: weight of the cross-entropy between teacher and student attention weights; > 0 materialises
             the T x T attention matrices, so keep sequences short (default 0).
-        layerwise: train one layer at a time on its cached inputs, holding about one layer in memory.
-        offload: with layerwise, keep layers on the CPU and move each to the accelerator only while it trains.
+        layerwise: back-propagate each layer's loss as soon as the teacher has run that layer, so one layer's
+            graph is alive at a time instead of all of them (same result as the joint mode).
         optim: optimiser settings (LoLCATs: lr 1e-2, no weight decay).
     """
 
@@ -150,7 +150,6 @@ class TransferConfig:
     mse_weight: float = 1000.0
     xent_weight: float = 0.0
     layerwise: bool = False
-    offload: bool = False
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, max_grad_norm=0.0))
 
     def __post_init__(self):
@@ -228,6 +227,8 @@ class RunConfig:
         log_every: steps between metric lines in <out>/run/metrics.jsonl.
         eval_every: steps between validation-loss evaluations (0: only at the end of each stage).
         dtype: "auto" (bfloat16 on a GPU that supports it, float32 otherwise), "float32" or "bfloat16".
+        fsdp: with several processes, shard the frozen weights across them (FSDP2) instead of replicating them;
+            trainable parameters stay replicated, so results equal plain data parallelism.
     """
 
     seed: int = 0
@@ -235,6 +236,7 @@ class RunConfig:
     log_every: int = 1
     eval_every: int = 0
     dtype: str = "auto"
+    fsdp: bool = False
 
     def __post_init__(self):
         _positive("run.checkpoint_every", self.checkpoint_every)

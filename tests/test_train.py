@@ -241,12 +241,7 @@ def test_user_recipe_file(tmp_path):
         load_recipe(str(path))
 
 
-def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_dir, corpus):
-    base = _sets(corpus, ["finetune.enabled=false", "transfer.tokens=1024"])
-    one = tmp_path / "one"
-    proc = _cli(["--model", str(tiny_dir), "--out", str(one), *base, "--set", "transfer.batch_size=4"])
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
-    two = tmp_path / "two"
+def _torchrun(out, tiny_dir, sets, port):
     cmd = [
         sys.executable,
         "-m",
@@ -254,22 +249,50 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path, tin
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29517",
+        str(port),
         "-m",
         "linearize.cli",
         "--model",
         str(tiny_dir),
         "--out",
-        str(two),
-        *base,
-        "--set",
-        "transfer.batch_size=2",
+        str(out),
+        *sets,
     ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads((two / "run" / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert Path(two / "config.json").is_file()
+    return json.loads((out / "run" / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("stages", ["transfer", "both"])
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path, tiny_dir, corpus, stages):
+    extra = ["transfer.tokens=1024", "finetune.tokens=512"]
+    if stages == "transfer":
+        extra.append("finetune.enabled=false")
+    base = _sets(corpus, extra)
+    one = tmp_path / "one"
+    proc = _cli(
+        [
+            "--model",
+            str(tiny_dir),
+            "--out",
+            str(one),
+            *base,
+            "--set",
+            "transfer.batch_size=4",
+            "--set",
+            "finetune.batch_size=4",
+        ]
+    )
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    reference = load_file(one / "model.safetensors")
+    half = [*base, "--set", "transfer.batch_size=2", "--set", "finetune.batch_size=2"]
+    # Plain data parallelism, then FSDP (frozen weights sharded): both must equal the one-process run.
+    for name, fsdp, port in (("dp", "false", 29517), ("fsdp", "true", 29527)):
+        out = tmp_path / name
+        summary = _torchrun(out, tiny_dir, [*half, "--set", f"run.fsdp={fsdp}"], port + (stages == "both"))
+        assert summary["world_size"] == 2
+        got = load_file(out / "model.safetensors")
+        assert got.keys() == reference.keys()
+        for key in reference:
+            torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+        assert Path(out / "config.json").is_file()

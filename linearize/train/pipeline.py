@@ -173,6 +173,12 @@ def run_pipeline(
             raise LinearizeError(f"{model} has no tokenizer: the pipeline needs one to prepare training text")
         teacher = loaded.model.to(ctx.device).eval()
         teacher.requires_grad_(False)
+        sharded = recipe.run.fsdp and ctx.world > 1
+        if sharded:
+            from .distributed import shard_frozen_weights
+
+            n_units = shard_frozen_weights(teacher, ctx.device)
+            logger.info("fsdp: frozen weights sharded across %d processes (%d units)", ctx.world, n_units)
         student = shallow_twin(teacher)
         convert(student, recipe.attention, base_model=model)
         students = student_attention_modules(student)
@@ -223,7 +229,7 @@ def run_pipeline(
             for p in named.values():
                 p.requires_grad_(False)
 
-        final_model = student
+        trained = student
         if recipe.finetune.enabled:
             cfg = recipe.finetune
             peft_model = add_lora(student, cfg)
@@ -249,8 +255,13 @@ def run_pipeline(
                     eval_fn=_evaluator(objective, data.validation, cfg.batch_size, ctx),
                 )
             )
-            final_model = peft_model.merge_and_unload()
-        final_model.eval()
+            trained = peft_model
+        if sharded:
+            final_model = _rebuild_unsharded(trained, model, dtype, recipe, ctx)
+        else:
+            final_model = trained.merge_and_unload() if recipe.finetune.enabled else trained
+        if final_model is not None:
+            final_model.eval()
 
         summary = {
             "model": model,
@@ -273,6 +284,27 @@ def run_pipeline(
         if log_handler is not None:
             logging.getLogger("linearize").removeHandler(log_handler)
             log_handler.close()
+
+
+def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Dist):
+    """Gather the sharded weights and rebuild a plain merged model on the main process (None elsewhere)."""
+    from ..models.convert import convert
+    from ..models.loading import load_model
+    from .distributed import full_state_dict
+    from .finetune import add_lora
+
+    state = full_state_dict(trained)
+    if not ctx.main:
+        return None
+    fresh = load_model(source, dtype=dtype).model
+    convert(fresh, recipe.attention, base_model=source)
+    for module in fresh.modules():
+        if hasattr(module, "float_new_parameters"):
+            module.float_new_parameters()
+    if recipe.finetune.enabled:
+        fresh = add_lora(fresh, recipe.finetune)
+    fresh.load_state_dict(state, strict=True)
+    return fresh.merge_and_unload() if recipe.finetune.enabled else fresh
 
 
 def _note_budget(stage: str, tokens: int) -> None:
