@@ -296,3 +296,22 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(tmp_path, tin
         for key in reference:
             torch.testing.assert_close(got[key], reference[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
         assert Path(out / "config.json").is_file()
+
+
+def test_attention_weight_cross_entropy_term():
+    model = tiny_model("gemma2").requires_grad_(False)
+    student = shallow_twin(model)
+    convert(student, AttentionConfig(kind="lolcats", window=4, feature_dim=8, convert_sliding_layers=True))
+    students = student_attention_modules(student)
+    params = [p for m in students.values() for p in m.new_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    objective = TransferObjective(model, students, TransferConfig(mse_weight=0.0, xent_weight=1.0))
+    gen = torch.Generator().manual_seed(0)
+    held_out = torch.randint(3, 128, (2, 20), generator=gen)
+    stats = objective.backward(held_out)
+    assert {f"xent/{i}" for i in range(4)} <= set(stats)
+    before, _ = objective.evaluate(held_out)
+    _train(objective, params, [torch.randint(3, 128, (2, 20), generator=gen) for _ in range(25)], lr=3e-2)
+    after, _ = objective.evaluate(held_out)
+    assert after < before, (before, after)
