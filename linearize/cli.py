@@ -61,6 +61,8 @@ def _cmd_train(args) -> int:
             )
         print(f"model: {result.out}  (load with AutoModelForCausalLM.from_pretrained after `import linearize`)")
         print(f"run:   {result.out / 'run'}  (recipe.yaml, metrics.jsonl, log.txt, summary.json)")
+        if result.summary.get("report"):
+            print(f"report: {result.summary['report']}  (and report.json, *.png beside it)")
     return 0
 
 
@@ -100,6 +102,71 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .eval.report import write_report
+    from .eval.runner import EvalSettings, attach_training, evaluate, parse_tasks
+    from .models.loading import load_model
+
+    settings = EvalSettings(
+        tasks=parse_tasks(args.tasks),
+        limit=args.limit,
+        batch_size=args.batch_size,
+        passkey_lengths=_ints(args.passkey_lengths, "--passkey-lengths"),
+        passkey_trials=args.passkey_trials,
+        mqar_pairs=_ints(args.mqar_pairs, "--mqar-pairs"),
+        ppl_window=args.ppl_window,
+        efficiency_lengths=_ints(args.efficiency_lengths, "--efficiency-lengths") if args.efficiency_lengths else [],
+        controls=not args.no_controls,
+    )
+    student = load_model(args.model, dtype=args.dtype, device=args.device)
+    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
+    if student.tokenizer is None:
+        raise LinearizeError(f"{args.model} has no tokenizer files: evaluation needs one")
+    report = evaluate(
+        student.model,
+        student.tokenizer,
+        settings,
+        teacher=teacher.model if teacher else None,
+        teacher_tokenizer=teacher.tokenizer if teacher else None,
+        student_name=args.model,
+        teacher_name=args.teacher,
+    )
+    attach_training(report, Path(args.model))
+    out = Path(args.out) if args.out else (Path(args.model) / "report" if Path(args.model).is_dir() else Path("report"))
+    path = write_report(report, out)
+    print(path.read_text())
+    print(f"report: {path}  (report.json and plots beside it)")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .eval.report import load_report, write_report
+
+    path = write_report(load_report(args.folder), args.folder)
+    print(path.read_text())
+    return 0
+
+
+def _cmd_harness_tasks(args) -> int:
+    from .eval.harness import write_harness_tasks
+    from .eval.runner import parse_tasks
+
+    names = write_harness_tasks(args.out, parse_tasks(args.tasks) if args.tasks else None, args.limit)
+    print(f"wrote {len(names)} lm-eval tasks to {args.out}: {', '.join(names)}")
+    print(
+        f"run them with: lm_eval --include_path {args.out} --tasks {names[0]} --model hf "
+        "--model_args pretrained=<folder>,trust_remote_code=True"
+    )
+    return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LinearizeError(f"{flag} takes comma-separated integers, got '{text}'") from None
+
+
 def _cmd_models(args) -> int:
     from .models.aliases import ALIASES, DEFAULT_MODEL
     from .models.families import FAMILIES
@@ -128,6 +195,25 @@ def _cmd_recipes(args) -> int:
     print("\nAttention kinds (attention.kind):")
     for kind in ATTENTION_KINDS.values():
         print(f"  {kind.name:<10} {kind.description}")
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from .hub import push
+
+    result = push(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run, token=args.token)
+    if args.dry_run:
+        width = max(len(f["path"]) for f in result["files"])
+        print(f"would upload to {result['repo_url']} in one commit:")
+        for f in result["files"]:
+            print(f"  {f['path']:<{width}}  {f['size']:>14,} bytes")
+        print(f"  {'total':<{width}}  {sum(f['size'] for f in result['files']):>14,} bytes")
+        print("\nREADME.md (model card):\n")
+        print(result["card"])
+        print("dry run: nothing was uploaded")
+    else:
+        print(f"pushed {len(result['files'])} files to {result['repo_url']}")
+        print(f"commit: {result['commit_url']}")
     return 0
 
 
@@ -182,6 +268,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("push", help="upload an exported folder and its model card to the Hugging Face Hub")
+    p.add_argument("folder", help="folder written by `linearize train` or `linearize convert`")
+    p.add_argument("--repo-id", required=True, help="Hub model repo, namespace/name (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--dry-run", action="store_true", help="check the folder, list the files and print the card")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached `hf auth login`)")
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("eval", help="score a model (and its teacher) and write the accuracy-recovery report")
+    _add_model_arg(p)
+    p.add_argument("--teacher", help="the original model, for recovery figures")
+    p.add_argument(
+        "--tasks",
+        default="hellaswag,piqa,arc_easy,arc_challenge,winogrande",
+        help="comma-separated: hellaswag, piqa, arc_easy, arc_challenge, winogrande, mmlu, lambada, "
+        "ppl:<text file or folder>, passkey, mqar",
+    )
+    p.add_argument("--limit", type=int, default=None, help="documents per task (MMLU: per subject)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--passkey-lengths", default="512,1024,2048")
+    p.add_argument("--passkey-trials", type=int, default=5)
+    p.add_argument("--mqar-pairs", default="4,8,16")
+    p.add_argument("--ppl-window", type=int, default=1024)
+    p.add_argument("--efficiency-lengths", default="", help="context lengths for speed/memory, e.g. 512,2048,8192")
+    p.add_argument("--no-controls", action="store_true", help="skip the window-only / linear-only controls")
+    p.add_argument("--device", default=None, help="e.g. cuda; default CPU")
+    p.add_argument("--out", help="report folder (default: <model>/report)")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="re-render report.md and the plots from a report folder's report.json")
+    p.add_argument("folder")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("lm-eval-tasks", help="write lm-evaluation-harness task YAMLs over the offline data")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
+    p.add_argument("--limit", type=int, default=None)
+    p.set_defaults(func=_cmd_harness_tasks)
 
     p = sub.add_parser("models", help="list model aliases and supported architectures")
     p.set_defaults(func=_cmd_models)

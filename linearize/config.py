@@ -246,6 +246,30 @@ class RunConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The accuracy-recovery report written at the end of every run (into <out>/report).
+
+    Attributes:
+        enabled: write it (default true).
+        tasks: tasks for `linearize eval` (names, ppl:<path>, passkey, mqar); perplexity on the run's
+            held-out validation sequences is always included.
+        limit: documents per task (a quick look; run `linearize eval` without a limit for final numbers).
+        passkey_lengths: passkey context lengths; empty means 1x, 2x and 4x data.seq_len.
+        efficiency_lengths: context lengths of the speed and memory table.
+        controls: include the window-only and linear-only controls where the attention has both branches.
+    """
+
+    enabled: bool = True
+    tasks: list[str] = field(
+        default_factory=lambda: ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "lambada", "passkey"]
+    )
+    limit: int = 40
+    passkey_lengths: list[int] = field(default_factory=list)
+    efficiency_lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    controls: bool = True
+
+
+@dataclass
 class Recipe:
     """A complete recipe: the attention swap, the data, both training stages and the run settings."""
 
@@ -256,6 +280,7 @@ class Recipe:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 def _positive(key: str, value: int) -> None:

@@ -30,6 +30,10 @@ TINY_SETS = [
     "finetune.tokens=1024",
     "run.checkpoint_every=4",
     "run.log_every=1",
+    "report.limit=2",
+    "report.tasks=[piqa,passkey]",
+    "report.passkey_lengths=[48]",
+    "report.efficiency_lengths=[16]",
 ]
 
 
@@ -138,6 +142,11 @@ def test_full_pipeline_exports_a_model_that_reloads_fresh_and_generates(tmp_path
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert [s["name"] for s in summary["stages"]] == ["transfer", "finetune"]
     assert summary["stages"][0]["tokens"] >= 2048 and set(summary["transfer_layer_mse"]) == {"0", "1", "2", "3"}
+    report = json.loads((out / "report" / "report.json").read_text())
+    assert [r["task"] for r in report["tasks"]] == ["piqa"] and report["tasks"][0]["n"] == 2
+    assert report["perplexity"][0]["source"].startswith("held-out validation split")
+    assert {c["name"] for c in report["controls"]} == {"window-only", "linear-only"}
+    assert (out / "report" / "report.md").is_file() and f"report: {out / 'report' / 'report.md'}" in stdout
     lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in lines} == {"transfer", "finetune"}
     code = (

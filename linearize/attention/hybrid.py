@@ -7,11 +7,13 @@ maps and the window factors.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
 from .. import _compat
-from ..kernels.hybrid import hybrid_attention, hybrid_attention_weights
+from ..kernels.hybrid import hybrid_attention, hybrid_attention_chunked, hybrid_attention_weights
 from .feature_maps import HedgehogFeatureMap
 from .projection import project_qkv, rope_function
 
@@ -56,6 +58,8 @@ class HybridLinearAttention(nn.Module):
         self.feature_dim = feature_dim
         self.init_window_factor = init_window_factor
         self.chunk_size = chunk_size
+        # Evaluation controls switch the linear branch off (window-only); training never does.
+        self.use_linear = True
         ref = next(original.parameters())
         self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, feature_dim).to(ref.device, ref.dtype)
         self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim, feature_dim).to(ref.device, ref.dtype)
@@ -95,7 +99,8 @@ class HybridLinearAttention(nn.Module):
         """
         q, k, v = project_qkv(self, hidden_states, position_embeddings)
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
-        out, state = hybrid_attention(
+        op = hybrid_attention if self.use_linear else partial(hybrid_attention_chunked, linear=False)
+        out, state = op(
             q,
             k,
             v,

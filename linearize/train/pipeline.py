@@ -278,12 +278,66 @@ def run_pipeline(
         if ctx.main:
             _export(final_model, loaded.tokenizer, out, recipe)
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            del teacher, student, final_model, trained
+            if recipe.report.enabled:
+                summary["report"] = str(_write_run_report(model, out, recipe, data, dtype, ctx))
         ctx.barrier()
         return PipelineResult(out=out, summary=summary)
     finally:
         if log_handler is not None:
             logging.getLogger("linearize").removeHandler(log_handler)
             log_handler.close()
+
+
+def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, ctx: Dist) -> Path:
+    """Evaluate the exported model (reloaded from disk) against a fresh copy of the teacher."""
+    from ..eval.perplexity import perplexity_of_sequences
+    from ..eval.report import write_report
+    from ..eval.runner import EvalSettings, attach_training, evaluate
+    from ..models.loading import load_model
+
+    cfg = recipe.report
+    seq_len = data.train.shape[1]
+    student = load_model(str(out), dtype=dtype)
+    teacher = load_model(source, dtype=dtype)
+    student.model.to(ctx.device)
+    teacher.model.to(ctx.device)
+    settings = EvalSettings(
+        tasks=list(cfg.tasks),
+        limit=cfg.limit,
+        passkey_lengths=cfg.passkey_lengths or [seq_len, 2 * seq_len, 4 * seq_len],
+        efficiency_lengths=list(cfg.efficiency_lengths),
+        controls=cfg.controls,
+    )
+    logger.info("report: evaluating the exported model against %s (limit %s per task)", source, cfg.limit)
+    report = evaluate(
+        student.model,
+        student.tokenizer,
+        settings,
+        teacher=teacher.model,
+        teacher_tokenizer=teacher.tokenizer,
+        student_name=str(out),
+        teacher_name=source,
+    )
+    if len(data.validation):
+        rows = {
+            who: perplexity_of_sequences(m, student.tokenizer, data.validation)
+            for who, m in (("student", student.model), ("teacher", teacher.model))
+        }
+        report["perplexity"].insert(
+            0,
+            {
+                "source": f"held-out validation split of the training data ({data.source})",
+                "tokens": rows["student"]["tokens"],
+                "student": rows["student"]["perplexity"],
+                "student_bpb": rows["student"]["bits_per_byte"],
+                "teacher": rows["teacher"]["perplexity"],
+                "teacher_bpb": rows["teacher"]["bits_per_byte"],
+                "ratio": rows["student"]["perplexity"] / rows["teacher"]["perplexity"],
+            },
+        )
+    attach_training(report, out)
+    return write_report(report, out / "report")
 
 
 def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Dist):

@@ -81,6 +81,7 @@ def hybrid_attention_chunked(
     initial_state: HybridState | None = None,
     output_final_state: bool = False,
     chunk_size: int = 128,
+    linear: bool = True,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Hybrid attention over a block of new tokens, continuing from `initial_state`.
 
@@ -97,6 +98,7 @@ def hybrid_attention_chunked(
         initial_state: state after the previous tokens; None starts from empty.
         output_final_state: return the state after these tokens.
         chunk_size: tokens per chunk (default 128); any value gives the same result up to rounding.
+        linear: include the linear term; False leaves the window term alone (the window-only control).
 
     Returns:
         `([B, T, H, Dv]` output in the dtype of `q`, final state or None).
@@ -130,9 +132,9 @@ def hybrid_attention_chunked(
         # Query i of the chunk sits at position slots + i of the concatenated keys.
         qi = torch.arange(n_new, device=device)[:, None] + slots
         kj = torch.arange(slots + n_new, device=device)[None, :]
-        lin = torch.einsum("bihf,bjhf->bhij", phi_q, phi_k) * (kj <= qi - window)
-        num = torch.einsum("bhij,bjhd->bihd", lin, vr) + torch.einsum("bihf,bhfd->bihd", phi_q, kv)
-        den = lin.sum(-1).transpose(1, 2) + torch.einsum("bihf,bhf->bih", phi_q, ksum)
+        lin = torch.einsum("bihf,bjhf->bhij", phi_q, phi_k) * (kj <= qi - window) * linear
+        num = torch.einsum("bhij,bjhd->bihd", lin, vr) + torch.einsum("bihf,bhfd->bihd", phi_q, kv) * linear
+        den = lin.sum(-1).transpose(1, 2) + torch.einsum("bihf,bhf->bih", phi_q, ksum) * linear
 
         if window > 0:
             scores = torch.einsum("bihd,bjhd->bhij", q[:, start:stop].float(), kr.float()) * scale

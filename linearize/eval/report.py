@@ -1,0 +1,248 @@
+"""The accuracy-recovery report: one JSON for scripts, Markdown for people, PNG plots for eyes.
+
+Recovery is student / teacher; recovery above chance is (student - chance) / (teacher - chance), as RADLADS
+reports it, so a task where both sit near chance does not flatter the student.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+def recovery(student: float, teacher: float | None, chance: float) -> tuple[float | None, float | None]:
+    if teacher is None or teacher == 0:
+        return None, None
+    above = (student - chance) / (teacher - chance) if teacher != chance else None
+    return student / teacher, above
+
+
+def averages(rows: list[dict], zero_shot_names: set[str]) -> dict:
+    """Mean teacher/student score and recovery over the zero-shot tasks and over all tasks."""
+    out = {}
+    for label, keep in (("zero_shot", lambda r: r["task"] in zero_shot_names), ("all", lambda r: True)):
+        chosen = [r for r in rows if keep(r) and r.get("teacher") is not None]
+        if not chosen:
+            continue
+        teacher = sum(r["teacher"] for r in chosen) / len(chosen)
+        student = sum(r["student"] for r in chosen) / len(chosen)
+        chance = sum(r["chance"] for r in chosen) / len(chosen)
+        rec, above = recovery(student, teacher, chance)
+        out[label] = {
+            "tasks": [r["task"] for r in chosen],
+            "teacher": teacher,
+            "student": student,
+            "recovery": rec,
+            "recovery_above_chance": above,
+        }
+    return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def _num(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Accuracy recovery: {report['model']}", ""]
+    lines.append(
+        f"Teacher: {report.get('teacher') or '(none)'}; device: {report.get('device', '?')}; "
+        f"created {report.get('created', '?')}; document limit per task: {report.get('limit') or 'all'}."
+    )
+    lines.append("")
+    if report.get("tasks"):
+        lines += [
+            "| task | metric | n | teacher | student | recovery | recovery above chance |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in report["tasks"]:
+            lines.append(
+                f"| {r['task']} | {r['metric']} | {r['n']} | {_num(r.get('teacher'))} | {_num(r['student'])} "
+                f"| {_pct(r.get('recovery'))} | {_pct(r.get('recovery_above_chance'))} |"
+            )
+        for label, avg in report.get("averages", {}).items():
+            lines.append(
+                f"| **average ({label.replace('_', '-')})** | | | {_num(avg['teacher'])} | "
+                f"{_num(avg['student'])} | {_pct(avg['recovery'])} | {_pct(avg['recovery_above_chance'])} |"
+            )
+        notes = [f"- {r['task']}: {r['notes']}" for r in report["tasks"] if r.get("notes")]
+        lines += ["", *notes] if notes else []
+        lines.append("")
+    if report.get("controls"):
+        names = [r["task"] for r in report["tasks"]]
+        lines += [
+            "## Controls (what each branch contributes)",
+            "",
+            "| model | " + " | ".join(names) + " | zero-shot average |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        lines.append(
+            "| student | "
+            + " | ".join(_num(r["student"]) for r in report["tasks"])
+            + " | "
+            + _num(report.get("averages", {}).get("zero_shot", {}).get("student"))
+            + " |"
+        )
+        for c in report["controls"]:
+            lines.append(
+                f"| {c['name']} | "
+                + " | ".join(_num(c["tasks"].get(n)) for n in names)
+                + " | "
+                + _num(c.get("zero_shot_avg"))
+                + " |"
+            )
+        lines.append("")
+    if report.get("perplexity"):
+        lines += [
+            "## Perplexity",
+            "",
+            "| text | tokens | teacher ppl | student ppl | ratio | teacher bpb | student bpb |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in report["perplexity"]:
+            lines.append(
+                f"| {r['source']} | {r['tokens']} | {_num(r.get('teacher'), 2)} | {_num(r['student'], 2)} | "
+                f"{_num(r.get('ratio'), 3)} | {_num(r.get('teacher_bpb'))} | {_num(r['student_bpb'])} |"
+            )
+        lines.append("")
+    if report.get("recall"):
+        lines += ["## Recall probes", "", "| probe | size | teacher | student |", "|---|---|---|---|"]
+        for r in report["recall"]:
+            size = f"{r['length']} tokens" if "length" in r else f"{r['pairs']} pairs"
+            lines.append(f"| {r['probe']} | {size} | {_num(r.get('teacher'), 2)} | {_num(r['student'], 2)} |")
+        lines.append("")
+    eff = report.get("efficiency") or {}
+    if eff.get("student"):
+        lines += [
+            "## Speed and memory",
+            "",
+            "| model | context | prefill tok/s | decode ms/token | cache MB | peak MB |",
+            "|---|---|---|---|---|---|",
+        ]
+        for who in ("teacher", "student"):
+            for r in eff.get(who, []):
+                lines.append(
+                    f"| {who} | {r['length']} | {r['prefill_tokens_per_s']:,.0f} | "
+                    f"{r['decode_ms_per_token']:.2f} | {r['cache_mb']:.2f} | "
+                    f"{_num(r.get('peak_memory_mb'), 0)} |"
+                )
+        lines.append("")
+    mse = report.get("transfer_layer_mse")
+    if mse:
+        worst = sorted(mse.items(), key=lambda kv: -kv[1])[:5]
+        lines += [
+            "## Attention transfer",
+            "",
+            f"Per-layer validation MSE of the per-head attention outputs: mean {sum(mse.values()) / len(mse):.3g}; "
+            "largest in layers " + ", ".join(f"{k} ({v:.3g})" for k, v in worst) + ".",
+            "",
+        ]
+    for name, caption in (
+        ("tasks.png", "Scores"),
+        ("efficiency.png", "Speed and memory"),
+        ("recall.png", "Recall"),
+        ("transfer.png", "Attention transfer error"),
+    ):
+        if name in report.get("plots", []):
+            lines.append(f"![{caption}]({name})")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_plots(report: dict, folder: Path) -> list[str]:
+    """Write the PNG plots the report has data for; returns their file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    tasks = report.get("tasks") or []
+    if tasks:
+        fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(tasks)), 3.5))
+        series = [("teacher", [r.get("teacher") or 0 for r in tasks]), ("student", [r["student"] for r in tasks])]
+        series += [(c["name"], [c["tasks"].get(r["task"], 0) for r in tasks]) for c in report.get("controls", [])]
+        width = 0.8 / len(series)
+        for i, (label, values) in enumerate(series):
+            ax.bar([x + i * width for x in range(len(tasks))], values, width, label=label)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], [r["task"] for r in tasks], rotation=20)
+        ax.set_ylabel("score")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "tasks.png", dpi=110)
+        plt.close(fig)
+        written.append("tasks.png")
+    eff = report.get("efficiency") or {}
+    if eff.get("student"):
+        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+        for who in ("teacher", "student"):
+            rows = eff.get(who) or []
+            if not rows:
+                continue
+            lengths = [r["length"] for r in rows]
+            axes[0].plot(lengths, [r["prefill_tokens_per_s"] for r in rows], marker="o", label=who)
+            axes[1].plot(lengths, [r["decode_ms_per_token"] for r in rows], marker="o", label=who)
+            axes[2].plot(lengths, [r["cache_mb"] for r in rows], marker="o", label=who)
+        for ax, title in zip(axes, ("prefill tokens/s", "decode ms/token", "cache MB"), strict=True):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context length")
+            ax.set_title(title)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "efficiency.png", dpi=110)
+        plt.close(fig)
+        written.append("efficiency.png")
+    recall_rows = report.get("recall") or []
+    if recall_rows:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for probe, key in (("passkey", "length"), ("mqar", "pairs")):
+            rows = [r for r in recall_rows if r["probe"] == probe]
+            for who in ("teacher", "student"):
+                if rows and rows[0].get(who) is not None:
+                    ax.plot([r[key] for r in rows], [r[who] for r in rows], marker="o", label=f"{probe} {who}")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel("accuracy")
+        ax.set_xlabel("context tokens (passkey) / pairs (mqar)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(folder / "recall.png", dpi=110)
+        plt.close(fig)
+        written.append("recall.png")
+    mse = report.get("transfer_layer_mse")
+    if mse:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        layers = sorted(mse, key=int)
+        ax.bar([int(k) for k in layers], [mse[k] for k in layers])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("transfer MSE")
+        fig.tight_layout()
+        fig.savefig(folder / "transfer.png", dpi=110)
+        plt.close(fig)
+        written.append("transfer.png")
+    return written
+
+
+def write_report(report: dict, folder: str | Path) -> Path:
+    """Write report.json, the plots and report.md into `folder`; returns the Markdown path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    report = dict(report)
+    report["plots"] = render_plots(report, folder)
+    (folder / REPORT_JSON).write_text(json.dumps(report, indent=2))
+    path = folder / REPORT_MD
+    path.write_text(render_markdown(report))
+    return path
+
+
+def load_report(folder: str | Path) -> dict:
+    from ..errors import LinearizeError
+
+    path = Path(folder) / REPORT_JSON
+    if not path.is_file():
+        raise LinearizeError(f"{path} does not exist: run `linearize eval ... --out {folder}` first")
+    return json.loads(path.read_text())
