@@ -20,12 +20,33 @@ from linearize.eval.efficiency import measure
 from linearize.models.twin import shallow_twin
 
 SHAPES = {
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, head_dim=64, vocab_size=49152),
-    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                         num_key_value_heads=8, head_dim=64, vocab_size=128256),
-    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+    ),
+    "llama-3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+    ),
+    "llama-3-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=128256,
+    ),
 }
 
 
@@ -43,8 +64,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     lengths = [int(x) for x in args.lengths.split(",")]
-    config = transformers.LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(lengths) + 1024,
-                                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    config = transformers.LlamaConfig(
+        **SHAPES[args.shape],
+        max_position_embeddings=max(lengths) + 1024,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+    )
     teacher = transformers.LlamaForCausalLM(config).to(args.device, getattr(torch, args.dtype)).eval()
     student = convert(shallow_twin(teacher), AttentionConfig(kind=args.kind))
     rows = []
@@ -57,8 +81,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_memory_mb']:,.0f}" if "peak_memory_mb" in r else "-"
-        print(f"| {r['model']} | {r['length']} | {r['prefill_tokens_per_s']:,.0f} | {r['decode_ms_per_token']:.2f} | "
-              f"{r['cache_mb']:,.1f} | {peak} |")
+        print(
+            f"| {r['model']} | {r['length']} | {r['prefill_tokens_per_s']:,.0f} | {r['decode_ms_per_token']:.2f} | "
+            f"{r['cache_mb']:,.1f} | {peak} |"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"shape": args.shape, "device": device, "rows": rows}, handle, indent=2)

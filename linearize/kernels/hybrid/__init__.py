@@ -1,12 +1,107 @@
 """Hedgehog feature-map linear attention with an optional exact-softmax sliding window (LoLCATs' hybrid).
 
-`hybrid_attention` is the one entry point the attention modules call; `naive.py` is the ground truth.
+`hybrid_attention` is the one entry point the attention modules call; `naive.py` is the ground truth. It runs the
+Triton kernels (`triton_chunk.py` for training and prefill, `triton_recurrent.py` for one-token decoding steps) on
+CUDA tensors and the chunked PyTorch path elsewhere. The environment variable `LINEARIZE_KERNELS` overrides the
+choice: `torch`, `triton` (also on CPU, under `TRITON_INTERPRET=1`) or `auto` (the default). Triton is imported only
+when a Triton path is taken, so that `TRITON_INTERPRET` can still be set before that.
 """
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
 
 from .naive import hedgehog_feature_map, hybrid_attention_naive, hybrid_attention_weights
 from .torch_chunked import HybridState, hybrid_attention_chunked
 
-hybrid_attention = hybrid_attention_chunked
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "LINEARIZE_KERNELS"
+# Longest window the Triton chunk kernel takes (its chunk length); kept here so dispatch needs no triton import.
+TRITON_MAX_WINDOW = 64
+
+
+def _triton(q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_mask=None, initial_state=None,
+            output_final_state=False, chunk_size=128):  # fmt: skip
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, wq, wk, window_factor)
+    )
+    if q.shape[1] == 1 and not needs_grad:
+        from .triton_recurrent import hybrid_decode_triton
+
+        out, state = hybrid_decode_triton(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask,
+                                          initial_state)  # fmt: skip
+        return out, state if output_final_state else None
+    from .triton_chunk import hybrid_attention_triton
+
+    return hybrid_attention_triton(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask, initial_state,
+                                   output_final_state, chunk_size)  # fmt: skip
+
+
+KERNELS = {"torch": hybrid_attention_chunked, "triton": _triton}
+
+
+def _auto_name(q: torch.Tensor, window: int) -> str:
+    if not q.is_cuda or importlib.util.find_spec("triton") is None:
+        return "torch"
+    if window > TRITON_MAX_WINDOW:
+        logger.debug("window %d exceeds the Triton kernel's %d: using the PyTorch path", window, TRITON_MAX_WINDOW)
+        return "torch"
+    return "triton"
+
+
+def kernel_name(q: torch.Tensor, window: int) -> str:
+    """Which implementation `hybrid_attention` runs for these inputs; raises on an unknown `LINEARIZE_KERNELS`."""
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name == "auto":
+        return _auto_name(q, window)
+    if name not in KERNELS:
+        raise ValueError(f"{ENV_VAR}={name!r} is not one of {sorted([*KERNELS, 'auto'])}")
+    return name
+
+
+def hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    window_factor: torch.Tensor | None,
+    window: int,
+    scale: float,
+    softcap: float | None = None,
+    token_mask: torch.Tensor | None = None,
+    initial_state: HybridState | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 128,
+) -> tuple[torch.Tensor, HybridState | None]:
+    """Hybrid attention over a block of new tokens; same arguments and result as `hybrid_attention_chunked`.
+
+    Args:
+        q: `[B, T, H, D]` queries after RoPE.
+        k: `[B, T, Hkv, D]` keys after RoPE.
+        v: `[B, T, Hkv, Dv]`.
+        wq, wk: `[H, D, F]` feature-map weights.
+        window_factor: `[H]` logits of the window-term weight; ignored when `window == 0`.
+        window: size of the exact-softmax window (current token included); 0 for plain linear attention.
+        scale: softmax scale of the window scores.
+        softcap: optional logit soft-cap of the window scores.
+        token_mask: `[B, T]` bool, False for padding tokens.
+        initial_state: state after the previous tokens; None starts from empty.
+        output_final_state: return the state after these tokens.
+        chunk_size: tokens per chunk of the PyTorch path (default 128); the Triton kernels use their own.
+
+    Returns:
+        `([B, T, H, Dv]` output in the dtype of `q`, final state or None).
+    """
+    impl = KERNELS[kernel_name(q, window)]
+    return impl(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask, initial_state,
+                output_final_state, chunk_size)  # fmt: skip
+
 
 __all__ = [
     "HybridState",
@@ -15,4 +110,5 @@ __all__ = [
     "hybrid_attention_chunked",
     "hybrid_attention_naive",
     "hybrid_attention_weights",
+    "kernel_name",
 ]

@@ -1,0 +1,152 @@
+"""Speed of the hybrid-attention Triton kernels against SDPA (flash) and, when installed, fla's chunk_linear_attn.
+
+Prints three tables: forward and forward+backward times at B*T = 16k tokens (H=32, D=128, F=64, bf16) for our
+hedgehog (W=0) and hybrid (W=64) kernels; the forward's achieved bandwidth against the 3.0 TB/s copy floor
+(bytes of q, k, v read and o written once); and decode-step latency against context length (B=16, 32 query heads,
+8 KV heads). Times are medians of `triton.testing.do_bench`. A script, not a test: it needs a CUDA GPU.
+
+    python benchmarks/bench_hybrid.py [--lengths 2048 8192 16384 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from linearize.kernels.hybrid import HybridState
+from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
+from linearize.kernels.hybrid.triton_recurrent import hybrid_decode_triton
+
+TOKENS = 16384
+HEADS, HEAD_DIM, FEATURES, WINDOW = 32, 128, 64, 64
+COPY_FLOOR_BYTES_PER_S = 3.0e12
+
+try:
+    from fla.ops.linear_attn import chunk_linear_attn
+except ImportError:
+    chunk_linear_attn = None
+
+
+def _median_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _inputs(B, T, H, Hkv, D, dtype=torch.bfloat16):
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, device="cuda") * s).to(dtype)
+
+    q, k, v = rnd(B, T, H, D), rnd(B, T, Hkv, D), rnd(B, T, Hkv, D)
+    wq = torch.randn(H, D, FEATURES, device="cuda") * D**-0.5
+    wk = torch.randn(H, D, FEATURES, device="cuda") * D**-0.5
+    wf = torch.full((H,), -2.197, device="cuda")
+    return q, k, v, wq, wk, wf
+
+
+def _fwd_bwd(run, leaves):
+    """Forward and forward+backward times of `run()` (a function of the leaves that returns one tensor)."""
+    with torch.no_grad():
+        fwd = _median_ms(run)
+    for t in leaves:
+        t.requires_grad_(True)
+    out = run()
+    grad = torch.randn_like(out)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        run().backward(grad)
+
+    both = _median_ms(step)
+    for t in leaves:
+        t.requires_grad_(False)
+        t.grad = None
+    return fwd, both
+
+
+def _ours(q, k, v, wq, wk, wf, window):
+    return hybrid_attention_triton(q, k, v, wq, wk, wf, window, q.shape[-1] ** -0.5)[0]
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _fla(q, k, v):
+    return chunk_linear_attn(q, k, v, normalize=True)[0]
+
+
+def prefill_rows(lengths):
+    rows = []
+    for T in lengths:
+        B = max(TOKENS // T, 1)
+        leaves = _inputs(B, T, HEADS, HEADS, HEAD_DIM)
+        q, k, v = leaves[:3]
+        row = {"T": T, "B": B, "bytes": 4 * q.numel() * q.element_size()}
+        for name, window in (("hedgehog", 0), ("hybrid", WINDOW)):
+            row[name] = _fwd_bwd(partial(_ours, *leaves, window), leaves)
+        bhtd = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
+        row["sdpa"] = _fwd_bwd(partial(_sdpa, *bhtd), bhtd)
+        if chunk_linear_attn is not None:
+            row["fla"] = _fwd_bwd(partial(_fla, q, k, v), [q, k, v])
+        rows.append(row)
+        del leaves, q, k, v, bhtd
+        torch.cuda.empty_cache()
+    return rows
+
+
+def decode_rows(contexts, B=16, H=32, Hkv=8, D=128):
+    rows = []
+    q, k, v, wq, wk, wf = _inputs(B, 1, H, Hkv, D)
+    state = HybridState.zeros(B, H, Hkv, D, D, 2 * FEATURES, WINDOW, torch.bfloat16, torch.device("cuda"))
+    state.kv.normal_()
+    state.ksum.uniform_(1, 2)
+    state.win_k.normal_()
+    state.win_v.normal_()
+    state.win_mask.fill_(True)
+    ours = _median_ms(lambda: hybrid_decode_triton(q, k, v, wq, wk, wf, WINDOW, D**-0.5, None, None, state))
+    for L in contexts:
+        kc = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        sdpa = _median_ms(partial(F.scaled_dot_product_attention, q.transpose(1, 2), kc, vc, enable_gqa=True))
+        rows.append((L, sdpa, ours))
+        del kc, vc
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_hybrid.py needs a CUDA GPU")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    print(f"# prefill: B*T = {TOKENS} tokens, H={HEADS}, D={HEAD_DIM}, F={FEATURES}, bf16; ms, fwd / fwd+bwd")
+    rows = prefill_rows(args.lengths)
+    names = ["hedgehog", "hybrid", "sdpa"] + (["fla"] if chunk_linear_attn is not None else [])
+    print("| T (B) | " + " | ".join(f"{n} fwd | {n} fwd+bwd" for n in names) + " |")
+    print("|---" * (1 + 2 * len(names)) + "|")
+    for r in rows:
+        cells = " | ".join(f"{r[n][0]:.2f} | {r[n][1]:.2f}" for n in names)
+        print(f"| {r['T']} ({r['B']}) | {cells} |")
+    print("\n# forward bandwidth: bytes of q, k, v read and o written once, against the 3.0 TB/s copy floor")
+    print("| T | bytes (MB) | floor ms | hedgehog TB/s | hybrid TB/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        floor = r["bytes"] / COPY_FLOOR_BYTES_PER_S * 1e3
+        tbs = [r["bytes"] / (r[n][0] * 1e-3) / 1e12 for n in ("hedgehog", "hybrid")]
+        print(f"| {r['T']} | {r['bytes'] / 1e6:.0f} | {floor:.3f} | {tbs[0]:.2f} | {tbs[1]:.2f} |")
+    print(f"\n# decode step: B=16, 32 query / 8 KV heads, D=128, F={FEATURES}, W={WINDOW}; ms")
+    print("| context | SDPA with KV cache | hybrid decode (state + window) |")
+    print("|---|---|---|")
+    for L, sdpa, ours in decode_rows(args.contexts):
+        print(f"| {L} | {sdpa:.3f} | {ours:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

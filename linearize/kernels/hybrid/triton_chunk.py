@@ -1,0 +1,663 @@
+"""Chunked Triton forward and backward of the hybrid op, for training and prefill.
+
+The sequence is cut into chunks of `BLOCK_T` tokens. For a query in chunk c every key older than chunk c - 1 is on
+the linear side (the window is at most `BLOCK_T` long), so the forward splits into
+
+    1. a sequential pass per (batch, head, block of Dv) that stores the linear state H_c = kv0 + sum phi_k(k_j) v_j^T
+       over the keys older than chunk c - 1 (older than chunk c when W <= 1), and the final state;
+    2. one program per (chunk, batch, head) that adds phi_q . H_c to the exact scores against [chunk c - 1, chunk c],
+       each pair going to the window term or to the linear term by its distance.
+
+The feature map is fused: phi_q and phi_k are recomputed from q, k and the weights inside every kernel and never
+written to memory. The backward mirrors the forward: the states are recomputed, a reverse pass sums the state
+gradients of later chunks, and one program per (chunk, batch, head) produces dq, the gradients of the feature-map
+pre-activations, and dk, dv for its own chunk and for the chunk before it (into a second buffer, so that no two
+programs write the same element). The reductions that close the backward (feature-map weights, GQA groups, window
+factor) are PyTorch ops.
+
+Keys of the window carried in `initial_state` sit at the negative positions -S..-1, in front of the new tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .naive import EPS as _EPS_VALUE
+from .torch_chunked import HybridState
+
+# Kernels read globals only as constexpr.
+EPS = tl.constexpr(_EPS_VALUE)
+
+BLOCK_T = 64
+# Warps per program of each kernel (fwd state pass, fwd output, bwd state pass, bwd).
+WARPS = {"fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd": 4}
+MAX_DIM = 128
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _feature_map(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    od = tl.arange(0, BD)
+    of = tl.arange(0, BF)
+    wmask = (od[:, None] < D) & (of[None, :] < F)
+    w = tl.load(w_ptr + h * D * F + od[:, None] * F + of[None, :], mask=wmask, other=0.0).to(tl.float32)
+    # The softmax amplifies absolute errors of the projection, so it is computed at near-fp32 accuracy: for
+    # 16-bit x (exact in its own type) as x w_hi + x w_lo with w split into two 16-bit halves.
+    if x.dtype == tl.float32:
+        proj = tl.dot(x, w, input_precision="tf32x3")
+    else:
+        w_hi = w.to(x.dtype)
+        w_lo = (w - w_hi.to(tl.float32)).to(x.dtype)
+        proj = tl.dot(x, w_hi) + tl.dot(x, w_lo)
+    fmask = (of < F)[None, :]
+    pp = tl.where(fmask, proj, float("-inf"))
+    ep = tl.exp(pp - tl.max(pp, 1)[:, None])
+    pn = tl.where(fmask, -proj, float("-inf"))
+    en = tl.exp(pn - tl.max(pn, 1)[:, None])
+    return ep / tl.sum(ep, 1)[:, None], en / tl.sum(en, 1)[:, None]
+
+
+@triton.jit
+def _feature_map_bwd(phi_p, phi_n, dphi_p, dphi_n):
+    # Gradient of the projection p from both halves: softmax(p) and softmax(-p).
+    gp = phi_p * (dphi_p - tl.sum(dphi_p * phi_p, 1)[:, None])
+    gn = phi_n * (dphi_n - tl.sum(dphi_n * phi_n, 1)[:, None])
+    return gp - gn
+
+
+@triton.jit
+def _load_rows(x_ptr, win_ptr, b, hk, pos, T, S, c0, HKV: tl.constexpr, DX: tl.constexpr, BX: tl.constexpr,
+               HAS_WIN: tl.constexpr):  # fmt: skip
+    # Rows `pos`, columns c0.. of a [B, T, HKV, DX] tensor; negative positions read the carried window.
+    offs = c0 + tl.arange(0, BX)
+    dmask = (offs < DX)[None, :]
+    in_seq = (pos >= 0) & (pos < T)
+    rows = (b * T + pos).to(tl.int64) * HKV + hk
+    x = tl.load(x_ptr + rows[:, None] * DX + offs[None, :], mask=in_seq[:, None] & dmask, other=0.0)
+    if HAS_WIN:
+        in_win = (pos < 0) & (pos >= -S)
+        wrows = (b * S + S + pos).to(tl.int64) * HKV + hk
+        x += tl.load(win_ptr + wrows[:, None] * DX + offs[None, :], mask=in_win[:, None] & dmask, other=0.0)
+    return x
+
+
+@triton.jit
+def _key_ok(tm_ptr, wm_ptr, b, pos, T, S, HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr):
+    ok = (pos >= 0) & (pos < T)
+    if HAS_MASK:
+        ok = ok & (tl.load(tm_ptr + b * T + pos, mask=ok, other=0) != 0)
+    if HAS_WIN:
+        in_win = (pos < 0) & (pos >= -S)
+        ok = ok | (tl.load(wm_ptr + b * S + S + pos, mask=in_win, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    s = _mm(q, tl.trans(kk), PREC) * scale
+    if SOFTCAP:
+        # tanh through exp: the interpreter and every backend have it.
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    inside = (pos[None, :] <= rows[:, None]) & (pos[None, :] > rows[:, None] - W) & ok[None, :]
+    return tl.where(inside, s, float("-inf")), inside
+
+
+@triton.jit
+def _fwd_state_kernel(
+    k, v, wk, tm, win_k, win_v, win_m, kv0, z0, hkv, hz, kv_out, z_out,
+    T, NT, S, SOUT,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    iv = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    of = tl.arange(0, BF)
+    ov = iv * BV + tl.arange(0, BV)
+    fm = of < F
+    smask = fm[:, None] & (ov[None, :] < DV)
+    st = (bh * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    if HAS_INIT:
+        kv_p = tl.load(kv0 + st, mask=smask, other=0.0)
+        kv_n = tl.load(kv0 + st + F * DV, mask=smask, other=0.0)
+        z_p = tl.load(z0 + bh * 2 * F + of, mask=fm, other=0.0)
+        z_n = tl.load(z0 + bh * 2 * F + F + of, mask=fm, other=0.0)
+    else:
+        kv_p = tl.zeros([BF, BV], dtype=tl.float32)
+        kv_n = tl.zeros([BF, BV], dtype=tl.float32)
+        z_p = tl.zeros([BF], dtype=tl.float32)
+        z_n = tl.zeros([BF], dtype=tl.float32)
+    for i in range(NT + LAG):
+        if i < NT:
+            hst = ((bh * NT + i) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+            tl.store(hkv + hst, kv_p, mask=smask)
+            tl.store(hkv + hst + F * DV, kv_n, mask=smask)
+            if iv == 0:
+                tl.store(hz + (bh * NT + i) * 2 * F + of, z_p, mask=fm)
+                tl.store(hz + (bh * NT + i) * 2 * F + F + of, z_n, mask=fm)
+        # Chunk i - LAG enters the state. Only keys older than the final window count towards the final state;
+        # that bound never cuts into a chunk whose state was stored above.
+        pos = (i - LAG) * BT + tl.arange(0, BT)
+        ok = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, HAS_WIN) & (pos < T - SOUT)
+        kk = _load_rows(k, win_k, b, hk, pos, T, S, 0, HKV, D, BD, HAS_WIN)
+        vv = _load_rows(v, win_v, b, hk, pos, T, S, iv * BV, HKV, DV, BV, HAS_WIN)
+        phi_p, phi_n = _feature_map(kk, wk, h, D, F, BD, BF)
+        phi_p = tl.where(ok[:, None], phi_p, 0.0)
+        phi_n = tl.where(ok[:, None], phi_n, 0.0)
+        kv_p += _mm(tl.trans(phi_p).to(vv.dtype), vv, PREC)
+        kv_n += _mm(tl.trans(phi_n).to(vv.dtype), vv, PREC)
+        z_p += tl.sum(phi_p, 0)
+        z_n += tl.sum(phi_n, 0)
+    if STORE_FINAL:
+        tl.store(kv_out + st, kv_p, mask=smask)
+        tl.store(kv_out + st + F * DV, kv_n, mask=smask)
+        if iv == 0:
+            tl.store(z_out + bh * 2 * F + of, z_p, mask=fm)
+            tl.store(z_out + bh * 2 * F + F + of, z_n, mask=fm)
+
+
+@triton.jit
+def _fwd_out_kernel(
+    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, o, o32, den_out,
+    T, NT, S, scale, softcap,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, STORE_O32: tl.constexpr,
+    ODT: tl.constexpr, OPREC: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    rows = c * BT + tl.arange(0, BT)
+    rmask = rows < T
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    of = tl.arange(0, BF)
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+    phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
+
+    # Keys older than the two chunks: through the stored state.
+    smask = (of[:, None] < F) & (ov[None, :] < DV)
+    hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    h_p = tl.load(hkv + hst, mask=smask, other=0.0)
+    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0)
+    # Operands of the products that make o: 16-bit for inference, fp32 (tf32x3) when the backward will use o.
+    acc = _mm(phq_p.to(ODT), h_p.to(ODT), OPREC) + _mm(phq_n.to(ODT), h_n.to(ODT), OPREC)
+    z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
+    z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
+    den = tl.sum(phq_p * z_p[None, :], 1) + tl.sum(phq_n * z_n[None, :], 1)
+
+    # Keys of the current chunk.
+    pos_c = rows
+    k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
+    v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
+    ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
+    pk_p, pk_n = _feature_map(k_c, wk, h, D, F, BD, BF)
+    lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
+    l_c = _mm(phq_p.to(ODT), tl.trans(pk_p).to(ODT), OPREC) + _mm(phq_n.to(ODT), tl.trans(pk_n).to(ODT), OPREC)
+    p_c = tl.where(lin_c, l_c, 0.0)
+    if LAG:
+        # Keys of the previous chunk (or of the carried window in front of chunk 0).
+        pos_p = rows - BT
+        k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
+        v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
+        ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
+        pkp_p, pkp_n = _feature_map(k_p, wk, h, D, F, BD, BF)
+        lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
+        l_p = _mm(phq_p.to(ODT), tl.trans(pkp_p).to(ODT), OPREC) + _mm(phq_n.to(ODT), tl.trans(pkp_n).to(ODT), OPREC)
+        p_p = tl.where(lin_p, l_p, 0.0)
+    if W > 0:
+        g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
+        m = tl.max(s_c, 1)
+        if LAG:
+            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC)
+            m = tl.maximum(m, tl.max(s_p, 1))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p_c += tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
+        if LAG:
+            p_p += tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
+    acc += _mm(p_c.to(ODT), v_c.to(ODT), OPREC)
+    den += tl.sum(p_c, 1)
+    if LAG:
+        acc += _mm(p_p.to(ODT), v_p.to(ODT), OPREC)
+        den += tl.sum(p_p, 1)
+    den += EPS
+    out = acc / den[:, None]
+    omask = rmask[:, None] & (ov[None, :] < DV)
+    tl.store(o + qrow[:, None] * DV + ov[None, :], out.to(o.dtype.element_ty), mask=omask)
+    if STORE_O32:
+        # The backward's do . o must not see the rounding of o: it nearly cancels against do . v.
+        tl.store(o32 + qrow[:, None] * DV + ov[None, :], out, mask=omask)
+    tl.store(den_out + qrow, den, mask=rmask)
+
+
+@triton.jit
+def _bwd_state_kernel(
+    q, wq, do, den_ptr, delta_ptr, dhkv, dhz,
+    T, NT,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    iv = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    od = tl.arange(0, BD)
+    of = tl.arange(0, BF)
+    ov = iv * BV + tl.arange(0, BV)
+    fm = of < F
+    smask = fm[:, None] & (ov[None, :] < DV)
+    acc_p = tl.zeros([BF, BV], dtype=tl.float32)
+    acc_n = tl.zeros([BF, BV], dtype=tl.float32)
+    dz_p = tl.zeros([BF], dtype=tl.float32)
+    dz_n = tl.zeros([BF], dtype=tl.float32)
+    # Walk the chunks backwards; key chunk i - LAG sees the state gradients of query chunks after i.
+    for j in range(NT + LAG):
+        i = NT - 1 + LAG - j
+        if i >= LAG:
+            hst = ((bh * NT + i - LAG) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+            tl.store(dhkv + hst, acc_p, mask=smask)
+            tl.store(dhkv + hst + F * DV, acc_n, mask=smask)
+            if iv == 0:
+                tl.store(dhz + (bh * NT + i - LAG) * 2 * F + of, dz_p, mask=fm)
+                tl.store(dhz + (bh * NT + i - LAG) * 2 * F + F + of, dz_n, mask=fm)
+        if i < NT:
+            rows = i * BT + tl.arange(0, BT)
+            rmask = rows < T
+            qrow = (b * T + rows).to(tl.int64) * H + h
+            qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+            phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
+            dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
+            den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
+            dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) / den
+            dN = (dd.to(tl.float32) / den[:, None]).to(qq.dtype)
+            acc_p += _mm(tl.trans(phq_p).to(qq.dtype), dN, PREC)
+            acc_n += _mm(tl.trans(phq_n).to(qq.dtype), dN, PREC)
+            dz_p += tl.sum(phq_p * dD[:, None], 0)
+            dz_n += tl.sum(phq_n * dD[:, None], 0)
+
+
+@triton.jit
+def _bwd_kernel(
+    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, dhkv, dhz, do, den_ptr, delta_ptr,
+    dq, dpq, dk, dv, dpk, dk2, dv2, dpk2, dwf,
+    T, NT, S, scale, softcap,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    rows = c * BT + tl.arange(0, BT)
+    rmask = rows < T
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    of = tl.arange(0, BF)
+    dmask = rmask[:, None] & (od[None, :] < D)
+    vmask = rmask[:, None] & (ov[None, :] < DV)
+    fmask = rmask[:, None] & (of[None, :] < F)
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
+    dt = qq.dtype
+    phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
+    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=vmask, other=0.0).to(tl.float32)
+    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
+    # y = N / den: dN = do / den and d(den) = -do . y / den.
+    dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) / den
+    dN32 = dd / den[:, None]
+    dN = dN32.to(dt)
+
+    smask = (of[:, None] < F) & (ov[None, :] < DV)
+    hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    h_p = tl.load(hkv + hst, mask=smask, other=0.0)
+    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0)
+    z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
+    z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
+    # The feature-map backward subtracts the phi-weighted mean of dphi_q, which cancels most of it: the terms of
+    # dphi_q are summed at near-fp32 accuracy so that the remainder keeps its digits.
+    dphq_p = _mm(dN32, tl.trans(h_p), "tf32x3") + dD[:, None] * z_p[None, :]
+    dphq_n = _mm(dN32, tl.trans(h_n), "tf32x3") + dD[:, None] * z_n[None, :]
+
+    pos_c = rows
+    k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
+    v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
+    ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
+    pk_p, pk_n = _feature_map(k_c, wk, h, D, F, BD, BF)
+    pk_p = tl.where(ok_c[:, None], pk_p, 0.0)
+    pk_n = tl.where(ok_c[:, None], pk_n, 0.0)
+    lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
+    l_c = _mm(phq_p.to(dt), tl.trans(pk_p).to(dt), PREC) + _mm(phq_n.to(dt), tl.trans(pk_n).to(dt), PREC)
+    p_c = tl.where(lin_c, l_c, 0.0)
+    dp_c = _mm(dN32, tl.trans(v_c.to(tl.float32)), "tf32x3") + dD[:, None]
+    dl_c = tl.where(lin_c, dp_c, 0.0)
+    if LAG:
+        pos_p = rows - BT
+        k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
+        v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
+        ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
+        pkp_p, pkp_n = _feature_map(k_p, wk, h, D, F, BD, BF)
+        lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
+        l_p = _mm(phq_p.to(dt), tl.trans(pkp_p).to(dt), PREC) + _mm(phq_n.to(dt), tl.trans(pkp_n).to(dt), PREC)
+        p_p = tl.where(lin_p, l_p, 0.0)
+        dp_p = _mm(dN32, tl.trans(v_p.to(tl.float32)), "tf32x3") + dD[:, None]
+        dl_p = tl.where(lin_p, dp_p, 0.0)
+
+    dq_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    dk_c = tl.zeros([BT, BD], dtype=tl.float32)
+    if LAG:
+        dk_p = tl.zeros([BT, BD], dtype=tl.float32)
+    if W > 0:
+        g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
+        m = tl.max(s_c, 1)
+        if LAG:
+            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC)
+            m = tl.maximum(m, tl.max(s_p, 1))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
+        p_c += a_c
+        # da/ds = a, and the row max m enters as exp(s - m): its gradient goes to the arg-max, split among ties.
+        daa_c = tl.where(win_c, dp_c * a_c, 0.0)
+        dm = -tl.sum(daa_c, 1)
+        tie_c = win_c & (s_c == m[:, None])
+        cnt = tl.sum(tie_c.to(tl.float32), 1)
+        if LAG:
+            a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
+            p_p += a_p
+            daa_p = tl.where(win_p, dp_p * a_p, 0.0)
+            dm -= tl.sum(daa_p, 1)
+            tie_p = win_p & (s_p == m[:, None])
+            cnt += tl.sum(tie_p.to(tl.float32), 1)
+        share = dm / tl.maximum(cnt, 1.0)
+        ds_c = daa_c + tl.where(tie_c, share[:, None], 0.0)
+        if SOFTCAP:
+            # s = c tanh(r / c): ds/dr = 1 - (s / c)^2.
+            sc = tl.where(win_c, s_c / softcap, 0.0)
+            ds_c = ds_c * (1.0 - sc * sc)
+        dq_acc += _mm(ds_c.to(dt), k_c, PREC)
+        dk_c += _mm(tl.trans(ds_c).to(dt), qq, PREC)
+        dg = tl.sum(tl.sum(daa_c, 1), 0)
+        if LAG:
+            ds_p = daa_p + tl.where(tie_p, share[:, None], 0.0)
+            if SOFTCAP:
+                sp = tl.where(win_p, s_p / softcap, 0.0)
+                ds_p = ds_p * (1.0 - sp * sp)
+            dq_acc += _mm(ds_p.to(dt), k_p, PREC)
+            dk_p += _mm(tl.trans(ds_p).to(dt), qq, PREC)
+            dg += tl.sum(tl.sum(daa_p, 1), 0)
+        # a = sigmoid(wf) e: d wf = sum dA a (1 - g).
+        tl.store(dwf + bh * NT + c, dg * (1.0 - g))
+
+    dphq_p += _mm(dl_c, pk_p, "tf32x3")
+    dphq_n += _mm(dl_c, pk_n, "tf32x3")
+    dlt_c = tl.trans(dl_c)
+    # Key chunk c also feeds the states of later query chunks: their summed gradient is dH, dz.
+    dh_p = tl.load(dhkv + hst, mask=smask, other=0.0)
+    dh_n = tl.load(dhkv + hst + F * DV, mask=smask, other=0.0)
+    dz_p = tl.load(dhz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
+    dz_n = tl.load(dhz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
+    # Near-fp32 sums for dphi_k, for the same reason as for dphi_q.
+    v32 = v_c.to(tl.float32)
+    dpk_p = _mm(dlt_c, phq_p, "tf32x3") + _mm(v32, tl.trans(dh_p), "tf32x3") + dz_p[None, :]
+    dpk_n = _mm(dlt_c, phq_n, "tf32x3") + _mm(v32, tl.trans(dh_n), "tf32x3") + dz_n[None, :]
+    dpk_p = tl.where(ok_c[:, None], dpk_p, 0.0)
+    dpk_n = tl.where(ok_c[:, None], dpk_n, 0.0)
+    dv_c = _mm(tl.trans(p_c).to(dt), dN, PREC)
+    dv_c += _mm(pk_p.to(dt), dh_p.to(dt), PREC) + _mm(pk_n.to(dt), dh_n.to(dt), PREC)
+
+    tl.store(dk + qrow[:, None] * D + od[None, :], dk_c * scale, mask=dmask)
+    tl.store(dv + qrow[:, None] * DV + ov[None, :], dv_c, mask=vmask)
+    gk = _feature_map_bwd(pk_p, pk_n, dpk_p, dpk_n)
+    tl.store(dpk + qrow[:, None] * F + of[None, :], gk, mask=fmask)
+    if LAG:
+        dphq_p += _mm(dl_p, pkp_p, "tf32x3")
+        dphq_n += _mm(dl_p, pkp_n, "tf32x3")
+        dlt_p = tl.trans(dl_p)
+        gkp = _feature_map_bwd(pkp_p, pkp_n, _mm(dlt_p, phq_p, "tf32x3"), _mm(dlt_p, phq_n, "tf32x3"))
+        dv_p = _mm(tl.trans(p_p).to(dt), dN, PREC)
+        # Gradients of the carried window (negative positions) are not wanted.
+        pmask = (pos_p >= 0) & (pos_p < T)
+        prow = (b * T + pos_p).to(tl.int64) * H + h
+        tl.store(dk2 + prow[:, None] * D + od[None, :], dk_p * scale, mask=pmask[:, None] & (od[None, :] < D))
+        tl.store(dv2 + prow[:, None] * DV + ov[None, :], dv_p, mask=pmask[:, None] & (ov[None, :] < DV))
+        tl.store(dpk2 + prow[:, None] * F + of[None, :], gkp, mask=pmask[:, None] & (of[None, :] < F))
+    tl.store(dq + qrow[:, None] * D + od[None, :], dq_acc * scale, mask=dmask)
+    tl.store(dpq + qrow[:, None] * F + of[None, :], _feature_map_bwd(phq_p, phq_n, dphq_p, dphq_n), mask=fmask)
+
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _empty(*shape, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Every buffer a kernel fully overwrites comes from here; the tests swap in a NaN-filled allocation."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+class _Plan:
+    """Sizes, flags and the (int8) masks shared by the kernels of one call."""
+
+    def __init__(self, q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap):
+        self.B, self.T, self.H, self.D = q.shape
+        self.HKV, self.DV, self.F = k.shape[2], v.shape[-1], wq.shape[-1]
+        self.W, self.scale, self.softcap = window, float(scale), float(softcap or 0.0)
+        self.NT = triton.cdiv(self.T, BLOCK_T)
+        # With W >= 2 a query needs the raw keys of the previous chunk, so the stored state lags one chunk behind.
+        self.LAG = 1 if window >= 2 else 0
+        self.SOUT = max(window - 1, 0)
+        self.S = win_k.shape[1] if win_k is not None else 0
+        self.BD, self.BV, self.BF = _pow2(self.D), _pow2(self.DV), _pow2(self.F)
+        self.BV_STATE = min(self.BV, 64)
+        self.PREC = "tf32x3" if q.dtype == torch.float32 else "tf32"
+        dummy = torch.zeros(1, dtype=torch.int8, device=q.device)
+        self.tm = token_mask.to(torch.int8).contiguous() if token_mask is not None else dummy
+        self.wm = win_mask.to(torch.int8).contiguous() if self.S else dummy
+        # Kernels take a pointer even where a flag turns the tensor off.
+        self.win_k = win_k.contiguous() if self.S else k
+        self.HAS_MASK = token_mask is not None
+
+    def common(self) -> dict:
+        return dict(H=self.H, HKV=self.HKV, D=self.D, DV=self.DV, F=self.F, BT=BLOCK_T, BD=self.BD, BF=self.BF,
+                    LAG=self.LAG, PREC=self.PREC)  # fmt: skip
+
+
+def _states(p: _Plan, k, v, wk, win_v, kv0, z0, store_final: bool):
+    """Per-chunk linear states `[B, H, NT, 2F, DV]`, `[B, H, NT, 2F]` (and the final ones if asked)."""
+    dev = k.device
+    hkv = _empty(p.B, p.H, p.NT, 2 * p.F, p.DV, device=dev)
+    hz = _empty(p.B, p.H, p.NT, 2 * p.F, device=dev)
+    kv_out = _empty(p.B, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
+    z_out = _empty(p.B, p.H, 2 * p.F, device=dev) if store_final else hz
+    grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H)
+    _fwd_state_kernel[grid](
+        k, v, wk, p.tm, p.win_k, win_v, p.wm, kv0 if kv0 is not None else hkv, z0 if z0 is not None else hz,
+        hkv, hz, kv_out, z_out, p.T, p.NT, p.S, p.SOUT,
+        HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, HAS_INIT=kv0 is not None, STORE_FINAL=store_final,
+        num_warps=WARPS["fwd_state"],
+        **{**p.common(), "BV": p.BV_STATE},
+    )  # fmt: skip
+    return hkv, hz, kv_out, z_out
+
+
+class _HybridChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, window, scale, softcap,
+                output_final_state):  # fmt: skip
+        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
+        win_v = win_v.contiguous() if p.S else v
+        hkv, hz, kv_out, z_out = _states(p, k, v, wk, win_v, kv0, z0, output_final_state)
+        o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
+        den = _empty(p.B, p.T, p.H, device=q.device)
+        training = any(ctx.needs_input_grad[:6])
+        o32 = _empty(p.B, p.T, p.H, p.DV, device=q.device) if training and q.dtype != torch.float32 else o
+        _fwd_out_kernel[(p.NT, p.B * p.H)](
+            q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, o32, den,
+            p.T, p.NT, p.S, p.scale, p.softcap,
+            W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
+            STORE_O32=o32 is not o, ODT=tl.float32 if o32 is not o else _TL_DTYPES[q.dtype],
+            OPREC="tf32x3" if o32 is not o else p.PREC, num_warps=WARPS["fwd_out"],
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o32, den)
+        ctx.plan_args = (window, scale, softcap)
+        if not output_final_state:
+            return o, None, None
+        ctx.mark_non_differentiable(kv_out, z_out)
+        return o, kv_out, z_out
+
+    @staticmethod
+    def backward(ctx, do, _dkv, _dz):
+        q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den = ctx.saved_tensors
+        window, scale, softcap = ctx.plan_args
+        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
+        win_v = win_v.contiguous() if p.S else v
+        B, T, H, D, DV, F, HKV = p.B, p.T, p.H, p.D, p.DV, p.F, p.HKV
+        dev = q.device
+        do = do.contiguous()
+        delta = (do.float() * o.float()).sum(-1)
+        # The states are recomputed rather than kept from the forward: they are the largest intermediate.
+        hkv, hz, _, _ = _states(p, k, v, wk, win_v, kv0, z0, False)
+        dhkv = _empty(*hkv.shape, device=dev)
+        dhz = _empty(*hz.shape, device=dev)
+        _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H)](
+            q, wq, do, den, delta, dhkv, dhz, T, p.NT,
+            H=H, D=D, DV=DV, F=F, BT=BLOCK_T, BD=p.BD, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
+            num_warps=WARPS["bwd_state"],
+        )  # fmt: skip
+
+        def buf(last, zero=False):
+            return torch.zeros(B, T, H, last, device=dev) if zero else _empty(B, T, H, last, device=dev)
+
+        dq, dpq, dk, dv, dpk = buf(D), buf(F), buf(D), buf(DV), buf(F)
+        # The last chunk has no successor to fill its share of the second buffers.
+        dk2, dv2, dpk2 = buf(D, True), buf(DV, True), buf(F, True)
+        dwf = torch.zeros(B * H * p.NT, dtype=torch.float32, device=dev)
+        _bwd_kernel[(p.NT, B * H)](
+            q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, dhkv, dhz, do, den, delta,
+            dq, dpq, dk, dv, dpk, dk2, dv2, dpk2, dwf,
+            T, p.NT, p.S, p.scale, p.softcap,
+            W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
+            num_warps=WARPS["bwd"],
+        )  # fmt: skip
+        groups = H // HKV
+        dpk = dpk + dpk2
+        dq = dq + torch.einsum("bthf,hdf->bthd", dpq, wq.float())
+        dwq = torch.einsum("bthd,bthf->hdf", q.float(), dpq)
+        dk = dk + dk2 + torch.einsum("bthf,hdf->bthd", dpk, wk.float())
+        dk = dk.view(B, T, HKV, groups, D).sum(3)
+        dwk = torch.einsum("btkd,btkgf->kgdf", k.float(), dpk.view(B, T, HKV, groups, F)).reshape(H, D, F)
+        dv = (dv + dv2).view(B, T, HKV, groups, DV).sum(3)
+        dwf_out = dwf.view(B, H, p.NT).sum((0, 2)).to(wf.dtype) if window > 0 and ctx.needs_input_grad[5] else None
+        return (
+            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dwq.to(wq.dtype), dwk.to(wk.dtype), dwf_out,
+            None, None, None, None, None, None, None, None, None, None,
+        )  # fmt: skip
+
+
+def hybrid_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    window_factor: torch.Tensor | None,
+    window: int,
+    scale: float,
+    softcap: float | None = None,
+    token_mask: torch.Tensor | None = None,
+    initial_state: HybridState | None = None,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, HybridState | None]:
+    """Hybrid attention over a block of new tokens with the chunked Triton kernels (differentiable).
+
+    Args:
+        q: `[B, T, H, D]` queries after RoPE; bf16, fp16 or fp32.
+        k: `[B, T, Hkv, D]` keys after RoPE; `H` a multiple of `Hkv`.
+        v: `[B, T, Hkv, Dv]`.
+        wq, wk: `[H, D, F]` feature-map weights (any float dtype; used in fp32).
+        window_factor: `[H]` logits of the window-term weight; ignored when `window == 0`.
+        window: exact-softmax window, 0 or 1..64 (the chunk length `BLOCK_T`).
+        scale: softmax scale of the window scores.
+        softcap: optional logit soft-cap of the window scores.
+        token_mask: `[B, T]` bool, False for padding.
+        initial_state: state after the previous tokens; None starts from empty. Receives no gradient.
+        output_final_state: return the state after these tokens (not differentiable).
+        chunk_size: accepted for signature parity with the PyTorch path; the kernels use `BLOCK_T`.
+
+    Returns:
+        `([B, T, H, Dv]` output in the dtype of `q`, final `HybridState` or None).
+
+    D, Dv and F up to 128; gradients flow to q, k, v, wq, wk and window_factor.
+    """
+    B, T, H, D = q.shape
+    Hkv, Dv, F = k.shape[2], v.shape[-1], wq.shape[-1]
+    if window < 0 or window > BLOCK_T:
+        raise ValueError(
+            f"the Triton hybrid kernel supports window 0 or 1..{BLOCK_T} (its chunk length), got {window}; "
+            "use LINEARIZE_KERNELS=torch for longer windows"
+        )
+    if max(D, Dv, F) > MAX_DIM:
+        raise ValueError(f"the Triton hybrid kernel supports D, Dv, F up to {MAX_DIM}, got {D}, {Dv}, {F}")
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    slots = max(window - 1, 0)
+    if initial_state is not None and initial_state.win_k.shape[1] != slots:
+        raise ValueError(f"initial_state holds {initial_state.win_k.shape[1]} window slots, expected {slots}")
+    if T == 0:
+        from .torch_chunked import hybrid_attention_chunked
+
+        return hybrid_attention_chunked(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask,
+                                        initial_state, output_final_state)  # fmt: skip
+    k, v = k.to(q.dtype), v.to(q.dtype)
+    wf = window_factor if window > 0 else torch.zeros(H, dtype=torch.float32, device=q.device)
+    st = initial_state
+    has_win = st is not None and slots > 0
+    o, kv, ksum = _HybridChunk.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), wq.contiguous(), wk.contiguous(), wf.contiguous(),
+        token_mask, st.kv.contiguous() if st is not None else None, st.ksum.contiguous() if st is not None else None,
+        st.win_k.to(q.dtype) if has_win else None, st.win_v.to(q.dtype) if has_win else None,
+        st.win_mask if has_win else None, window, scale, softcap, output_final_state,
+    )  # fmt: skip
+    if not output_final_state:
+        return o, None
+    return o, HybridState(kv, ksum, *_final_window(k, v, token_mask, st, slots))
+
+
+def _final_window(k, v, token_mask, state, slots):
+    """The last `slots` raw keys, values and mask after these tokens, oldest first (as `HybridState` holds them)."""
+    B, T = k.shape[:2]
+    if token_mask is None:
+        token_mask = torch.ones(B, T, dtype=torch.bool, device=k.device)
+    if T >= slots:
+        return k[:, T - slots :].clone(), v[:, T - slots :].clone(), token_mask[:, T - slots :].clone()
+    if state is None:
+        win_k = k.new_zeros(B, slots, *k.shape[2:])
+        win_v = v.new_zeros(B, slots, *v.shape[2:])
+        win_mask = torch.zeros(B, slots, dtype=torch.bool, device=k.device)
+    else:
+        win_k, win_v, win_mask = state.win_k, state.win_v, state.win_mask
+    return (
+        torch.cat([win_k[:, T:].to(k.dtype), k], 1),
+        torch.cat([win_v[:, T:].to(v.dtype), v], 1),
+        torch.cat([win_mask[:, T:], token_mask], 1),
+    )

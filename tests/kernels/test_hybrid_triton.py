@@ -1,0 +1,287 @@
+"""Triton kernels of the hybrid op against the ground truth: outputs, final states and every gradient.
+
+On CPU the kernels run under the Triton interpreter (fp32, small shapes). Triton reads `TRITON_INTERPRET` when a
+kernel is decorated, so the fixture sets it and re-imports the kernel modules, and restores compiled kernels after
+each test. The GPU tests (skipped without CUDA) use bf16 at large shapes with the flash-attention rule: the kernel's
+error against an fp32 reference is at most twice that of the PyTorch path run on the same bf16 inputs.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    # Triton decides when it is imported whether its own library runs under the interpreter; on a CPU-only
+    # machine this module wants it to.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from linearize.kernels import hybrid  # noqa: E402
+from linearize.kernels.hybrid import (  # noqa: E402
+    hybrid_attention,
+    hybrid_attention_chunked,
+    hybrid_attention_naive,
+    kernel_name,
+)
+
+INTERPRETED = type(triton.language.standard.zeros).__name__ == "InterpretedFunction"
+MODULES = ("linearize.kernels.hybrid.triton_chunk", "linearize.kernels.hybrid.triton_recurrent")
+# Where triton was imported compiled (a GPU machine, or another test module first), the interpreter tests run in a
+# fresh process instead: see test_interpreter_tests_in_subprocess.
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in a subprocess under TRITON_INTERPRET=1")
+cuda = pytest.mark.skipif(
+    INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU and compiled Triton kernels"
+)
+
+
+def _nan_empty(*shape, dtype=torch.float32, device=None):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    # Re-import the kernels in case an earlier test imported them before TRITON_INTERPRET was set.
+    for mod in (importlib.reload(importlib.import_module(name)) for name in MODULES):
+        # Poison every kernel-written buffer, so an element a kernel forgets to write fails the comparison.
+        monkeypatch.setattr(mod, "_empty", _nan_empty)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter tests run in this process")
+def test_interpreter_tests_in_subprocess():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "not gpu"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def rel_rmse(actual, expected, atol=0.0):
+    """RMSE of the difference over (RMS of `expected` + `atol`)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / (expected.pow(2).mean().sqrt() + atol).clamp_min(1e-12)).item()
+
+
+def assert_rel(actual, expected, tol, what, atol=0.0):
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an element was never written)"
+    err = rel_rmse(actual, expected, atol)
+    assert err <= tol, f"{what}: relative RMSE {err:.2e} > {tol:.0e}"
+
+
+def make_inputs(B, T, H, Hkv, D, F, Dv=None, dtype=torch.float32, device="cpu", seed=0, pad=0):
+    g = torch.Generator().manual_seed(seed)
+    Dv = Dv or D
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g) * s).to(device=device, dtype=dtype)
+
+    q, k, v = rnd(B, T, H, D), rnd(B, T, Hkv, D), rnd(B, T, Hkv, Dv)
+    wq, wk = rnd(H, D, F, s=D**-0.5 * 2).float(), rnd(H, D, F, s=D**-0.5 * 2).float()
+    wf = rnd(H).float()
+    mask = None
+    if pad:
+        # Left padding of different lengths per sequence.
+        mask = torch.ones(B, T, dtype=torch.bool, device=device)
+        for b in range(B):
+            mask[b, : pad * (b + 1) // B] = False
+    return [q, k, v, wq, wk, wf], mask
+
+
+def grads(out, leaves, dout):
+    return torch.autograd.grad(out, leaves, dout, allow_unused=True)
+
+
+CASES = [
+    pytest.param(1, 1, 2, 2, 32, 16, 0, 0, None, id="B1-T1-H2-D32-W0"),
+    pytest.param(1, 1, 2, 2, 32, 16, 4, 0, None, id="B1-T1-H2-D32-W4"),
+    pytest.param(2, 63, 4, 4, 32, 16, 16, 0, None, id="B2-T63-H4-D32-W16"),
+    pytest.param(2, 65, 4, 4, 32, 16, 0, 0, None, id="B2-T65-H4-D32-W0"),
+    pytest.param(2, 65, 4, 2, 60, 24, 64, 0, None, id="B2-T65-H4-Hkv2-D60-F24-W64"),
+    pytest.param(2, 63, 4, 1, 60, 16, 8, 20, None, id="B2-T63-H4-Hkv1-D60-W8-leftpad"),
+    pytest.param(2, 65, 2, 2, 32, 16, 0, 30, None, id="B2-T65-H2-D32-W0-leftpad"),
+    pytest.param(1, 100, 2, 2, 32, 16, 2, 0, 5.0, id="B1-T100-H2-D32-W2-softcap"),
+    pytest.param(1, 70, 2, 2, 32, 16, 1, 0, None, id="B1-T70-H2-D32-W1"),
+    pytest.param(1, 200, 2, 1, 32, 16, 64, 0, None, id="B1-T200-H2-Hkv1-D32-W64"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("B,T,H,Hkv,D,F,W,pad,softcap", CASES)
+def test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap):
+    torch.manual_seed(0)
+    leaves, mask = make_inputs(B, T, H, Hkv, D, F, Dv=D + 8, pad=pad, seed=T + W)
+    for t in leaves:
+        t.requires_grad_()
+    out, _ = hybrid_attention(*leaves, W, D**-0.5, softcap, mask)
+    ref = hybrid_attention_naive(*[t.double() for t in leaves], W, D**-0.5, softcap, mask)
+    dout = torch.randn_like(out)
+    got, want = grads(out, leaves, dout), grads(ref, leaves, dout.double())
+    assert_rel(out, ref, 1e-5, "output")
+    for name, a, b in zip(["dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"], got, want, strict=True):
+        if W == 0 and name == "dwindow_factor":
+            assert a is None or not a.any()
+            continue
+        # With one token the output is v up to eps whatever q, k and the weights: their gradients are ~eps and
+        # only absolutely small.
+        atol = 1.0 if T == 1 and name != "dv" else 0.0
+        assert_rel(a, b, 1e-4, name, atol)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "W,T1,T2",
+    [
+        pytest.param(0, 70, 30, id="W0-T70+30"),
+        pytest.param(16, 40, 30, id="W16-T40+30"),
+        pytest.param(64, 10, 90, id="W64-T10+90"),
+        pytest.param(64, 70, 3, id="W64-T70+3"),
+        pytest.param(2, 65, 64, id="W2-T65+64"),
+    ],
+)
+def test_two_calls_equal_one(interpreter, W, T1, T2):
+    torch.manual_seed(0)
+    B, H, Hkv, D, F = 2, 4, 2, 32, 16
+    leaves, mask = make_inputs(B, T1 + T2, H, Hkv, D, F, Dv=24, pad=12, seed=W)
+    q, k, v, wq, wk, wf = leaves
+    args = (wq, wk, wf, W, D**-0.5, None)
+    full_ref, state_ref = hybrid_attention_chunked(q, k, v, *args, mask, None, True)
+    first, state = hybrid_attention(q[:, :T1], k[:, :T1], v[:, :T1], *args, mask[:, :T1], None, True)
+    q2, k2, v2 = (t[:, T1:].clone().requires_grad_() for t in (q, k, v))
+    wq.requires_grad_(), wf.requires_grad_()
+    second, final = hybrid_attention(q2, k2, v2, *args, mask[:, T1:], state, True)
+    assert_rel(torch.cat([first, second], 1), full_ref, 1e-5, "output")
+    for name, a, b in zip(["kv", "ksum", "win_k", "win_v"], final.tensors()[:4], state_ref.tensors()[:4], strict=True):
+        assert a.shape == b.shape, name
+        if a.numel():
+            assert_rel(a, b, 1e-5, name)
+    assert torch.equal(final.win_mask, state_ref.win_mask)
+
+    # The second call's gradients equal those of one naive call whose first-part outputs get no gradient
+    # (the carried state depends on wk, so dwk is left out).
+    dout = torch.randn_like(second)
+    got = grads(second, [q2, k2, v2, wq, wf], dout)
+    qf, kf, vf = (torch.cat([a[:, :T1].detach(), b], 1) for a, b in zip((q, k, v), (q2, k2, v2), strict=True))
+    ref = hybrid_attention_naive(qf, kf, vf, wq, wk, wf, W, D**-0.5, None, mask)[:, T1:]
+    want = grads(ref, [q2, k2, v2, wq, wf], dout)
+    for name, a, b in zip(["dq", "dk", "dv", "dwq", "dwindow_factor"], got, want, strict=True):
+        if W == 0 and name == "dwindow_factor":
+            continue
+        assert_rel(a, b, 1e-4, name)
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "W,softcap,masked",
+    [
+        pytest.param(0, None, False, id="W0"),
+        pytest.param(1, None, True, id="W1-masked"),
+        pytest.param(8, 3.0, True, id="W8-softcap-masked"),
+        pytest.param(64, None, False, id="W64"),
+    ],
+)
+def test_decode_step_matches_torch(interpreter, W, softcap, masked):
+    B, T, H, Hkv, D, F, Dv = 3, 20, 4, 2, 60, 24, 40
+    leaves, mask = make_inputs(B, T + 1, H, Hkv, D, F, Dv=Dv, pad=6, seed=W)
+    q, k, v, wq, wk, wf = leaves
+    if masked:
+        mask[1, -1] = False
+    args = (wq, wk, wf, W, D**-0.5, softcap)
+    _, state = hybrid_attention_chunked(q[:, :T], k[:, :T], v[:, :T], *args, mask[:, :T], None, True)
+    for init in (state, None):
+        step_mask = mask[:, T:] if init is not None else None
+        want, want_state = hybrid_attention_chunked(q[:, T:], k[:, T:], v[:, T:], *args, step_mask, init, True)
+        with torch.no_grad():
+            got, got_state = hybrid_attention(q[:, T:], k[:, T:], v[:, T:], *args, step_mask, init, True)
+        assert_rel(got, want, 1e-5, "output")
+        for name, a, b in zip(
+            ["kv", "ksum", "win_k", "win_v", "win_mask"], got_state.tensors(), want_state.tensors(), strict=True
+        ):
+            assert a.shape == b.shape and a.dtype == b.dtype, name
+            if a.numel():
+                assert_rel(a.float(), b.float(), 1e-5, name)
+
+
+@interpreted
+def test_chunk_rejects_long_window(interpreter):
+    leaves, _ = make_inputs(1, 8, 2, 2, 16, 16)
+    with pytest.raises(ValueError, match="window 0 or 1..64"):
+        hybrid_attention(*leaves, 65, 0.25)
+
+
+def test_dispatch_names(monkeypatch):
+    q = torch.zeros(1, 1, 1, 1)
+    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    assert kernel_name(q, 64) == "torch"
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    assert kernel_name(q, 64) == "torch"
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    assert kernel_name(q, 64) == "triton"
+    monkeypatch.setenv("LINEARIZE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match=r"\['auto', 'torch', 'triton'\]"):
+        hybrid_attention(q, q, q, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), None, 0, 1.0)
+    assert hybrid.hybrid_attention_chunked is hybrid_attention_chunked
+
+
+def _gpu_errors(B, T, H, Hkv, D, F, W, pad):
+    """Errors of the Triton and the PyTorch path on bf16 inputs against an fp32 reference on the same inputs."""
+    leaves, mask = make_inputs(B, T, H, Hkv, D, F, dtype=torch.bfloat16, device="cuda", pad=pad, seed=1)
+    ref_leaves = [t.detach().float().requires_grad_() for t in leaves]
+    for t in leaves:
+        t.requires_grad_()
+    scale = D**-0.5
+    ref = hybrid_attention_naive(*ref_leaves, W, scale, None, mask)
+    dout = torch.randn_like(ref)
+    want = [ref, *grads(ref, ref_leaves, dout)]
+    errors = {}
+    for path in ("triton", "torch"):
+        os.environ["LINEARIZE_KERNELS"] = path
+        out, _ = hybrid_attention(*leaves, W, scale, None, mask)
+        errors[path] = [out, *grads(out, leaves, dout.to(out.dtype))]
+    os.environ.pop("LINEARIZE_KERNELS")
+    names = ["output", "dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
+    result = {}
+    for i, name in enumerate(names):
+        if W == 0 and name == "dwindow_factor":
+            continue
+        result[name] = tuple(rel_rmse(errors[p][i].float(), want[i]) for p in ("triton", "torch"))
+    return result
+
+
+@cuda
+@pytest.mark.parametrize(
+    "B,T,H,Hkv,D,F,W,pad",
+    [
+        pytest.param(2, 1000, 8, 2, 128, 64, 64, 100, id="B2-T1000-H8-Hkv2-D128-F64-W64-leftpad"),
+        pytest.param(2, 1000, 8, 8, 128, 64, 0, 0, id="B2-T1000-H8-D128-F64-W0"),
+        pytest.param(1, 2048, 4, 4, 60, 64, 32, 0, id="B1-T2048-H4-D60-F64-W32"),
+    ],
+)
+def test_gpu_bf16_within_twice_torch_error(B, T, H, Hkv, D, F, W, pad):
+    for name, (kernel, torch_path) in _gpu_errors(B, T, H, Hkv, D, F, W, pad).items():
+        assert kernel <= 2 * torch_path + 1e-6, f"{name}: kernel {kernel:.2e} vs PyTorch bf16 {torch_path:.2e}"
+
+
+@cuda
+def test_gpu_prefill_then_decode():
+    B, T, H, Hkv, D, F, W = 2, 300, 8, 2, 128, 64, 64
+    leaves, mask = make_inputs(B, T + 2, H, Hkv, D, F, device="cuda", pad=7)
+    q, k, v, wq, wk, wf = leaves
+    args = (wq, wk, wf, W, D**-0.5, None)
+    want, want_state = hybrid_attention_chunked(q, k, v, *args, mask, None, True)
+    with torch.no_grad():
+        out, state = hybrid_attention(q[:, :T], k[:, :T], v[:, :T], *args, mask[:, :T], None, True)
+        outs = [out]
+        for t in range(T, T + 2):
+            sl = slice(t, t + 1)
+            out, state = hybrid_attention(q[:, sl], k[:, sl], v[:, sl], *args, mask[:, sl], state, True)
+            outs.append(out)
+    assert_rel(torch.cat(outs, 1), want, 1e-4, "output")
+    for name, a, b in zip(
+        ["kv", "ksum", "win_k", "win_v", "win_mask"], state.tensors(), want_state.tensors(), strict=True
+    ):
+        assert_rel(a.float(), b.float(), 1e-4, name)
