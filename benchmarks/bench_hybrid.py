@@ -80,7 +80,7 @@ def _fla(q, k, v):
 
 
 def prefill_rows(lengths):
-    rows = []
+    """Yield one row per sequence length, so a long run still shows what it measured so far."""
     for T in lengths:
         B = max(TOKENS // T, 1)
         leaves = _inputs(B, T, HEADS, HEADS, HEAD_DIM)
@@ -92,10 +92,9 @@ def prefill_rows(lengths):
         row["sdpa"] = _fwd_bwd(partial(_sdpa, *bhtd), bhtd)
         if chunk_linear_attn is not None:
             row["fla"] = _fwd_bwd(partial(_fla, q, k, v), [q, k, v])
-        rows.append(row)
         del leaves, q, k, v, bhtd
         torch.cuda.empty_cache()
-    return rows
+        yield row
 
 
 def decode_rows(contexts, B=16, H=32, Hkv=8, D=128):
@@ -127,13 +126,14 @@ def main() -> None:
         raise SystemExit("bench_hybrid.py needs a CUDA GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     print(f"# prefill: B*T = {TOKENS} tokens, H={HEADS}, D={HEAD_DIM}, F={FEATURES}, bf16; ms, fwd / fwd+bwd")
-    rows = prefill_rows(args.lengths)
     names = ["hedgehog", "hybrid", "sdpa"] + (["fla"] if chunk_linear_attn is not None else [])
     print("| T (B) | " + " | ".join(f"{n} fwd | {n} fwd+bwd" for n in names) + " |")
-    print("|---" * (1 + 2 * len(names)) + "|")
-    for r in rows:
+    print("|---" * (1 + 2 * len(names)) + "|", flush=True)
+    rows = []
+    for r in prefill_rows(args.lengths):
+        rows.append(r)
         cells = " | ".join(f"{r[n][0]:.2f} | {r[n][1]:.2f}" for n in names)
-        print(f"| {r['T']} ({r['B']}) | {cells} |")
+        print(f"| {r['T']} ({r['B']}) | {cells} |", flush=True)
     print("\n# forward bandwidth: bytes of q, k, v read and o written once, against the 3.0 TB/s copy floor")
     print("| T | bytes (MB) | floor ms | hedgehog TB/s | hybrid TB/s |")
     print("|---|---|---|---|---|")
