@@ -122,6 +122,13 @@ def _cmd_eval(args) -> int:
     teacher = load_model(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
     if student.tokenizer is None:
         raise LinearizeError(f"{args.model} has no tokenizer files: evaluation needs one")
+    compare = []
+    for item in args.compare:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LinearizeError(f"--compare takes NAME=MODEL (e.g. no-transfer=out/smol-notransfer), got '{item}'")
+        other = load_model(path, dtype=args.dtype, device=args.device)
+        compare.append((name, other.model, other.tokenizer or student.tokenizer))
     report = evaluate(
         student.model,
         student.tokenizer,
@@ -130,6 +137,7 @@ def _cmd_eval(args) -> int:
         teacher_tokenizer=teacher.tokenizer if teacher else None,
         student_name=args.model,
         teacher_name=args.teacher,
+        compare=compare,
     )
     attach_training(report, Path(args.model))
     out = Path(args.out) if args.out else (Path(args.model) / "report" if Path(args.model).is_dir() else Path("report"))
@@ -294,6 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ppl-window", type=int, default=1024)
     p.add_argument("--efficiency-lengths", default="", help="context lengths for speed/memory, e.g. 512,2048,8192")
     p.add_argument("--no-controls", action="store_true", help="skip the window-only / linear-only controls")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL",
+        help="another model scored on the same tasks and listed with the controls, e.g. "
+        "no-transfer=out/smol-notransfer (repeatable)",
+    )
     p.add_argument("--device", default=None, help="e.g. cuda; default CPU")
     p.add_argument("--out", help="report folder (default: <model>/report)")
     p.set_defaults(func=_cmd_eval)

@@ -263,7 +263,7 @@ class ReportConfig:
     tasks: list[str] = field(
         default_factory=lambda: ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "lambada", "passkey"]
     )
-    limit: int = 40
+    limit: int = 25
     passkey_lengths: list[int] = field(default_factory=list)
     efficiency_lengths: list[int] = field(default_factory=lambda: [256, 1024])
     controls: bool = True

@@ -300,3 +300,25 @@ def test_eval_cli_writes_report(tmp_path, capsys):
     )
     assert main(["eval", "--model", str(folder), "--tasks", "nope"]) == 2
     assert "task 'nope' is unknown" in capsys.readouterr().err
+    other = save_tiny("llama", tmp_path / "other", seed=3)
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(folder),
+            "--tasks",
+            "piqa",
+            "--limit",
+            "3",
+            "--compare",
+            f"no-transfer={other}",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert [c["name"] for c in report["controls"]] == ["no-transfer"] and set(report["controls"][0]["tasks"]) == {
+        "piqa"
+    }
+    assert "| no-transfer |" in (out / "report.md").read_text()

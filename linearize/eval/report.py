@@ -16,7 +16,8 @@ REPORT_MD = "report.md"
 def recovery(student: float, teacher: float | None, chance: float) -> tuple[float | None, float | None]:
     if teacher is None or teacher == 0:
         return None, None
-    above = (student - chance) / (teacher - chance) if teacher != chance else None
+    # Above chance is only meaningful when the teacher itself beats chance.
+    above = (student - chance) / (teacher - chance) if teacher > chance else None
     return student / teacher, above
 
 

@@ -86,8 +86,14 @@ def evaluate(
     teacher_tokenizer=None,
     student_name: str = "student",
     teacher_name: str | None = None,
+    compare: list[tuple[str, object, object]] = (),
 ) -> dict:
-    """Run every requested evaluation on the student (and teacher) and return the report dict."""
+    """Run every requested evaluation on the student (and teacher) and return the report dict.
+
+    Args:
+        compare: extra models `(name, model, tokenizer)` scored on the same tasks and listed with the controls,
+            e.g. a run of the same recipe without attention transfer ("no-transfer").
+    """
     import torch
 
     teacher_tokenizer = teacher_tokenizer or tokenizer
@@ -125,6 +131,10 @@ def evaluate(
                 scores = {n: _score_task(student, tokenizer, n, settings, variant)[TASKS[n].metric] for n in named}
             zs = [scores[n] for n in named if n in zero_shot]
             controls.append({"name": variant, "tasks": scores, "zero_shot_avg": sum(zs) / len(zs) if zs else None})
+    for label, model, tok in compare:
+        scores = {n: _score_task(model, tok, n, settings, label)[TASKS[n].metric] for n in named}
+        zs = [scores[n] for n in named if n in zero_shot]
+        controls.append({"name": label, "tasks": scores, "zero_shot_avg": sum(zs) / len(zs) if zs else None})
 
     ppl_rows = []
     for item in settings.tasks:

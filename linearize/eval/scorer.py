@@ -75,15 +75,19 @@ class Scorer:
             for row, i in enumerate(batch):
                 ids = encoded[i][0]
                 inputs[row, : len(ids)] = torch.tensor(ids)
-            logits = self.model(input_ids=inputs.to(self.device), use_cache=False).logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1).cpu()
+            # Only the positions that predict continuation tokens need logits: keep the shortest suffix that
+            # covers them in every row (the vocabulary projection dominates the cost of short requests).
+            first = min(len(encoded[i][0]) - len(encoded[i][1]) for i in batch)
+            keep = width - first
+            logits = self.model(input_ids=inputs.to(self.device), use_cache=False, logits_to_keep=keep).logits
             for row, i in enumerate(batch):
                 ids, cont = encoded[i]
                 n = len(cont)
-                positions = torch.arange(len(ids) - n, len(ids))
+                start = len(ids) - n - first
+                logprobs = torch.log_softmax(logits[row, start : start + n].float(), dim=-1).cpu()
                 target = torch.tensor(cont)
-                token_lp = logprobs[row, positions, target]
-                greedy = bool((logprobs[row, positions].argmax(-1) == target).all())
+                token_lp = logprobs[torch.arange(n), target]
+                greedy = bool((logprobs.argmax(-1) == target).all())
                 results[i] = Scored(float(token_lp.sum()), greedy, n)
             if progress is not None:
                 progress.update(len(batch))
