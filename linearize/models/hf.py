@@ -92,9 +92,6 @@ class LinearizedModelMixin:
         code = _REMOTE_CODE.format(config_name=type(self.config).__name__, model_name=type(self).__name__)
         (Path(save_directory) / REMOTE_CODE_FILE).write_text(code)
 
-    def recurrent_state_bytes(self, cache: LinearizeCache) -> int:
-        return cache.nbytes()
-
 
 def _make_classes(family: Family) -> tuple[type, type]:
     base_config, base_model = family.config_cls, family.causal_lm_cls

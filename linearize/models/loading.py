@@ -158,5 +158,4 @@ def load_model(source: str, dtype: str = "auto", device: str | None = None) -> L
     tokenizer = _load_tokenizer(target)
     if device:
         model.to(device)
-    folder = Path(target) if kind != "hub" else Path(target)
-    return Loaded(model=model.eval(), tokenizer=tokenizer, source=source, folder=folder)
+    return Loaded(model=model.eval(), tokenizer=tokenizer, source=source, folder=Path(target))
