@@ -12,16 +12,11 @@ from pathlib import Path
 
 import yaml
 
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 from .models.export import RECIPE_FILE
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _LOCAL_DATA_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def _read_config(folder: Path) -> dict:
@@ -48,7 +43,7 @@ def _load_optional(path: Path):
         text = path.read_text()
         return yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise LinearizeError(f"{path} cannot be parsed ({_first_line(exc)}): fix or delete it") from exc
+        raise LinearizeError(f"{path} cannot be parsed ({first_line(exc)}): fix or delete it") from exc
 
 
 def _hub_base_model(base: str | None) -> str | None:

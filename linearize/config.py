@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
 
@@ -406,7 +406,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise LinearizeError(f"recipe file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise LinearizeError(f"recipe file {path} is not valid YAML: {first_line(exc)}") from None
     if not isinstance(data, dict):
         raise LinearizeError(f"recipe file {path} must hold a mapping of settings at the top level")
     data.setdefault("name", path.stem)

@@ -12,8 +12,8 @@ import re
 import sys
 from pathlib import Path
 
-from .card import _first_line, _load_optional, _read_config, render_model_card
-from .errors import LinearizeError
+from .card import _load_optional, _read_config, render_model_card
+from .errors import LinearizeError, first_line
 from .models.export import RECIPE_FILE
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def check_reloads(folder: str | Path) -> None:
     try:
         model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     except Exception as exc:
-        raise LinearizeError(f"{folder} does not load ({_first_line(exc)}): export the model again") from exc
+        raise LinearizeError(f"{folder} does not load ({first_line(exc)}): export the model again") from exc
     bad = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
     if bad:
         detail = "; ".join(f"{key.replace('_', ' ')}: {', '.join(sorted(map(str, v))[:3])}" for key, v in bad.items())
@@ -135,14 +135,14 @@ def _hub_error(exc: BaseException, step: str, repo_id: str) -> LinearizeError:
     cause = exc.__cause__ if isinstance(exc, RuntimeError) and exc.__cause__ is not None else exc
     response = getattr(cause, "response", None) if isinstance(cause, HfHubHTTPError) else None
     if response is None:
-        return LinearizeError(f"{step} {repo_id} failed ({_first_line(cause)}): check the network and the endpoint")
-    detail = getattr(cause, "server_message", None) or _first_line(cause)
+        return LinearizeError(f"{step} {repo_id} failed ({first_line(cause)}): check the network and the endpoint")
+    detail = getattr(cause, "server_message", None) or first_line(cause)
     cure = {
         401: "check the token (`hf auth login` or HF_TOKEN)",
         403: "the token cannot write there: use a write token, or a namespace you own",
         404: "check the repo id",
     }.get(response.status_code, "try again, or check the repo id and token")
-    return LinearizeError(f"{step} {repo_id} failed (HTTP {response.status_code}: {_first_line(detail)}): {cure}")
+    return LinearizeError(f"{step} {repo_id} failed (HTTP {response.status_code}: {first_line(detail)}): {cure}")
 
 
 def push(

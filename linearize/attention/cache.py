@@ -101,15 +101,20 @@ class LinearizeCache(DynamicCache):
 
     def nbytes(self) -> int:
         """Bytes held by the cache: recurrent states plus any softmax layers' keys and values."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, RecurrentLayer):
-                total += layer.nbytes()
-            else:
-                for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-                    if isinstance(t, torch.Tensor):
-                        total += t.numel() * t.element_size()
-        return total
+        return cache_bytes(self)
+
+
+def cache_bytes(cache) -> int:
+    """Bytes held by any transformers cache: each layer's recurrent state, or its key and value tensors."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, RecurrentLayer):
+            total += layer.nbytes()
+            continue
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
 
 
 def _plain_layer():

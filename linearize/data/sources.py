@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from ..config import DataConfig
-from ..errors import LinearizeError
+from ..errors import LinearizeError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +106,8 @@ def _hub_rows(name: str, split: str):
     try:
         return datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many types for missing data, bad splits and network errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LinearizeError(
-            f"could not load dataset '{name}' (split '{split}'): {first[:200]}; offline, use data.dataset=offline "
+            f"could not load dataset '{name}' (split '{split}'): {first_line(exc)[:200]}; offline, use data.dataset=offline "
             "or a local file"
         ) from None
 

@@ -13,18 +13,7 @@ import time
 import torch
 
 from .. import _compat
-
-
-def cache_bytes(cache) -> int:
-    """Bytes held by a transformers cache or a LinearizeCache."""
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    total = 0
-    for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+from ..attention.cache import cache_bytes
 
 
 def _sync(device: torch.device) -> None:

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..errors import LinearizeError
+from ..errors import LinearizeError, first_line
 from .aliases import ALIASES
 
 logger = logging.getLogger(__name__)
@@ -153,8 +153,7 @@ def load_model(source: str, dtype: str = "auto", device: str | None = None) -> L
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[dtype])
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise LinearizeError(f"could not load '{source}': {first}") from None
+        raise LinearizeError(f"could not load '{source}': {first_line(exc)}") from None
     tokenizer = _load_tokenizer(target)
     if device:
         model.to(device)

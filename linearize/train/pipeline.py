@@ -346,15 +346,15 @@ def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Di
     from ..models.loading import load_model
     from .distributed import full_state_dict
     from .finetune import add_lora
+    from .transfer import student_attention_modules
 
     state = full_state_dict(trained)
     if not ctx.main:
         return None
     fresh = load_model(source, dtype=dtype).model
     convert(fresh, recipe.attention, base_model=source)
-    for module in fresh.modules():
-        if hasattr(module, "float_new_parameters"):
-            module.float_new_parameters()
+    for module in student_attention_modules(fresh).values():
+        module.float_new_parameters()
     if recipe.finetune.enabled:
         fresh = add_lora(fresh, recipe.finetune)
     fresh.load_state_dict(state, strict=True)
