@@ -1,0 +1,107 @@
+"""Where the time of the hybrid kernels goes: per-kernel CUDA time of one forward+backward and one decode step.
+
+Runs `torch.profiler` over a few iterations and prints, per kernel, the mean CUDA time per iteration, then the
+register count and spills of each Triton kernel as compiled for these shapes. A script, not a test: it needs a
+CUDA GPU.
+
+    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from linearize.kernels.hybrid import HybridState
+from linearize.kernels.hybrid import triton_chunk, triton_recurrent
+from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
+from linearize.kernels.hybrid.triton_recurrent import hybrid_decode_triton
+
+
+def _table(prof, iters: int, title: str) -> None:
+    times: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            times[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            calls[ev.name] += 1
+    total = sum(times.values())
+    print(f"\n# {title}: {total / iters / 1e3:.3f} ms of kernels per iteration")
+    print("| kernel | ms / iter | launches / iter | share |")
+    print("|---|---|---|---|")
+    for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:15]:
+        print(f"| {name[:70]} | {t / iters / 1e3:.3f} | {calls[name] / iters:.0f} | {t / total:.0%} |")
+
+
+def _compiled_stats() -> None:
+    print("\n# Triton kernels as compiled: registers per thread, spilled bytes")
+    print("| kernel | regs | spills |")
+    print("|---|---|---|")
+    for mod in (triton_chunk, triton_recurrent):
+        for name in dir(mod):
+            fn = getattr(mod, name)
+            cache = getattr(fn, "device_caches", None)
+            if not cache:
+                continue
+            for dev_cache in cache.values():
+                kernels = dev_cache[0] if isinstance(dev_cache, tuple) else dev_cache
+                for compiled in kernels.values():
+                    print(f"| {name} | {getattr(compiled, 'n_regs', '?')} | {getattr(compiled, 'n_spills', '?')} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--T", type=int, default=16384)
+    parser.add_argument("--B", type=int, default=1)
+    parser.add_argument("--H", type=int, default=32)
+    parser.add_argument("--D", type=int, default=128)
+    parser.add_argument("--F", type=int, default=64)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_hybrid.py needs a CUDA GPU")
+    dev, dt = "cuda", torch.bfloat16
+    B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
+    q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
+    wq = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
+    wk = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
+    wf = torch.full((H,), -2.197, device=dev, requires_grad=True)
+    grad = torch.randn(B, T, H, D, device=dev, dtype=dt)
+
+    def step():
+        out = hybrid_attention_triton(q, k, v, wq, wk, wf, W, D**-0.5)[0]
+        out.backward(grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.iters):
+            step()
+        torch.cuda.synchronize()
+    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16")
+    _table(prof, args.iters, "forward+backward")
+
+    Bd, Hkv = 16, 8
+    qd = torch.randn(Bd, 1, H, D, device=dev, dtype=dt)
+    kd, vd = (torch.randn(Bd, 1, Hkv, D, device=dev, dtype=dt) for _ in range(2))
+    state = HybridState.zeros(Bd, H, Hkv, D, D, 2 * F, W, dt, torch.device(dev))
+    state.win_mask.fill_(True)
+    with torch.no_grad():
+        for _ in range(3):
+            hybrid_decode_triton(qd, kd, vd, wq, wk, wf, W, D**-0.5, None, None, state)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                hybrid_decode_triton(qd, kd, vd, wq, wk, wf, W, D**-0.5, None, None, state)
+            torch.cuda.synchronize()
+    _table(prof, 20, f"decode step, B={Bd}, {H} query / {Hkv} KV heads")
+    _compiled_stats()
+
+
+if __name__ == "__main__":
+    main()
