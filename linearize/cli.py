@@ -102,6 +102,39 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_corpus(args) -> int:
+    import torch
+
+    from .data.synthesize import CorpusSettings, write_corpus
+    from .models.loading import load_model
+
+    settings = CorpusSettings(
+        tokens=_count(args.tokens, "--tokens"),
+        prompts=args.prompts,
+        heldout_fraction=args.heldout,
+        prompt_tokens=args.prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        include_documents=not args.no_documents,
+    )
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(args.model, dtype=args.dtype, device=device)
+    if loaded.tokenizer is None:
+        raise LinearizeError(f"{args.model} has no tokenizer files: save the tokenizer into the folder")
+    info = write_corpus(loaded.model, loaded.tokenizer, args.out, settings, model_name=args.model,
+                        resume=args.resume, overwrite=args.overwrite)  # fmt: skip
+    out = Path(args.out)
+    print(
+        f"sampled {info['generated_tokens']:,} tokens in {info['seconds']:.0f} s; {info['rows']:,} rows in "
+        f"{out / 'train.jsonl'} (train with --set data.dataset={out / 'train.jsonl'}); held-out text in "
+        f"{out / 'heldout.txt'} (evaluate with --tasks ppl:{out / 'heldout.txt'})"
+    )
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .eval.report import write_report
     from .eval.runner import EvalSettings, attach_training, evaluate, parse_tasks
@@ -173,6 +206,13 @@ def _ints(text: str, flag: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LinearizeError(f"{flag} takes comma-separated integers, got '{text}'") from None
+
+
+def _count(text: str, flag: str) -> int:
+    try:
+        return int(float(text))
+    except ValueError:
+        raise LinearizeError(f"{flag} takes a number such as 2e6, got '{text}'") from None
 
 
 def _cmd_models(args) -> int:
@@ -276,6 +316,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("corpus", help="sample a distillation corpus from the teacher (plus a held-out text split)")
+    _add_model_arg(p)
+    p.add_argument("--out", required=True, help="folder for train.jsonl, heldout.txt and corpus.json")
+    p.add_argument("--tokens", default="1e6", help="generated tokens to sample (default 1e6)")
+    p.add_argument("--prompts", default="auto", help="prompt documents, as data.dataset (default: offline corpus)")
+    p.add_argument("--heldout", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="tokens of each document used as the prompt")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-documents", action="store_true", help="write only sampled text, not the real documents")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
+    p.set_defaults(func=_cmd_corpus)
 
     p = sub.add_parser("push", help="upload an exported folder and its model card to the Hugging Face Hub")
     p.add_argument("folder", help="folder written by `linearize train` or `linearize convert`")
