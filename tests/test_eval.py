@@ -43,8 +43,19 @@ def test_loglikelihood_matches_a_direct_computation(tiny_student):
         Request("the city of", " paris"),
         Request("the river", " is the capital of france"),
         Request("water  ", "light"),
+        # One prompt, one-token answers (as MMLU): one shared forward, each answer scored on its own.
+        Request("the city of", " water"),
+        Request("the city of", " light"),
+        Request("the city of", " paris"),
     ]
+    calls = []
+    hook = model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                       with_kwargs=True)  # fmt: skip
     scored = scorer.loglikelihood(requests)
+    hook.remove()
+    assert sum(calls) == 3  # six requests; the four one-token answers after "the city of" share one input
+    assert scored[0].loglikelihood == scored[5].loglikelihood
+    assert len({s.loglikelihood for s in scored[3:]}) == 3
     for req, got in zip(requests, scored, strict=True):
         ctx, cont = scorer.encode_pair(req)
         ids = torch.tensor([ctx + cont])
@@ -307,18 +318,31 @@ def test_eval_cli_writes_report(tmp_path, capsys):
             "--model",
             str(folder),
             "--tasks",
-            "piqa",
+            f"piqa,ppl:{tmp_path / 't.txt'},passkey",
+            "--passkey-lengths",
+            "48",
+            "--passkey-trials",
+            "2",
             "--limit",
             "3",
             "--compare",
             f"no-transfer={other}",
+            "--compare",
+            f"same={folder}",
             "--out",
             str(out),
         ]
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert [c["name"] for c in report["controls"]] == ["no-transfer"] and set(report["controls"][0]["tasks"]) == {
-        "piqa"
-    }
-    assert "| no-transfer |" in (out / "report.md").read_text()
+    names = [c["name"] for c in report["controls"]]
+    assert names == ["no-transfer", "same"] and set(report["controls"][0]["tasks"]) == {"piqa"}
+    other_entry, same = report["controls"]
+    # Compared models get the same perplexity and recall measurements as the student: the student itself, compared,
+    # reproduces its own figures; another model does not.
+    src = str(tmp_path / "t.txt")
+    assert same["perplexity"][src] == pytest.approx(report["perplexity"][0]["student"])
+    assert other_entry["perplexity"][src] != pytest.approx(report["perplexity"][0]["student"])
+    assert same["recall"] == {"passkey@48": report["recall"][0]["student"]}
+    md = (out / "report.md").read_text()
+    assert "| no-transfer |" in md and "ppl t.txt" in md and "passkey@48" in md

@@ -76,27 +76,42 @@ def render_markdown(report: dict) -> str:
         lines += ["", *notes] if notes else []
         lines.append("")
     if report.get("controls"):
-        names = [r["task"] for r in report["tasks"]]
+        names = [r["task"] for r in report.get("tasks", [])]
+        ppl_sources = [r["source"] for r in report.get("perplexity", [])]
+        recall_keys = sorted(
+            {k for c in report["controls"] for k in c.get("recall", {})},
+            key=lambda k: (k.split("@")[0], int(k.split("@")[-1])),
+        )
+        student_ppl = {r["source"]: r["student"] for r in report.get("perplexity", [])}
+        student_recall = {
+            f"{r['probe']}@{r['length']}": r["student"] for r in report.get("recall", []) if "length" in r
+        }
+        ppl_cols = [f"ppl {Path(src).name}" for src in ppl_sources]
         lines += [
-            "## Controls (what each branch contributes)",
+            "## Controls and other models",
             "",
-            "| model | " + " | ".join(names) + " | zero-shot average |",
-            "|---|" + "---|" * (len(names) + 1),
+            "| model | " + " | ".join([*names, "zero-shot average", *ppl_cols, *recall_keys]) + " |",
+            "|---|" + "---|" * (len(names) + 1 + len(ppl_cols) + len(recall_keys)),
         ]
+
+        def row(name, tasks, zs, ppl, recall):
+            cells = [_num(tasks.get(n)) for n in names] + [_num(zs)]
+            cells += [_num(ppl.get(src), 2) for src in ppl_sources]
+            cells += [_num(recall.get(k), 2) for k in recall_keys]
+            return f"| {name} | " + " | ".join(cells) + " |"
+
         lines.append(
-            "| student | "
-            + " | ".join(_num(r["student"]) for r in report["tasks"])
-            + " | "
-            + _num(report.get("averages", {}).get("zero_shot", {}).get("student"))
-            + " |"
+            row(
+                "student",
+                {r["task"]: r["student"] for r in report.get("tasks", [])},
+                report.get("averages", {}).get("zero_shot", {}).get("student"),
+                student_ppl,
+                student_recall,
+            )
         )
         for c in report["controls"]:
             lines.append(
-                f"| {c['name']} | "
-                + " | ".join(_num(c["tasks"].get(n)) for n in names)
-                + " | "
-                + _num(c.get("zero_shot_avg"))
-                + " |"
+                row(c["name"], c["tasks"], c.get("zero_shot_avg"), c.get("perplexity", {}), c.get("recall", {}))
             )
         lines.append("")
     if report.get("perplexity"):

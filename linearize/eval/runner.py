@@ -124,23 +124,35 @@ def evaluate(
             zero_shot.add(name)
         logger.info("%s %s: student %.4f%s", name, task.metric, s, f", teacher {t:.4f}" if t is not None else "")
 
-    controls = []
-    if settings.controls and named and has_both_branches(student):
-        for variant in CONTROLS:
-            with attention_variant(student, variant):
-                scores = {n: _score_task(student, tokenizer, n, settings, variant)[TASKS[n].metric] for n in named}
-            zs = [scores[n] for n in named if n in zero_shot]
-            controls.append({"name": variant, "tasks": scores, "zero_shot_avg": sum(zs) / len(zs) if zs else None})
-    for label, model, tok in compare:
+    ppl_items = [item for item in settings.tasks if item.startswith("ppl:")]
+    texts = {item[4:]: read_text(item[4:]) for item in ppl_items}
+
+    def side_scores(model, tok, label: str, with_recall: bool) -> dict:
         scores = {n: _score_task(model, tok, n, settings, label)[TASKS[n].metric] for n in named}
         zs = [scores[n] for n in named if n in zero_shot]
-        controls.append({"name": label, "tasks": scores, "zero_shot_avg": sum(zs) / len(zs) if zs else None})
+        entry = {"name": label, "tasks": scores, "zero_shot_avg": sum(zs) / len(zs) if zs else None}
+        if texts:
+            entry["perplexity"] = {
+                src: perplexity(model, tok, text, settings.ppl_window, settings.batch_size, settings.ppl_max_tokens)[
+                    "perplexity"
+                ]
+                for src, text in texts.items()
+            }
+        if with_recall and "passkey" in settings.tasks:
+            rows = passkey(model, tok, settings.passkey_lengths, settings.passkey_trials)
+            entry["recall"] = {f"passkey@{r['length']}": r["accuracy"] for r in rows}
+        return entry
+
+    controls = []
+    if settings.controls and (named or texts) and has_both_branches(student):
+        for variant in CONTROLS:
+            with attention_variant(student, variant):
+                controls.append(side_scores(student, tokenizer, variant, with_recall=False))
+    for label, model, tok in compare:
+        controls.append(side_scores(model, tok, label, with_recall=True))
 
     ppl_rows = []
-    for item in settings.tasks:
-        if not item.startswith("ppl:"):
-            continue
-        text = read_text(item[4:])
+    for src, text in texts.items():
         result = {
             who: perplexity(m, tok, text, settings.ppl_window, settings.batch_size, settings.ppl_max_tokens)
             for who, m, tok in models
@@ -148,7 +160,7 @@ def evaluate(
         s, t = result["student"], result.get("teacher")
         ppl_rows.append(
             {
-                "source": item[4:],
+                "source": src,
                 "tokens": s["tokens"],
                 "student": s["perplexity"],
                 "student_bpb": s["bits_per_byte"],

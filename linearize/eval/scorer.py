@@ -65,32 +65,37 @@ class Scorer:
             ctx, cont = self.encode_pair(req)
             ids = (ctx + cont)[-(self.max_length + 1) :][:-1]
             encoded.append((ids, cont))
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+        # Requests with the same input (e.g. MMLU's one-token answer letters after one prompt) share a forward.
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ids, _) in enumerate(encoded):
+            groups.setdefault(tuple(ids), []).append(i)
+        unique = list(groups)
+        order = sorted(range(len(unique)), key=lambda u: -len(unique[u]))
         results: list[Scored | None] = [None] * len(encoded)
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         for start in range(0, len(order), self.batch_size):
             batch = order[start : start + self.batch_size]
-            width = max(len(encoded[i][0]) for i in batch)
+            width = max(len(unique[u]) for u in batch)
             inputs = torch.full((len(batch), width), pad, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids = encoded[i][0]
-                inputs[row, : len(ids)] = torch.tensor(ids)
+            for row, u in enumerate(batch):
+                inputs[row, : len(unique[u])] = torch.tensor(unique[u])
             # Only the positions that predict continuation tokens need logits: keep the shortest suffix that
             # covers them in every row (the vocabulary projection dominates the cost of short requests).
-            first = min(len(encoded[i][0]) - len(encoded[i][1]) for i in batch)
+            first = min(len(unique[u]) - len(encoded[i][1]) for u in batch for i in groups[unique[u]])
             keep = width - first
             logits = self.model(input_ids=inputs.to(self.device), use_cache=False, logits_to_keep=keep).logits
-            for row, i in enumerate(batch):
-                ids, cont = encoded[i]
-                n = len(cont)
-                start = len(ids) - n - first
-                logprobs = torch.log_softmax(logits[row, start : start + n].float(), dim=-1).cpu()
-                target = torch.tensor(cont)
-                token_lp = logprobs[torch.arange(n), target]
-                greedy = bool((logprobs.argmax(-1) == target).all())
-                results[i] = Scored(float(token_lp.sum()), greedy, n)
-            if progress is not None:
-                progress.update(len(batch))
+            for row, u in enumerate(batch):
+                for i in groups[unique[u]]:
+                    ids, cont = encoded[i]
+                    n = len(cont)
+                    begin = len(ids) - n - first
+                    logprobs = torch.log_softmax(logits[row, begin : begin + n].float(), dim=-1).cpu()
+                    target = torch.tensor(cont)
+                    token_lp = logprobs[torch.arange(n), target]
+                    greedy = bool((logprobs.argmax(-1) == target).all())
+                    results[i] = Scored(float(token_lp.sum()), greedy, n)
+                if progress is not None:
+                    progress.update(len(groups[unique[u]]))
         return results
 
 

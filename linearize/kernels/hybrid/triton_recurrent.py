@@ -2,10 +2,15 @@
 
 One program per (batch, query head, block of Dv) reads the linear state once, scores the query against the W - 1
 carried keys and the new one, writes the output and the new linear state (the token that leaves the window folded
-in). The state is returned as new tensors, like the PyTorch path, so a state can be reused (beam search, retries).
+in), and the first query head of each KV group also writes its share of the shifted window (oldest slot dropped, new
+token appended). The whole step is one launch: decoding is bound by host overhead, so the wrapper allocates the
+outputs and launches, nothing else. The state is returned as new tensors, like the PyTorch path, so a state can be
+reused (beam search, retries).
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import triton
@@ -47,7 +52,8 @@ def _softcap(s, softcap, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(
-    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, kv, ksum, o, kv_new, ksum_new,
+    q, k, v, wq, wk, wf, tm, tm_stride, win_k, win_v, win_m, kv, ksum,
+    o, kv_new, ksum_new, win_k_new, win_v_new, win_m_new,
     scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, BS: tl.constexpr,
@@ -65,11 +71,13 @@ def _decode_kernel(
     vm = ov < DV
     fm = of < F
     qv = tl.load(q + bh * D + od, mask=dm, other=0.0).to(tl.float32)
-    kn = tl.load(k + (b * HKV + hk) * D + od, mask=dm, other=0.0).to(tl.float32)
-    vn = tl.load(v + (b * HKV + hk) * DV + ov, mask=vm, other=0.0).to(tl.float32)
+    k_raw = tl.load(k + (b * HKV + hk) * D + od, mask=dm, other=0.0)
+    v_raw = tl.load(v + (b * HKV + hk) * DV + ov, mask=vm, other=0.0)
+    kn = k_raw.to(tl.float32)
+    vn = v_raw.to(tl.float32)
     ok_new = tl.full([], 1, tl.int1)
     if HAS_MASK:
-        ok_new = tl.load(tm + b) != 0
+        ok_new = tl.load(tm + b * tm_stride) != 0
     phq_p, phq_n = _feature_map_vec(qv, wq, h, D, F, BD, BF)
 
     smask = fm[:, None] & vm[None, :]
@@ -105,6 +113,23 @@ def _decode_kernel(
             s_w = _softcap(tl.sum(kw.to(tl.float32) * qv[None, :], 1) * scale, softcap, SOFTCAP)
             s_w = tl.where(okw, s_w, float("-inf"))
             m = tl.maximum(m, tl.max(s_w, 0))
+
+            # The shifted window: slot s of the new one is slot s + 1 of the old, the new token goes last. One
+            # program writes each element: the first query head of the KV group, keys and mask from the first
+            # block of Dv (the mask from KV head 0 alone), values from every block for its columns.
+            if h % (H // HKV) == 0:
+                last = (b * (W - 1) + W - 2).to(tl.int64) * HKV + hk
+                shifted = sm & (os_ > 0)
+                if iv == 0:
+                    kdst = win_k_new + (wrow - HKV)[:, None] * D + od[None, :]
+                    tl.store(kdst, kw, mask=shifted[:, None] & dm[None, :])
+                    tl.store(win_k_new + last * D + od, k_raw.to(win_k_new.dtype.element_ty), mask=dm)
+                    if hk == 0:
+                        tl.store(win_m_new + b * (W - 1) + os_ - 1, okw, mask=shifted)
+                        tl.store(win_m_new + b * (W - 1) + W - 2, ok_new)
+                vdst = win_v_new + (wrow - HKV)[:, None] * DV + ov[None, :]
+                tl.store(vdst, vw, mask=shifted[:, None] & vm[None, :])
+                tl.store(win_v_new + last * DV + ov, v_raw.to(win_v_new.dtype.element_ty), mask=vm)
         m = tl.where(m == float("-inf"), 0.0, m)
         a_new = tl.where(ok_new, g * tl.exp(s_new - m), 0.0)
         num += a_new * vn
@@ -131,6 +156,23 @@ def _decode_kernel(
     if iv == 0:
         tl.store(ksum_new + bh * 2 * F + of, z_p + leave_p, mask=fm)
         tl.store(ksum_new + bh * 2 * F + F + of, z_n + leave_n, mask=fm)
+
+
+# Columns of the state per program and warps per program (tuned on an H100 at B=16, H=32, D=Dv=128, F=64).
+BLOCK_V = 64
+NUM_WARPS = 4
+
+
+@cache
+def _blocks(D: int, Dv: int, F: int, slots: int) -> dict:
+    """Block sizes and warps of the kernel for these dimensions, computed once per shape (host time per step)."""
+    return {
+        "BD": max(16, triton.next_power_of_2(D)),
+        "BV": min(max(16, triton.next_power_of_2(Dv)), BLOCK_V),
+        "BF": max(16, triton.next_power_of_2(F)),
+        "BS": max(16, triton.next_power_of_2(max(slots, 1))),
+        "num_warps": NUM_WARPS,
+    }
 
 
 def hybrid_decode_triton(
@@ -163,37 +205,36 @@ def hybrid_decode_triton(
     Returns:
         (`[B, 1, H, Dv]` output in the dtype of `q`, the new `HybridState`). Not differentiable.
     """
+    # One launch and the allocations of its outputs: `.contiguous()` is free on the contiguous tensors a decoder
+    # passes, and unused pointer arguments get `q` (the kernel never reads them) rather than a fresh dummy.
     B, T, H, D = q.shape
     if T != 1:
         raise ValueError(f"hybrid_decode_triton takes one token per sequence, got T={T}")
-    Hkv, Dv, F = k.shape[2], v.shape[-1], wq.shape[-1]
-    slots = max(window - 1, 0)
-    state = initial_state or HybridState.zeros(B, H, Hkv, D, Dv, 2 * F, window, k.dtype, q.device)
-    if state.win_k.shape[1] != slots:
-        raise ValueError(f"initial_state holds {state.win_k.shape[1]} window slots, expected {slots}")
-    BV = min(max(16, triton.next_power_of_2(Dv)), 64)
-    o = _empty(B, 1, H, Dv, dtype=q.dtype, device=q.device)
-    kv_new = _empty(*state.kv.shape, device=q.device)
-    ksum_new = _empty(*state.ksum.shape, device=q.device)
-    dummy = torch.zeros(1, dtype=torch.int8, device=q.device)
-    tm = token_mask.to(torch.int8).contiguous() if token_mask is not None else dummy
-    wf = window_factor if window > 0 else dummy
-    win_k, win_v = (state.win_k.contiguous(), state.win_v.contiguous()) if slots else (k, v)
-    win_m = state.win_mask.to(torch.int8).contiguous() if slots else dummy
-    _decode_kernel[(triton.cdiv(Dv, BV), B * H)](
-        q.contiguous(), k.contiguous(), v.contiguous(), wq.contiguous(), wk.contiguous(), wf, tm,
-        win_k, win_v, win_m, state.kv.float().contiguous(), state.ksum.float().contiguous(), o, kv_new, ksum_new,
-        float(scale), float(softcap or 0.0),
-        H=H, HKV=Hkv, D=D, DV=Dv, F=F, W=window, BD=max(16, triton.next_power_of_2(D)), BV=BV,
-        BF=max(16, triton.next_power_of_2(F)), BS=max(16, triton.next_power_of_2(max(slots, 1))),
-        HAS_MASK=token_mask is not None, SOFTCAP=bool(softcap),
-    )  # fmt: skip
-    if token_mask is None:
-        token_mask = torch.ones(B, 1, dtype=torch.bool, device=q.device)
+    Hkv, Dv, F = k.shape[2], v.shape[3], wq.shape[2]
+    slots = window - 1 if window > 1 else 0
+    device = q.device
+    state = initial_state or HybridState.zeros(B, H, Hkv, D, Dv, 2 * F, window, k.dtype, device)
+    win_k, win_v, win_m = state.win_k, state.win_v, state.win_mask
+    if win_k.shape[1] != slots:
+        raise ValueError(f"initial_state holds {win_k.shape[1]} window slots, expected {slots}")
+    blocks = _blocks(D, Dv, F, slots)
+    o = _empty(B, 1, H, Dv, dtype=q.dtype, device=device)
+    kv_new = _empty(B, H, 2 * F, Dv, device=device)
+    ksum_new = _empty(B, H, 2 * F, device=device)
     if slots:
-        win_k = torch.cat([state.win_k[:, 1:], k.to(state.win_k.dtype)], 1)
-        win_v = torch.cat([state.win_v[:, 1:], v.to(state.win_v.dtype)], 1)
-        win_mask = torch.cat([state.win_mask[:, 1:], token_mask], 1)
+        win_k, win_v, win_m = win_k.contiguous(), win_v.contiguous(), win_m.contiguous()
+        win_k_new = _empty(B, slots, Hkv, D, dtype=win_k.dtype, device=device)
+        win_v_new = _empty(B, slots, Hkv, Dv, dtype=win_v.dtype, device=device)
+        win_m_new = _empty(B, slots, dtype=torch.bool, device=device)
     else:
-        win_k, win_v, win_mask = state.win_k, state.win_v, state.win_mask
-    return o, HybridState(kv_new, ksum_new, win_k, win_v, win_mask)
+        # No carried slots: the window tensors are empty and pass through (the kernel never touches them).
+        win_k_new, win_v_new, win_m_new = win_k, win_v, win_m
+    _decode_kernel[(triton.cdiv(Dv, blocks["BV"]), B * H)](
+        q.contiguous(), k.contiguous(), v.contiguous(), wq.contiguous(), wk.contiguous(),
+        window_factor if window > 0 else q, q if token_mask is None else token_mask,
+        0 if token_mask is None else token_mask.stride(0), win_k, win_v, win_m,
+        state.kv.contiguous(), state.ksum.contiguous(), o, kv_new, ksum_new, win_k_new, win_v_new, win_m_new,
+        float(scale), float(softcap or 0.0),
+        H=H, HKV=Hkv, D=D, DV=Dv, F=F, W=window, HAS_MASK=token_mask is not None, SOFTCAP=bool(softcap), **blocks,
+    )  # fmt: skip
+    return o, HybridState(kv_new, ksum_new, win_k_new, win_v_new, win_m_new)
