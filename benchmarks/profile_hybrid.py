@@ -15,8 +15,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from linearize.kernels.hybrid import HybridState
-from linearize.kernels.hybrid import triton_chunk, triton_recurrent
+from linearize.kernels.hybrid import HybridState, triton_chunk, triton_recurrent
 from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
 from linearize.kernels.hybrid.triton_recurrent import hybrid_decode_triton
 
