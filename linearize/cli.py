@@ -137,12 +137,14 @@ def _cmd_corpus(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .eval.report import write_report
-    from .eval.runner import EvalSettings, attach_training, evaluate, parse_tasks
+    from .eval.runner import EvalSettings, attach_training, evaluate, parse_limit, parse_tasks
     from .models.loading import load_model
 
+    limit, task_limits = parse_limit(args.limit)
     settings = EvalSettings(
         tasks=parse_tasks(args.tasks),
-        limit=args.limit,
+        limit=limit,
+        task_limits=task_limits,
         batch_size=args.batch_size,
         passkey_lengths=_ints(args.passkey_lengths, "--passkey-lengths"),
         passkey_trials=args.passkey_trials,
@@ -352,7 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: hellaswag, piqa, arc_easy, arc_challenge, winogrande, mmlu, lambada, "
         "ppl:<text file or folder>, passkey, mqar",
     )
-    p.add_argument("--limit", type=int, default=None, help="documents per task (MMLU: per subject)")
+    p.add_argument(
+        "--limit",
+        default=None,
+        help="documents per task (MMLU: per subject), with optional per-task values, e.g. 1000,mmlu=20",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--passkey-lengths", default="512,1024,2048")
     p.add_argument("--passkey-trials", type=int, default=5)

@@ -299,13 +299,17 @@ def test_eval_cli_writes_report(tmp_path, capsys):
             "--tasks",
             f"piqa,ppl:{tmp_path / 't.txt'}",
             "--limit",
-            "3",
+            "3,piqa=2",
             "--out",
             str(out),
         ]
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
+    assert report["tasks"][0]["n"] == 2 and report["task_limits"] == {"piqa": 2}
+    for bad, message in (("3,nope=2", "task 'nope' is unknown"), ("many", "--limit takes N"), ("0", "positive")):
+        assert main(["eval", "--model", str(folder), "--tasks", "piqa", "--limit", bad]) == 2
+        assert message in capsys.readouterr().err
     assert report["tasks"][0]["recovery"] == pytest.approx(1.0) and report["perplexity"][0]["ratio"] == pytest.approx(
         1.0
     )

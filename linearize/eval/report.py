@@ -54,7 +54,9 @@ def render_markdown(report: dict) -> str:
     lines = [f"# Accuracy recovery: {report['model']}", ""]
     lines.append(
         f"Teacher: {report.get('teacher') or '(none)'}; device: {report.get('device', '?')}; "
-        f"created {report.get('created', '?')}; document limit per task: {report.get('limit') or 'all'}."
+        f"created {report.get('created', '?')}; document limit per task: {report.get('limit') or 'all'}"
+        + "".join(f", {k}: {v}" for k, v in (report.get("task_limits") or {}).items())
+        + " (MMLU: per subject)."
     )
     lines.append("")
     if report.get("tasks"):

@@ -32,6 +32,7 @@ class EvalSettings:
     Attributes:
         tasks: task names, `ppl:<path>`, `passkey`, `mqar`.
         limit: documents per task (MMLU: per subject); None for all.
+        task_limits: per-task overrides of `limit`, e.g. {"mmlu": 20}.
         batch_size: requests per forward pass.
         passkey_lengths: context lengths of the passkey probe.
         passkey_trials: prompts per length.
@@ -44,6 +45,7 @@ class EvalSettings:
 
     tasks: list[str] = field(default_factory=lambda: ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande"])
     limit: int | None = None
+    task_limits: dict[str, int] = field(default_factory=dict)
     batch_size: int = 8
     passkey_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     passkey_trials: int = 5
@@ -52,6 +54,27 @@ class EvalSettings:
     ppl_max_tokens: int | None = None
     efficiency_lengths: list[int] = field(default_factory=list)
     controls: bool = True
+
+
+def parse_limit(text: str | None) -> tuple[int | None, dict[str, int]]:
+    """`--limit` as "N", "task=N" items or both ("1000,mmlu=20"): the default limit and per-task overrides."""
+    if text is None or not str(text).strip():
+        return None, {}
+    default, per_task = None, {}
+    for item in str(text).split(","):
+        name, sep, value = item.strip().rpartition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            raise LinearizeError(f"--limit takes N or TASK=N items (e.g. 1000,mmlu=20), got '{text}'") from None
+        if n <= 0:
+            raise LinearizeError(f"--limit values must be positive, got '{item.strip()}'")
+        if sep:
+            get_task(name)
+            per_task[name] = n
+        else:
+            default = n
+    return default, per_task
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -72,7 +95,7 @@ def _progress(total: int, desc: str):
 
 def _score_task(model, tokenizer, name: str, settings: EvalSettings, who: str) -> dict:
     task = get_task(name)
-    docs = select_docs(task, settings.limit)
+    docs = select_docs(task, settings.task_limits.get(name, settings.limit))
     n_requests = sum(len(task.build(d).requests) for d in docs)
     with _progress(n_requests, f"{name} ({who})") as bar:
         return score_docs(Scorer(model, tokenizer, settings.batch_size), task, docs, bar)
@@ -195,6 +218,7 @@ def evaluate(
         "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "limit": settings.limit,
+        "task_limits": dict(settings.task_limits),
         "tasks": rows,
         "averages": averages(rows, zero_shot) if teacher else {},
         "controls": controls,
