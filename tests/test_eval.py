@@ -299,14 +299,14 @@ def test_eval_cli_writes_report(tmp_path, capsys):
             "--tasks",
             f"piqa,ppl:{tmp_path / 't.txt'}",
             "--limit",
-            "3,piqa=2",
+            "2,piqa=3",
             "--out",
             str(out),
         ]
     )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["tasks"][0]["n"] == 2 and report["task_limits"] == {"piqa": 2}
+    assert report["tasks"][0]["n"] == 3 and report["task_limits"] == {"piqa": 3}
     for bad, message in (("3,nope=2", "task 'nope' is unknown"), ("many", "--limit takes N"), ("0", "positive")):
         assert main(["eval", "--model", str(folder), "--tasks", "piqa", "--limit", bad]) == 2
         assert message in capsys.readouterr().err
