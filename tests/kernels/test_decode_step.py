@@ -35,11 +35,11 @@ def _nan_empty(*shape, dtype=torch.float32, device=None):
 
 
 @pytest.fixture
-def decode(monkeypatch):
-    """`hybrid_decode_triton` of a freshly imported module (interpreted), its buffers NaN-poisoned."""
+def recurrent(monkeypatch):
+    """The freshly imported (interpreted) kernel module, its buffers NaN-poisoned."""
     mod = importlib.reload(importlib.import_module(MODULE))
     monkeypatch.setattr(mod, "_empty", _nan_empty)
-    return mod.hybrid_decode_triton
+    return mod
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter tests run in this process")
@@ -82,8 +82,10 @@ def assert_state(got: HybridState, want: HybridState, tol=1e-5):
 @interpreted
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
 @pytest.mark.parametrize("W", [0, 1, 2, 64])
-def test_decode_state_matches_torch(decode, W, masked):
-    # Dv = 72 spans several blocks of Dv (the last one partial): each block writes its columns of the window.
+def test_decode_state_matches_torch(recurrent, monkeypatch, W, masked):
+    # Blocks of 32 columns: Dv = 72 spans three programs (the last one partial), each writing its columns of the
+    # window's values.
+    monkeypatch.setattr(recurrent, "BLOCK_V", 32)
     B, T, H, Hkv, D, F, Dv, steps = 3, 70, 4, 2, 60, 24, 72, 3
     q, k, v, wq, wk, wf = make_inputs(B, T + steps, H, Hkv, D, F, Dv, torch.float32, seed=W + masked)
     mask = None
@@ -102,7 +104,7 @@ def test_decode_state_matches_torch(decode, W, masked):
         step_mask = None if mask is None else mask[:, sl]  # a [B, 1] view with a batch stride of T + steps
         before = [x.clone() for x in state.tensors()]
         want, want_state = hybrid_attention_chunked(q[:, sl], k[:, sl], v[:, sl], *args, step_mask, state, True)
-        got, got_state = decode(q[:, sl], k[:, sl], v[:, sl], *args, step_mask, state)
+        got, got_state = recurrent.hybrid_decode_triton(q[:, sl], k[:, sl], v[:, sl], *args, step_mask, state)
         assert not torch.isnan(got).any(), "output: NaN"
         assert rel_rmse(got, want) <= 1e-5, f"output at step {t}"
         assert_state(got_state, want_state)
@@ -117,13 +119,13 @@ def test_decode_state_matches_torch(decode, W, masked):
 
 @interpreted
 @pytest.mark.parametrize("W", [0, 2, 8])
-def test_decode_from_empty_state_bf16(decode, W):
+def test_decode_from_empty_state_bf16(recurrent, W):
     """No initial state, bf16 inputs: the window holds the new token in the inputs' dtype, bit for bit."""
     B, H, Hkv, D, F, Dv = 2, 4, 1, 32, 16, 32
     q, k, v, wq, wk, wf = make_inputs(B, 1, H, Hkv, D, F, Dv, torch.bfloat16, seed=W)
     args = (wq, wk, wf, W, D**-0.5, None)
     want, want_state = hybrid_attention_chunked(q, k, v, *args, None, None, True)
-    got, got_state = decode(q, k, v, *args)
+    got, got_state = recurrent.hybrid_decode_triton(q, k, v, *args)
     assert got.dtype == torch.bfloat16
     assert rel_rmse(got, want) <= 1e-2
     assert_state(got_state, want_state)
