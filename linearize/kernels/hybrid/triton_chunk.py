@@ -3,17 +3,28 @@
 The sequence is cut into chunks of `BLOCK_T` tokens. For a query in chunk c every key older than chunk c - 1 is on
 the linear side (the window is at most `BLOCK_T` long), so the forward splits into
 
-    1. a sequential pass per (batch, head, block of Dv) that stores the linear state H_c = kv0 + sum phi_k(k_j) v_j^T
-       over the keys older than chunk c - 1 (older than chunk c when W <= 1), and the final state;
+    1. a sequential pass per (batch, head, half of the features, block of Dv) that stores the linear state
+       H_c = kv0 + sum phi_k(k_j) v_j^T over the keys older than chunk c - 1 (older than chunk c when W <= 1), and
+       the final state. The halves softmax(x W) and softmax(-x W) of the feature map are independent sums, so they
+       run as separate programs: more programs, each with half the serial work per chunk;
     2. one program per (chunk, batch, head) that adds phi_q . H_c to the exact scores against [chunk c - 1, chunk c],
        each pair going to the window term or to the linear term by its distance.
 
 The feature map is fused: phi_q and phi_k are recomputed from q, k and the weights inside every kernel and never
-written to memory. The backward mirrors the forward: the states are recomputed, a reverse pass sums the state
-gradients of later chunks, and one program per (chunk, batch, head) produces dq, the gradients of the feature-map
-pre-activations, and dk, dv for its own chunk and for the chunk before it (into a second buffer, so that no two
-programs write the same element). The reductions that close the backward (feature-map weights, GQA groups, window
-factor) are PyTorch ops.
+written to memory. The backward mirrors the forward and, like flash-attention's, splits the gradient by side:
+
+    1. `_delta_kernel`: delta = do . o per query row (o as the fp32 copy that the training forward keeps);
+    2. the states are recomputed (pass 1 above), and a reverse pass sums the state gradients dH_c, dz_c of the
+       query chunks after each key chunk (again one program per half of the features and block of Dv);
+    3. `_bwd_q_kernel`, one program per (query chunk, batch, head): dq and the gradient of the q feature-map
+       pre-activation, with the projection back through wq folded in. It also stores, per query row, the gradient
+       of the window's row maximum (dm) and, per chunk, the window factor's partial gradient;
+    4. `_bwd_kv_kernel`, one program per (key chunk, batch, head): it visits the (at most two) query chunks that
+       see the key chunk through the window or intra-chunk terms, adds the state gradient, and writes dk, dv (with
+       the projection back through wk folded in) and the gradient of the k feature-map pre-activation. Each program
+       owns its outputs, so nothing is written twice and no partial buffers are added afterwards (with GQA one
+       torch sum over the group remains);
+    5. `_wgrad_kernel`: the feature-map weight gradients x^T g as split-K partial products, summed by one torch op.
 
 Keys of the window carried in `initial_state` sit at the negative positions -S..-1, in front of the new tokens.
 """
@@ -31,8 +42,10 @@ from .torch_chunked import HybridState
 EPS = tl.constexpr(_EPS_VALUE)
 
 BLOCK_T = 64
-# Warps per program of each kernel (fwd state pass, fwd output, bwd state pass, bwd).
-WARPS = {"fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd": 4}
+# Warps per program of each kernel.
+WARPS = {"fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv": 8, "wgrad": 4, "delta": 4}
+# Columns of Dv per program of the sequential state passes.
+BV_STATE = 64
 MAX_DIM = 128
 
 
@@ -42,11 +55,16 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def _feature_map(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+def _load_w(w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     wmask = (od[:, None] < D) & (of[None, :] < F)
-    w = tl.load(w_ptr + h * D * F + od[:, None] * F + of[None, :], mask=wmask, other=0.0).to(tl.float32)
+    return tl.load(w_ptr + h * D * F + od[:, None] * F + of[None, :], mask=wmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _proj(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    w = _load_w(w_ptr, h, D, F, BD, BF)
     # The softmax amplifies absolute errors of the projection, so it is computed at near-fp32 accuracy: for
     # 16-bit x (exact in its own type) as x w_hi + x w_lo with w split into two 16-bit halves.
     if x.dtype == tl.float32:
@@ -55,17 +73,28 @@ def _feature_map(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr
         w_hi = w.to(x.dtype)
         w_lo = (w - w_hi.to(tl.float32)).to(x.dtype)
         proj = tl.dot(x, w_hi) + tl.dot(x, w_lo)
-    fmask = (of < F)[None, :]
-    pp = tl.where(fmask, proj, float("-inf"))
+    return proj
+
+
+@triton.jit
+def _softmax_half(proj, sign, F: tl.constexpr, BF: tl.constexpr):
+    # softmax(sign * proj) over the F real features; sign is +1 or -1 (negation is exact).
+    fmask = (tl.arange(0, BF) < F)[None, :]
+    pp = tl.where(fmask, proj * sign, float("-inf"))
     ep = tl.exp(pp - tl.max(pp, 1)[:, None])
-    pn = tl.where(fmask, -proj, float("-inf"))
-    en = tl.exp(pn - tl.max(pn, 1)[:, None])
-    return ep / tl.sum(ep, 1)[:, None], en / tl.sum(en, 1)[:, None]
+    return ep / tl.sum(ep, 1)[:, None]
+
+
+@triton.jit
+def _feature_map(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    proj = _proj(x, w_ptr, h, D, F, BD, BF)
+    return _softmax_half(proj, 1.0, F, BF), _softmax_half(proj, -1.0, F, BF)
 
 
 @triton.jit
 def _feature_map_bwd(phi_p, phi_n, dphi_p, dphi_n):
-    # Gradient of the projection p from both halves: softmax(p) and softmax(-p).
+    # Gradient of the projection p from both halves: softmax(p) and softmax(-p). Linear in (dphi_p, dphi_n), so
+    # the gradients of separate terms may be mapped one by one and summed.
     gp = phi_p * (dphi_p - tl.sum(dphi_p * phi_p, 1)[:, None])
     gn = phi_n * (dphi_n - tl.sum(dphi_n * phi_n, 1)[:, None])
     return gp - gn
@@ -100,6 +129,8 @@ def _key_ok(tm_ptr, wm_ptr, b, pos, T, S, HAS_MASK: tl.constexpr, HAS_WIN: tl.co
 
 @triton.jit
 def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    # Both backward kernels call this with the same operand order and shapes, so that they see the same scores
+    # (the tie test against the row maximum compares them exactly).
     s = _mm(q, tl.trans(kk), PREC) * scale
     if SOFTCAP:
         # tanh through exp: the interpreter and every backend have it.
@@ -115,10 +146,12 @@ def _fwd_state_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, NITER: tl.constexpr,
 ):  # fmt: skip
     iv = tl.program_id(0)
     bh = tl.program_id(1)
+    half = tl.program_id(2)
+    sign = 1.0 - 2.0 * half.to(tl.float32)
     b = bh // H
     h = bh % H
     hk = h // (H // HKV)
@@ -126,44 +159,35 @@ def _fwd_state_kernel(
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
     smask = fm[:, None] & (ov[None, :] < DV)
-    st = (bh * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    f0 = half * F
+    st = (bh * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
     if HAS_INIT:
-        kv_p = tl.load(kv0 + st, mask=smask, other=0.0)
-        kv_n = tl.load(kv0 + st + F * DV, mask=smask, other=0.0)
-        z_p = tl.load(z0 + bh * 2 * F + of, mask=fm, other=0.0)
-        z_n = tl.load(z0 + bh * 2 * F + F + of, mask=fm, other=0.0)
+        kv = tl.load(kv0 + st, mask=smask, other=0.0)
+        z = tl.load(z0 + bh * 2 * F + f0 + of, mask=fm, other=0.0)
     else:
-        kv_p = tl.zeros([BF, BV], dtype=tl.float32)
-        kv_n = tl.zeros([BF, BV], dtype=tl.float32)
-        z_p = tl.zeros([BF], dtype=tl.float32)
-        z_n = tl.zeros([BF], dtype=tl.float32)
-    for i in range(NT + LAG):
+        kv = tl.zeros([BF, BV], dtype=tl.float32)
+        z = tl.zeros([BF], dtype=tl.float32)
+    # The interpreter of some Triton versions (3.6) cannot take a run-time loop bound: there NITER holds it.
+    for i in range(NITER if NITER > 0 else NT + LAG):
         if i < NT:
-            hst = ((bh * NT + i) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
-            tl.store(hkv + hst, kv_p, mask=smask)
-            tl.store(hkv + hst + F * DV, kv_n, mask=smask)
+            hst = ((bh * NT + i) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
+            tl.store(hkv + hst, kv, mask=smask)
             if iv == 0:
-                tl.store(hz + (bh * NT + i) * 2 * F + of, z_p, mask=fm)
-                tl.store(hz + (bh * NT + i) * 2 * F + F + of, z_n, mask=fm)
+                tl.store(hz + (bh * NT + i) * 2 * F + f0 + of, z, mask=fm)
         # Chunk i - LAG enters the state. Only keys older than the final window count towards the final state;
         # that bound never cuts into a chunk whose state was stored above.
         pos = (i - LAG) * BT + tl.arange(0, BT)
         ok = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, HAS_WIN) & (pos < T - SOUT)
         kk = _load_rows(k, win_k, b, hk, pos, T, S, 0, HKV, D, BD, HAS_WIN)
         vv = _load_rows(v, win_v, b, hk, pos, T, S, iv * BV, HKV, DV, BV, HAS_WIN)
-        phi_p, phi_n = _feature_map(kk, wk, h, D, F, BD, BF)
-        phi_p = tl.where(ok[:, None], phi_p, 0.0)
-        phi_n = tl.where(ok[:, None], phi_n, 0.0)
-        kv_p += _mm(tl.trans(phi_p).to(vv.dtype), vv, PREC)
-        kv_n += _mm(tl.trans(phi_n).to(vv.dtype), vv, PREC)
-        z_p += tl.sum(phi_p, 0)
-        z_n += tl.sum(phi_n, 0)
+        phi = _softmax_half(_proj(kk, wk, h, D, F, BD, BF), sign, F, BF)
+        phi = tl.where(ok[:, None], phi, 0.0)
+        kv += _mm(tl.trans(phi).to(vv.dtype), vv, PREC)
+        z += tl.sum(phi, 0)
     if STORE_FINAL:
-        tl.store(kv_out + st, kv_p, mask=smask)
-        tl.store(kv_out + st + F * DV, kv_n, mask=smask)
+        tl.store(kv_out + st, kv, mask=smask)
         if iv == 0:
-            tl.store(z_out + bh * 2 * F + of, z_p, mask=fm)
-            tl.store(z_out + bh * 2 * F + F + of, z_n, mask=fm)
+            tl.store(z_out + bh * 2 * F + f0 + of, z, mask=fm)
 
 
 @triton.jit
@@ -246,60 +270,71 @@ def _fwd_out_kernel(
 
 
 @triton.jit
+def _delta_kernel(do, o, delta, N, DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    # delta = do . o per row of the [N, DV] tensors, in fp32.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    ov = tl.arange(0, BV)
+    m = (r < N)[:, None] & (ov < DV)[None, :]
+    off = r.to(tl.int64)[:, None] * DV + ov[None, :]
+    dd = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
+    oo = tl.load(o + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(delta + r, tl.sum(dd * oo, 1), mask=r < N)
+
+
+@triton.jit
 def _bwd_state_kernel(
     q, wq, do, den_ptr, delta_ptr, dhkv, dhz,
     T, NT,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, PREC: tl.constexpr,
+    NITER: tl.constexpr,
 ):  # fmt: skip
     iv = tl.program_id(0)
     bh = tl.program_id(1)
+    half = tl.program_id(2)
+    sign = 1.0 - 2.0 * half.to(tl.float32)
     b = bh // H
     h = bh % H
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
+    f0 = half * F
     smask = fm[:, None] & (ov[None, :] < DV)
-    acc_p = tl.zeros([BF, BV], dtype=tl.float32)
-    acc_n = tl.zeros([BF, BV], dtype=tl.float32)
-    dz_p = tl.zeros([BF], dtype=tl.float32)
-    dz_n = tl.zeros([BF], dtype=tl.float32)
+    acc = tl.zeros([BF, BV], dtype=tl.float32)
+    dz = tl.zeros([BF], dtype=tl.float32)
     # Walk the chunks backwards; key chunk i - LAG sees the state gradients of query chunks after i.
-    for j in range(NT + LAG):
+    for j in range(NITER if NITER > 0 else NT + LAG):
         i = NT - 1 + LAG - j
         if i >= LAG:
-            hst = ((bh * NT + i - LAG) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
-            tl.store(dhkv + hst, acc_p, mask=smask)
-            tl.store(dhkv + hst + F * DV, acc_n, mask=smask)
+            hst = ((bh * NT + i - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
+            tl.store(dhkv + hst, acc, mask=smask)
             if iv == 0:
-                tl.store(dhz + (bh * NT + i - LAG) * 2 * F + of, dz_p, mask=fm)
-                tl.store(dhz + (bh * NT + i - LAG) * 2 * F + F + of, dz_n, mask=fm)
+                tl.store(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, mask=fm)
         if i < NT:
             rows = i * BT + tl.arange(0, BT)
             rmask = rows < T
             qrow = (b * T + rows).to(tl.int64) * H + h
             qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
-            phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
+            phq = _softmax_half(_proj(qq, wq, h, D, F, BD, BF), sign, F, BF)
             dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
             den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
             dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) / den
             dN = (dd.to(tl.float32) / den[:, None]).to(qq.dtype)
-            acc_p += _mm(tl.trans(phq_p).to(qq.dtype), dN, PREC)
-            acc_n += _mm(tl.trans(phq_n).to(qq.dtype), dN, PREC)
-            dz_p += tl.sum(phq_p * dD[:, None], 0)
-            dz_n += tl.sum(phq_n * dD[:, None], 0)
+            acc += _mm(tl.trans(phq).to(qq.dtype), dN, PREC)
+            dz += tl.sum(phq * dD[:, None], 0)
 
 
 @triton.jit
-def _bwd_kernel(
-    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, dhkv, dhz, do, den_ptr, delta_ptr,
-    dq, dpq, dk, dv, dpk, dk2, dv2, dpk2, dwf,
+def _bwd_q_kernel(
+    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, do, den_ptr, delta_ptr,
+    dq, dpq, dm_ptr, dwf,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
+    # Query side: dq and the gradient of the q feature-map pre-activation for query chunk c.
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -311,18 +346,15 @@ def _bwd_kernel(
     ov = tl.arange(0, BV)
     of = tl.arange(0, BF)
     dmask = rmask[:, None] & (od[None, :] < D)
-    vmask = rmask[:, None] & (ov[None, :] < DV)
-    fmask = rmask[:, None] & (of[None, :] < F)
     qrow = (b * T + rows).to(tl.int64) * H + h
     qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
     dt = qq.dtype
     phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
-    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=vmask, other=0.0).to(tl.float32)
+    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
     den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
     # y = N / den: dN = do / den and d(den) = -do . y / den.
     dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) / den
-    dN32 = dd / den[:, None]
-    dN = dN32.to(dt)
+    dN32 = dd.to(tl.float32) / den[:, None]
 
     smask = (of[:, None] < F) & (ov[None, :] < DV)
     hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
@@ -339,30 +371,29 @@ def _bwd_kernel(
     k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
-    pk_p, pk_n = _feature_map(k_c, wk, h, D, F, BD, BF)
-    pk_p = tl.where(ok_c[:, None], pk_p, 0.0)
-    pk_n = tl.where(ok_c[:, None], pk_n, 0.0)
     lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
-    l_c = _mm(phq_p.to(dt), tl.trans(pk_p).to(dt), PREC) + _mm(phq_n.to(dt), tl.trans(pk_n).to(dt), PREC)
-    p_c = tl.where(lin_c, l_c, 0.0)
     dp_c = _mm(dN32, tl.trans(v_c.to(tl.float32)), "tf32x3") + dD[:, None]
     dl_c = tl.where(lin_c, dp_c, 0.0)
+    pk_p, pk_n = _feature_map(k_c, wk, h, D, F, BD, BF)
+    dphq_p += _mm(dl_c, pk_p, "tf32x3")
+    dphq_n += _mm(dl_c, pk_n, "tf32x3")
     if LAG:
+        # Keys of the previous chunk (or of the carried window in front of chunk 0).
         pos_p = rows - BT
         k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
-        pkp_p, pkp_n = _feature_map(k_p, wk, h, D, F, BD, BF)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
-        l_p = _mm(phq_p.to(dt), tl.trans(pkp_p).to(dt), PREC) + _mm(phq_n.to(dt), tl.trans(pkp_n).to(dt), PREC)
-        p_p = tl.where(lin_p, l_p, 0.0)
         dp_p = _mm(dN32, tl.trans(v_p.to(tl.float32)), "tf32x3") + dD[:, None]
         dl_p = tl.where(lin_p, dp_p, 0.0)
+        pkp_p, pkp_n = _feature_map(k_p, wk, h, D, F, BD, BF)
+        dphq_p += _mm(dl_p, pkp_p, "tf32x3")
+        dphq_n += _mm(dl_p, pkp_n, "tf32x3")
+    gq = _feature_map_bwd(phq_p, phq_n, dphq_p, dphq_n)
+    tl.store(dpq + qrow[:, None] * F + of[None, :], gq, mask=rmask[:, None] & (of[None, :] < F))
+    # Back through the projection: dq += g wq^T, at near-fp32 accuracy.
+    dq_acc = _mm(gq, tl.trans(_load_w(wq, h, D, F, BD, BF)), "tf32x3")
 
-    dq_acc = tl.zeros([BT, BD], dtype=tl.float32)
-    dk_c = tl.zeros([BT, BD], dtype=tl.float32)
-    if LAG:
-        dk_p = tl.zeros([BT, BD], dtype=tl.float32)
     if W > 0:
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
         s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
@@ -372,7 +403,6 @@ def _bwd_kernel(
             m = tl.maximum(m, tl.max(s_p, 1))
         m = tl.where(m == float("-inf"), 0.0, m)
         a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
-        p_c += a_c
         # da/ds = a, and the row max m enters as exp(s - m): its gradient goes to the arg-max, split among ties.
         daa_c = tl.where(win_c, dp_c * a_c, 0.0)
         dm = -tl.sum(daa_c, 1)
@@ -380,66 +410,178 @@ def _bwd_kernel(
         cnt = tl.sum(tie_c.to(tl.float32), 1)
         if LAG:
             a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
-            p_p += a_p
             daa_p = tl.where(win_p, dp_p * a_p, 0.0)
             dm -= tl.sum(daa_p, 1)
             tie_p = win_p & (s_p == m[:, None])
             cnt += tl.sum(tie_p.to(tl.float32), 1)
+        # The key side finds the ties again from its own scores and needs only dm.
+        tl.store(dm_ptr + qrow, dm, mask=rmask)
         share = dm / tl.maximum(cnt, 1.0)
         ds_c = daa_c + tl.where(tie_c, share[:, None], 0.0)
         if SOFTCAP:
             # s = c tanh(r / c): ds/dr = 1 - (s / c)^2.
             sc = tl.where(win_c, s_c / softcap, 0.0)
             ds_c = ds_c * (1.0 - sc * sc)
-        dq_acc += _mm(ds_c.to(dt), k_c, PREC)
-        dk_c += _mm(tl.trans(ds_c).to(dt), qq, PREC)
+        dqw = _mm(ds_c.to(dt), k_c, PREC)
         dg = tl.sum(tl.sum(daa_c, 1), 0)
         if LAG:
             ds_p = daa_p + tl.where(tie_p, share[:, None], 0.0)
             if SOFTCAP:
                 sp = tl.where(win_p, s_p / softcap, 0.0)
                 ds_p = ds_p * (1.0 - sp * sp)
-            dq_acc += _mm(ds_p.to(dt), k_p, PREC)
-            dk_p += _mm(tl.trans(ds_p).to(dt), qq, PREC)
+            dqw += _mm(ds_p.to(dt), k_p, PREC)
             dg += tl.sum(tl.sum(daa_p, 1), 0)
+        dq_acc += dqw * scale
         # a = sigmoid(wf) e: d wf = sum dA a (1 - g).
         tl.store(dwf + bh * NT + c, dg * (1.0 - g))
+    tl.store(dq + qrow[:, None] * D + od[None, :], dq_acc.to(dq.dtype.element_ty), mask=dmask)
 
-    dphq_p += _mm(dl_c, pk_p, "tf32x3")
-    dphq_n += _mm(dl_c, pk_n, "tf32x3")
-    dlt_c = tl.trans(dl_c)
-    # Key chunk c also feeds the states of later query chunks: their summed gradient is dH, dz.
+
+@triton.jit
+def _bwd_kv_visit(
+    q, k, wq, do, den_ptr, delta_ptr, dm_ptr, tm, win_k, win_m,
+    gk, dk_acc, dv_acc, k_j, v32, pk_p, pk_n, ok_j, pos, po, c, b, h, hk, g, T, S, scale, softcap,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Adds what query chunk c (head h) sends back to key chunk `pos`; `po` are the positions of the query chunk's
+    # other key chunk, whose scores share the window's row maximum.
+    rows = c * BT + tl.arange(0, BT)
+    rmask = rows < T
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+    dt = qq.dtype
+    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
+    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
+    dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) / den
+    dN32 = dd.to(tl.float32) / den[:, None]
+    dp = _mm(dN32, tl.trans(v32), "tf32x3") + dD[:, None]
+    lin = (pos[None, :] <= rows[:, None] - W) & ok_j[None, :]
+    phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
+    p = tl.where(lin, _mm(phq_p.to(dt), tl.trans(pk_p).to(dt), PREC) + _mm(phq_n.to(dt), tl.trans(pk_n).to(dt), PREC),
+                 0.0)  # fmt: skip
+    dlt = tl.trans(tl.where(lin, dp, 0.0))
+    # Near-fp32 sums for dphi_k, for the same reason as for dphi_q.
+    gk += _feature_map_bwd(pk_p, pk_n, _mm(dlt, phq_p, "tf32x3"), _mm(dlt, phq_n, "tf32x3"))
+    if W > 0:
+        s, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC)
+        m = tl.max(s, 1)
+        if LAG:
+            k_o = _load_rows(k, win_k, b, hk, po, T, S, 0, HKV, D, BD, HAS_WIN)
+            ok_o = _key_ok(tm, win_m, b, po, T, S, HAS_MASK, HAS_WIN)
+            s_o, win_o = _window_scores(qq, k_o, rows, po, ok_o, scale, softcap, W, SOFTCAP, PREC)
+            m = tl.maximum(m, tl.max(s_o, 1))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        tie = win & (s == m[:, None])
+        cnt = tl.sum(tie.to(tl.float32), 1)
+        if LAG:
+            cnt += tl.sum((win_o & (s_o == m[:, None])).to(tl.float32), 1)
+        share = tl.load(dm_ptr + qrow, mask=rmask, other=0.0) / tl.maximum(cnt, 1.0)
+        a = tl.where(win, g * tl.exp(s - m[:, None]), 0.0)
+        p += a
+        ds = tl.where(win, dp * a, 0.0) + tl.where(tie, share[:, None], 0.0)
+        if SOFTCAP:
+            sc = tl.where(win, s / softcap, 0.0)
+            ds = ds * (1.0 - sc * sc)
+        dk_acc += _mm(tl.trans(ds).to(dt), qq, PREC) * scale
+    dv_acc += _mm(tl.trans(p).to(dt), dN32.to(dt), PREC)
+    return gk, dk_acc, dv_acc
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    q, k, v, wq, wk, wf, tm, win_k, win_m, dhkv, dhz, do, den_ptr, delta_ptr, dm_ptr,
+    dk, dv, dpk,
+    T, NT, S, scale, softcap,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
+    # feature-map pre-activation of key chunk j. Its keys are seen exactly by query chunks j and (when LAG) j + 1, and through the states by all later
+    # ones, whose summed gradient is dH, dz.
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    pos = j * BT + tl.arange(0, BT)
+    kmask = pos < T
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    of = tl.arange(0, BF)
+    k_j = _load_rows(k, win_k, b, hk, pos, T, S, 0, HKV, D, BD, False)
+    v_j = _load_rows(v, win_k, b, hk, pos, T, S, 0, HKV, DV, BV, False)
+    dt = k_j.dtype
+    v32 = v_j.to(tl.float32)
+    ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
+    smask = (of[:, None] < F) & (ov[None, :] < DV)
+    dk_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
+    g = 0.0
+    if W > 0:
+        g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+    pk_p, pk_n = _feature_map(k_j, wk, h, D, F, BD, BF)
+    pk_p = tl.where(ok_j[:, None], pk_p, 0.0)
+    pk_n = tl.where(ok_j[:, None], pk_n, 0.0)
+    hst = ((bh * NT + j) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
     dh_p = tl.load(dhkv + hst, mask=smask, other=0.0)
     dh_n = tl.load(dhkv + hst + F * DV, mask=smask, other=0.0)
-    dz_p = tl.load(dhz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
-    dz_n = tl.load(dhz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
-    # Near-fp32 sums for dphi_k, for the same reason as for dphi_q.
-    v32 = v_c.to(tl.float32)
-    dpk_p = _mm(dlt_c, phq_p, "tf32x3") + _mm(v32, tl.trans(dh_p), "tf32x3") + dz_p[None, :]
-    dpk_n = _mm(dlt_c, phq_n, "tf32x3") + _mm(v32, tl.trans(dh_n), "tf32x3") + dz_n[None, :]
-    dpk_p = tl.where(ok_c[:, None], dpk_p, 0.0)
-    dpk_n = tl.where(ok_c[:, None], dpk_n, 0.0)
-    dv_c = _mm(tl.trans(p_c).to(dt), dN, PREC)
-    dv_c += _mm(pk_p.to(dt), dh_p.to(dt), PREC) + _mm(pk_n.to(dt), dh_n.to(dt), PREC)
-
-    tl.store(dk + qrow[:, None] * D + od[None, :], dk_c * scale, mask=dmask)
-    tl.store(dv + qrow[:, None] * DV + ov[None, :], dv_c, mask=vmask)
-    gk = _feature_map_bwd(pk_p, pk_n, dpk_p, dpk_n)
-    tl.store(dpk + qrow[:, None] * F + of[None, :], gk, mask=fmask)
+    dz_p = tl.load(dhz + (bh * NT + j) * 2 * F + of, mask=of < F, other=0.0)
+    dz_n = tl.load(dhz + (bh * NT + j) * 2 * F + F + of, mask=of < F, other=0.0)
+    gk = _feature_map_bwd(pk_p, pk_n, _mm(v32, tl.trans(dh_p), "tf32x3") + dz_p[None, :],
+                          _mm(v32, tl.trans(dh_n), "tf32x3") + dz_n[None, :])  # fmt: skip
+    dv_acc += _mm(pk_p.to(dt), dh_p.to(dt), PREC) + _mm(pk_n.to(dt), dh_n.to(dt), PREC)
+    gk, dk_acc, dv_acc = _bwd_kv_visit(
+        q, k, wq, do, den_ptr, delta_ptr, dm_ptr, tm, win_k, win_m,
+        gk, dk_acc, dv_acc, k_j, v32, pk_p, pk_n, ok_j, pos, pos - BT, j, b, h, hk, g, T, S, scale, softcap,
+        H, HKV, D, DV, F, W, BT, BD, BV, BF, LAG, HAS_MASK, HAS_WIN, SOFTCAP, PREC,
+    )  # fmt: skip
     if LAG:
-        dphq_p += _mm(dl_p, pkp_p, "tf32x3")
-        dphq_n += _mm(dl_p, pkp_n, "tf32x3")
-        dlt_p = tl.trans(dl_p)
-        gkp = _feature_map_bwd(pkp_p, pkp_n, _mm(dlt_p, phq_p, "tf32x3"), _mm(dlt_p, phq_n, "tf32x3"))
-        dv_p = _mm(tl.trans(p_p).to(dt), dN, PREC)
-        # Gradients of the carried window (negative positions) are not wanted.
-        pmask = (pos_p >= 0) & (pos_p < T)
-        prow = (b * T + pos_p).to(tl.int64) * H + h
-        tl.store(dk2 + prow[:, None] * D + od[None, :], dk_p * scale, mask=pmask[:, None] & (od[None, :] < D))
-        tl.store(dv2 + prow[:, None] * DV + ov[None, :], dv_p, mask=pmask[:, None] & (ov[None, :] < DV))
-        tl.store(dpk2 + prow[:, None] * F + of[None, :], gkp, mask=pmask[:, None] & (of[None, :] < F))
-    tl.store(dq + qrow[:, None] * D + od[None, :], dq_acc * scale, mask=dmask)
-    tl.store(dpq + qrow[:, None] * F + of[None, :], _feature_map_bwd(phq_p, phq_n, dphq_p, dphq_n), mask=fmask)
+        if j + 1 < NT:
+            gk, dk_acc, dv_acc = _bwd_kv_visit(
+                q, k, wq, do, den_ptr, delta_ptr, dm_ptr, tm, win_k, win_m,
+                gk, dk_acc, dv_acc, k_j, v32, pk_p, pk_n, ok_j, pos, pos + BT, j + 1, b, h, hk, g, T, S,
+                scale, softcap, H, HKV, D, DV, F, W, BT, BD, BV, BF, LAG, HAS_MASK, HAS_WIN, SOFTCAP, PREC,
+            )  # fmt: skip
+    qrow = (b * T + pos).to(tl.int64) * H + h
+    tl.store(dpk + qrow[:, None] * F + of[None, :], gk, mask=kmask[:, None] & (of[None, :] < F))
+    # Back through the projection: dk += g wk^T, at near-fp32 accuracy.
+    dk_acc += _mm(gk, tl.trans(_load_w(wk, h, D, F, BD, BF)), "tf32x3")
+    krow = (b * T + pos).to(tl.int64) * H + h
+    tl.store(dk + krow[:, None] * D + od[None, :], dk_acc.to(dk.dtype.element_ty),
+             mask=kmask[:, None] & (od[None, :] < D))  # fmt: skip
+    tl.store(dv + krow[:, None] * DV + ov[None, :], dv_acc.to(dv.dtype.element_ty),
+             mask=kmask[:, None] & (ov[None, :] < DV))  # fmt: skip
+
+
+@triton.jit
+def _wgrad_kernel(
+    x, gr, part, R, ROWS_PER,
+    H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+    BF: tl.constexpr, NITER: tl.constexpr,
+):  # fmt: skip
+    # part[s, h] = sum over rows r of split s of x[r, h // G]^T g[r, h], for x [R, HX, D] and g [R, H, F] (fp32).
+    sp = tl.program_id(0)
+    h = tl.program_id(1)
+    hx = h // (H // HX)
+    od = tl.arange(0, BD)
+    of = tl.arange(0, BF)
+    acc = tl.zeros([BD, BF], dtype=tl.float32)
+    r0 = sp * ROWS_PER
+    for i in range(NITER if NITER > 0 else tl.cdiv(ROWS_PER, BR)):
+        r = r0 + i * BR + tl.arange(0, BR)
+        rm = (r < R) & (r < r0 + ROWS_PER)
+        xx = tl.load(x + (r.to(tl.int64) * HX + hx)[:, None] * D + od[None, :], mask=rm[:, None] & (od < D)[None, :],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        gg = tl.load(gr + (r.to(tl.int64) * H + h)[:, None] * F + of[None, :], mask=rm[:, None] & (of < F)[None, :],
+                     other=0.0)  # fmt: skip
+        acc += _mm(tl.trans(xx), gg, "tf32x3")
+    out = ((sp * H + h) * D + od[:, None]).to(tl.int64) * F + of[None, :]
+    tl.store(part + out, acc, mask=(od < D)[:, None] & (of < F)[None, :])
 
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -467,14 +609,21 @@ class _Plan:
         self.SOUT = max(window - 1, 0)
         self.S = win_k.shape[1] if win_k is not None else 0
         self.BD, self.BV, self.BF = _pow2(self.D), _pow2(self.DV), _pow2(self.F)
-        self.BV_STATE = min(self.BV, 64)
+        self.BV_STATE = min(self.BV, BV_STATE)
         self.PREC = "tf32x3" if q.dtype == torch.float32 else "tf32"
+        # Kernels on CPU tensors run under the interpreter, where loop bounds are passed as constants (NITER):
+        # the interpreter of some Triton versions (3.6) fails on a run-time bound. Compiled kernels get 0 and
+        # read the bound at run time, so that one compilation serves every length.
+        self.interpreted = q.device.type != "cuda"
         dummy = torch.zeros(1, dtype=torch.int8, device=q.device)
         self.tm = token_mask.to(torch.int8).contiguous() if token_mask is not None else dummy
         self.wm = win_mask.to(torch.int8).contiguous() if self.S else dummy
         # Kernels take a pointer even where a flag turns the tensor off.
         self.win_k = win_k.contiguous() if self.S else k
         self.HAS_MASK = token_mask is not None
+
+    def niter(self, n: int) -> int:
+        return n if self.interpreted else 0
 
     def common(self) -> dict:
         return dict(H=self.H, HKV=self.HKV, D=self.D, DV=self.DV, F=self.F, BT=BLOCK_T, BD=self.BD, BF=self.BF,
@@ -488,15 +637,28 @@ def _states(p: _Plan, k, v, wk, win_v, kv0, z0, store_final: bool):
     hz = _empty(p.B, p.H, p.NT, 2 * p.F, device=dev)
     kv_out = _empty(p.B, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
     z_out = _empty(p.B, p.H, 2 * p.F, device=dev) if store_final else hz
-    grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H)
+    grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H, 2)
     _fwd_state_kernel[grid](
         k, v, wk, p.tm, p.win_k, win_v, p.wm, kv0 if kv0 is not None else hkv, z0 if z0 is not None else hz,
         hkv, hz, kv_out, z_out, p.T, p.NT, p.S, p.SOUT,
         HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, HAS_INIT=kv0 is not None, STORE_FINAL=store_final,
-        num_warps=WARPS["fwd_state"],
+        NITER=p.niter(p.NT + p.LAG), num_warps=WARPS["fwd_state"],
         **{**p.common(), "BV": p.BV_STATE},
     )  # fmt: skip
     return hkv, hz, kv_out, z_out
+
+
+def _weight_grad(p: _Plan, x, gr):
+    """`[H, D, F]` sum over tokens of x^T g for x `[B, T, HX, D]` and g `[B, T, H, F]` (fp32), split over tokens."""
+    R = p.B * p.T
+    rows_per = max(BLOCK_T, triton.cdiv(triton.cdiv(R, 16), BLOCK_T) * BLOCK_T)
+    splits = triton.cdiv(R, rows_per)
+    part = _empty(splits, p.H, p.D, p.F, device=x.device)
+    _wgrad_kernel[(splits, p.H)](
+        x, gr, part, R, rows_per, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BR=BLOCK_T, BD=p.BD, BF=p.BF,
+        NITER=p.niter(triton.cdiv(rows_per, BLOCK_T)), num_warps=WARPS["wgrad"],
+    )  # fmt: skip
+    return part.sum(0)
 
 
 class _HybridChunk(torch.autograd.Function):
@@ -533,42 +695,44 @@ class _HybridChunk(torch.autograd.Function):
         B, T, H, D, DV, F, HKV = p.B, p.T, p.H, p.D, p.DV, p.F, p.HKV
         dev = q.device
         do = do.contiguous()
-        delta = (do.float() * o.float()).sum(-1)
+        delta = _empty(B, T, H, device=dev)
+        rows = B * T * H
+        _delta_kernel[(triton.cdiv(rows, 32),)](do, o, delta, rows, DV=DV, BR=32, BV=p.BV, num_warps=WARPS["delta"])
         # The states are recomputed rather than kept from the forward: they are the largest intermediate.
         hkv, hz, _, _ = _states(p, k, v, wk, win_v, kv0, z0, False)
         dhkv = _empty(*hkv.shape, device=dev)
         dhz = _empty(*hz.shape, device=dev)
-        _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H)](
+        _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
             q, wq, do, den, delta, dhkv, dhz, T, p.NT,
             H=H, D=D, DV=DV, F=F, BT=BLOCK_T, BD=p.BD, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
-            num_warps=WARPS["bwd_state"],
+            NITER=p.niter(p.NT + p.LAG), num_warps=WARPS["bwd_state"],
         )  # fmt: skip
-
-        def buf(last, zero=False):
-            return torch.zeros(B, T, H, last, device=dev) if zero else _empty(B, T, H, last, device=dev)
-
-        dq, dpq, dk, dv, dpk = buf(D), buf(F), buf(D), buf(DV), buf(F)
-        # The last chunk has no successor to fill its share of the second buffers.
-        dk2, dv2, dpk2 = buf(D, True), buf(DV, True), buf(F, True)
-        dwf = torch.zeros(B * H * p.NT, dtype=torch.float32, device=dev)
-        _bwd_kernel[(p.NT, B * H)](
-            q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, dhkv, dhz, do, den, delta,
-            dq, dpq, dk, dv, dpk, dk2, dv2, dpk2, dwf,
-            T, p.NT, p.S, p.scale, p.softcap,
-            W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
-            num_warps=WARPS["bwd"],
+        flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common())
+        dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
+        dpq = _empty(B, T, H, F, device=dev)
+        dm = _empty(B, T, H, device=dev) if window > 0 else den
+        dwf = _empty(B * H * p.NT, device=dev) if window > 0 else den
+        _bwd_q_kernel[(p.NT, B * H)](
+            q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, do, den, delta,
+            dq, dpq, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, num_warps=WARPS["bwd_q"],
         )  # fmt: skip
+        # Per query head; with GQA in fp32, for the group sum below.
         groups = H // HKV
-        dpk = dpk + dpk2
-        dq = dq + torch.einsum("bthf,hdf->bthd", dpq, wq.float())
-        dwq = torch.einsum("bthd,bthf->hdf", q.float(), dpq)
-        dk = dk + dk2 + torch.einsum("bthf,hdf->bthd", dpk, wk.float())
-        dk = dk.view(B, T, HKV, groups, D).sum(3)
-        dwk = torch.einsum("btkd,btkgf->kgdf", k.float(), dpk.view(B, T, HKV, groups, F)).reshape(H, D, F)
-        dv = (dv + dv2).view(B, T, HKV, groups, DV).sum(3)
+        dk = _empty(B, T, H, D, dtype=k.dtype if groups == 1 else torch.float32, device=dev)
+        dv = _empty(B, T, H, DV, dtype=v.dtype if groups == 1 else torch.float32, device=dev)
+        dpk = _empty(B, T, H, F, device=dev)
+        _bwd_kv_kernel[(p.NT, B * H)](
+            q, k, v, wq, wk, wf, p.tm, p.win_k, p.wm, dhkv, dhz, do, den, delta, dm,
+            dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, num_warps=WARPS["bwd_kv"],
+        )  # fmt: skip
+        if groups > 1:
+            dk = dk.view(B, T, HKV, groups, D).sum(3).to(k.dtype)
+            dv = dv.view(B, T, HKV, groups, DV).sum(3).to(v.dtype)
+        dwq = _weight_grad(p, q, dpq)
+        dwk = _weight_grad(p, k, dpk)
         dwf_out = dwf.view(B, H, p.NT).sum((0, 2)).to(wf.dtype) if window > 0 and ctx.needs_input_grad[5] else None
         return (
-            dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dwq.to(wq.dtype), dwk.to(wk.dtype), dwf_out,
+            dq, dk, dv, dwq.to(wq.dtype), dwk.to(wk.dtype), dwf_out,
             None, None, None, None, None, None, None, None, None, None,
         )  # fmt: skip
 
