@@ -239,12 +239,13 @@ def _cmd_recipes(args) -> int:
     from .config import bundled_recipes, load_recipe
 
     print("Bundled recipes (--recipe NAME, or a path to your own YAML):")
-    for name in bundled_recipes():
-        recipe = load_recipe(name)
-        print(f"  {name:<10} {recipe.description}")
+    names = sorted(bundled_recipes())
+    width = max(len(n) for n in [*names, *ATTENTION_KINDS])
+    for name in names:
+        print(f"  {name:<{width}} {load_recipe(name).description}")
     print("\nAttention kinds (attention.kind):")
     for kind in ATTENTION_KINDS.values():
-        print(f"  {kind.name:<10} {kind.description}")
+        print(f"  {kind.name:<{width}} {kind.description}")
     return 0
 
 

@@ -162,6 +162,31 @@ def test_full_pipeline_exports_a_model_that_reloads_fresh_and_generates(tmp_path
     assert int(run.stdout.strip().splitlines()[-1]) == 3 + 6
 
 
+def test_every_bundled_recipe_loads():
+    from linearize.config import bundled_recipes
+
+    names = bundled_recipes()
+    assert {"lolcats", "hedgehog", "lolcats-hybrid"} <= set(names)
+    for name in names:
+        recipe = load_recipe(name)
+        assert recipe.description and recipe.transfer.tokens > 0
+
+
+def test_hybrid_recipe_distils_and_keeps_softmax_layers(tmp_path, tiny_dir, corpus):
+    out = tmp_path / "hybrid"
+    extra = ["attention.softmax_layers=[1]", "report.enabled=false"]
+    proc = _cli(["--model", str(tiny_dir), "--recipe", "lolcats-hybrid", "--out", str(out), *_sets(corpus, extra)])
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["linearize"]["layers"] == {"0": "lolcats", "1": "softmax", "2": "lolcats", "3": "lolcats"}
+    summary = json.loads((out / "run" / "summary.json").read_text())
+    # Stage 2 optimises KL(teacher || student): small and non-negative, unlike a next-token cross-entropy.
+    finetune = summary["stages"][1]
+    assert finetune["name"] == "finetune" and 0 <= finetune["final_loss"] < 2.0
+    assert set(summary["transfer_layer_mse"]) == {"0", "2", "3"}
+
+
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, tiny_dir, corpus):
     sets = _sets(corpus, ["transfer.tokens=16384", "finetune.tokens=4096", "run.checkpoint_every=5"])
     ref = tmp_path / "ref"
