@@ -54,3 +54,17 @@ def test_gguf_cache_is_reused(tmp_path, monkeypatch):
     second = loading.load_model("smollm2-135m")
     assert (folders[0] / "model.safetensors").stat().st_mtime_ns == stamp
     assert first.model.config.num_hidden_layers == second.model.config.num_hidden_layers == 30
+
+
+def test_truncated_gguf_is_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    real = ALIASES["smollm2-135m"].gguf_path()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(real.read_bytes()[:1_000_000])
+    with pytest.raises(LinearizeError, match="could not read GGUF file .*cut.gguf.*complete"):
+        loading.load_model(str(cut))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all" * 100)
+    with pytest.raises(LinearizeError, match="could not read GGUF file"):
+        loading.load_model(str(bad))
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())

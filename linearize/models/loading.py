@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,11 @@ def _gguf_folder(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as exc:
         raise LinearizeError(f"reading GGUF files needs the gguf package: pip install gguf ({exc})") from None
+    except (ValueError, OSError, KeyError, EOFError, IndexError, struct.error) as exc:
+        raise LinearizeError(
+            f"could not read GGUF file {gguf}: {first_line(exc)[:200]}; check that the file is complete "
+            "(size, checksum) or download it again"
+        ) from None
     # The weights are plain tensors once dequantized; dropping the quantizer makes the model serialisable.
     model.hf_quantizer = None
     model.is_quantized = False
