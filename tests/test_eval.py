@@ -261,7 +261,7 @@ SAVED = {
             }
         ],
     },
-    "transfer_layer_mse": {"0": 0.01, "1": 0.03},
+    "transfer_layer_mse": {"0": 0.01, "1": 0.03, "2": 0.002, "3": 0.05, "10": 0.04},
 }
 
 
@@ -280,6 +280,9 @@ def test_report_renders_json_markdown_and_png(tmp_path, capsys):
     assert "| piqa | acc_norm | 10 | 0.700 | 0.600 | 85.7% | 50.0% |" in md
     assert "| **average (zero-shot)** | | | 0.600 | 0.525 | 87.5% | 60.0% |" in md
     assert "| window-only | 0.550 | 0.400 | 0.475 |" in md and "![Scores](tasks.png)" in md
+    # The worst-transferring layers, by index, ready for the hybrid recipe.
+    assert "largest in layers 3 (0.05), 10 (0.04), 1 (0.03)" in md
+    assert "--recipe lolcats-hybrid --set 'attention.softmax_layers=[1,3,10]'" in md
     (tmp_path / "report.md").unlink()
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text() == md == render_markdown(data)

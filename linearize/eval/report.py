@@ -161,6 +161,13 @@ def render_markdown(report: dict) -> str:
             "largest in layers " + ", ".join(f"{k} ({v:.3g})" for k, v in worst) + ".",
             "",
         ]
+        if len(mse) > 3:
+            keep = ",".join(sorted((k for k, _ in worst[:3]), key=int))
+            lines += [
+                "A hybrid that keeps the three worst as softmax attention: "
+                f"`--recipe lolcats-hybrid --set 'attention.softmax_layers=[{keep}]'` (see docs/RESULTS.md).",
+                "",
+            ]
     for name, caption in (
         ("tasks.png", "Scores"),
         ("efficiency.png", "Speed and memory"),
