@@ -28,6 +28,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import LinearizeError
+from ..fileio import atomic_write_text
 from .sources import load_documents
 
 logger = logging.getLogger(__name__)
@@ -133,9 +134,7 @@ def _sample_batch(model, tokenizer, prompts: list[list[int]], settings: CorpusSe
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_corpus(model, tokenizer, out: str | Path, settings: CorpusSettings, model_name: str = "",
@@ -185,9 +184,7 @@ def write_corpus(model, tokenizer, out: str | Path, settings: CorpusSettings, mo
     with open(train_path, "ab") as fh:
         fh.truncate(info["train_bytes"])
     if not (out / HELDOUT).exists() or not resume:
-        tmp = out / (HELDOUT + ".tmp")
-        tmp.write_text("\n\n".join(held_docs) + ("\n" if held_docs else ""))
-        os.replace(tmp, out / HELDOUT)
+        atomic_write_text(out / HELDOUT, "\n\n".join(held_docs) + ("\n" if held_docs else ""))
 
     from tqdm.auto import tqdm
 

@@ -6,30 +6,19 @@ moment leaves either the old checkpoint or the new one, never a torn file.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..fileio import atomic_write
 
 STATE_FILE = "state.pt"
 FINAL_FILE = "final.pt"
 
 
 def atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def rng_state() -> dict:
