@@ -150,17 +150,15 @@ def evaluate(
     ppl_items = [item for item in settings.tasks if item.startswith("ppl:")]
     texts = {item[4:]: read_text(item[4:]) for item in ppl_items}
 
+    def ppl(model, tok, text: str) -> dict:
+        return perplexity(model, tok, text, settings.ppl_window, settings.batch_size, settings.ppl_max_tokens)
+
     def side_scores(model, tok, label: str, with_recall: bool) -> dict:
         scores = {n: _score_task(model, tok, n, settings, label)[TASKS[n].metric] for n in named}
         zs = [scores[n] for n in named if n in zero_shot]
         entry = {"name": label, "tasks": scores, "zero_shot_avg": sum(zs) / len(zs) if zs else None}
         if texts:
-            entry["perplexity"] = {
-                src: perplexity(model, tok, text, settings.ppl_window, settings.batch_size, settings.ppl_max_tokens)[
-                    "perplexity"
-                ]
-                for src, text in texts.items()
-            }
+            entry["perplexity"] = {src: ppl(model, tok, text)["perplexity"] for src, text in texts.items()}
         if with_recall and "passkey" in settings.tasks:
             rows = passkey(model, tok, settings.passkey_lengths, settings.passkey_trials)
             entry["recall"] = {f"passkey@{r['length']}": r["accuracy"] for r in rows}
@@ -176,10 +174,7 @@ def evaluate(
 
     ppl_rows = []
     for src, text in texts.items():
-        result = {
-            who: perplexity(m, tok, text, settings.ppl_window, settings.batch_size, settings.ppl_max_tokens)
-            for who, m, tok in models
-        }
+        result = {who: ppl(m, tok, text) for who, m, tok in models}
         s, t = result["student"], result.get("teacher")
         ppl_rows.append(
             {

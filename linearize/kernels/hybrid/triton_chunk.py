@@ -501,8 +501,8 @@ def _bwd_kv_kernel(
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
-    # feature-map pre-activation of key chunk j. Its keys are seen exactly by query chunks j and (when LAG) j + 1, and through the states by all later
-    # ones, whose summed gradient is dH, dz.
+    # feature-map pre-activation of key chunk j. Its keys are seen exactly by query chunks j and (when LAG) j + 1,
+    # and through the states by all later ones, whose summed gradient is dH, dz.
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
