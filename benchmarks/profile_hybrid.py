@@ -4,7 +4,9 @@ Runs `torch.profiler` over a few iterations and prints, per kernel, the mean CUD
 register count and spills of each Triton kernel as compiled for these shapes. A script, not a test: it needs a
 CUDA GPU.
 
-    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64]
+    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_kv=4,fwd_out=8]
+
+`--warps` overrides the warps per program of named kernels (the keys of `triton_chunk.WARPS`), for tuning.
 """
 
 from __future__ import annotations
@@ -60,9 +62,15 @@ def main() -> None:
     parser.add_argument("--F", type=int, default=64)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warps", default="", help="name=N,... overrides of triton_chunk.WARPS")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_hybrid.py needs a CUDA GPU")
+    for item in filter(None, args.warps.split(",")):
+        name, _, n = item.partition("=")
+        if name not in triton_chunk.WARPS or not n.isdigit():
+            raise SystemExit(f"--warps: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
+        triton_chunk.WARPS[name] = int(n)
     dev, dt = "cuda", torch.bfloat16
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
     q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
@@ -82,7 +90,7 @@ def main() -> None:
         for _ in range(args.iters):
             step()
         torch.cuda.synchronize()
-    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16")
+    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; warps {triton_chunk.WARPS}")
     _table(prof, args.iters, "forward+backward")
 
     Bd, Hkv = 16, 8

@@ -21,17 +21,18 @@ import torch
 EPS = 1e-6
 
 
-def hedgehog_feature_map(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def hedgehog_feature_map(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Hedgehog feature map, per head.
 
     Args:
         x: `[B, T, H, D]`.
         weight: `[H, D, F]`.
+        dtype: type the projection and the softmax are computed and returned in (default fp32).
 
     Returns:
-        `[B, T, H, 2F]` in fp32: `cat(softmax(x W), softmax(-x W))` over the feature dimension.
+        `[B, T, H, 2F]`: `cat(softmax(x W), softmax(-x W))` over the feature dimension.
     """
-    proj = torch.einsum("bthd,hdf->bthf", x.float(), weight.float())
+    proj = torch.einsum("bthd,hdf->bthf", x.to(dtype), weight.to(dtype))
     return torch.cat([torch.softmax(proj, dim=-1), torch.softmax(-proj, dim=-1)], dim=-1)
 
 
@@ -88,6 +89,7 @@ def hybrid_attention_naive(
     scale: float,
     softcap: float | None = None,
     token_mask: torch.Tensor | None = None,
+    upcast: bool = True,
 ) -> torch.Tensor:
     """Quadratic reference of the hybrid op, no state in or out.
 
@@ -101,32 +103,36 @@ def hybrid_attention_naive(
         scale: softmax scale of the window scores.
         softcap: optional logit soft-cap of the window scores.
         token_mask: `[B, T]` bool, False for padding; None means every token is real.
+        upcast: compute in fp32 (the reference); False computes every product and the softmaxes in the type of
+            `q`, as a 16-bit model would: the baseline whose error a 16-bit kernel is held to (flash-attention's
+            rule).
 
     Returns:
         `[B, T, H, Dv]` in the dtype of `q`.
     """
     B, T, H, _ = q.shape
     groups = H // k.shape[2]
-    kr, vr = repeat_kv(k, groups).float(), repeat_kv(v, groups).float()
+    ct = torch.float32 if upcast else q.dtype
+    kr, vr = repeat_kv(k, groups).to(ct), repeat_kv(v, groups).to(ct)
     if token_mask is None:
         token_mask = torch.ones(B, T, dtype=torch.bool, device=q.device)
     key_ok = token_mask[:, None, None, :]
     i = torch.arange(T, device=q.device)[:, None]
     j = torch.arange(T, device=q.device)[None, :]
 
-    phi_q = hedgehog_feature_map(q, wq)
-    phi_k = hedgehog_feature_map(k if groups == 1 else repeat_kv(k, groups), wk)
+    phi_q = hedgehog_feature_map(q, wq, ct)
+    phi_k = hedgehog_feature_map(k if groups == 1 else repeat_kv(k, groups), wk, ct)
     lin = torch.einsum("bihf,bjhf->bhij", phi_q, phi_k)
     lin = lin * ((j <= i - window) & key_ok)
     num = torch.einsum("bhij,bjhd->bihd", lin, vr)
     den = lin.sum(-1).transpose(1, 2)
 
     if window > 0:
-        scores = softcap_scores(torch.einsum("bihd,bjhd->bhij", q.float(), kr) * scale, softcap)
+        scores = softcap_scores(torch.einsum("bihd,bjhd->bhij", q.to(ct), kr) * scale, softcap)
         in_window = (j <= i) & (j > i - window) & key_ok
         scores = scores.masked_fill(~in_window, torch.finfo(scores.dtype).min)
         a = torch.exp(scores - scores.amax(-1, keepdim=True)) * in_window
-        g = torch.sigmoid(window_factor.float())[None, :, None, None]
+        g = torch.sigmoid(window_factor.float()).to(ct)[None, :, None, None]
         a = g * a
         num = num + torch.einsum("bhij,bjhd->bihd", a, vr)
         den = den + a.sum(-1).transpose(1, 2)

@@ -11,16 +11,18 @@ the linear side (the window is at most `BLOCK_T` long), so the forward splits in
        each pair going to the window term or to the linear term by its distance.
 
 The feature map is fused: phi_q and phi_k are recomputed from q, k and the weights inside every kernel and never
-written to memory. The backward mirrors the forward and, like flash-attention's, splits the gradient by side:
+written to memory. Products take their operands in the input type with fp32 accumulation (tf32x3 for fp32 inputs),
+as a 16-bit model computes; the per-chunk states are stored in the input type, the final state in fp32. The backward mirrors the forward and, like flash-attention's, splits the gradient by side:
 
-    1. `_delta_kernel`: delta = do . o per query row (o as the fp32 copy that the training forward keeps);
+    1. `_delta_kernel`: delta = do . o per query row;
     2. the states are recomputed (pass 1 above), and a reverse pass sums the state gradients dH_c, dz_c of the
        query chunks after each key chunk (again one program per half of the features and block of Dv);
     3. `_bwd_q_kernel`, one program per (query chunk, batch, head): dq and the gradient of the q feature-map
-       pre-activation, with the projection back through wq folded in. It also stores, per query row, the gradient
-       of the window's row maximum (dm) and, per chunk, the window factor's partial gradient;
+       pre-activation, with the projection back through wq folded in. It also stores, per query row, the window's
+       row maximum, its arg-max key and the maximum's gradient, and per chunk the window factor's partial gradient;
     4. `_bwd_kv_kernel`, one program per (key chunk, batch, head): it visits the (at most two) query chunks that
-       see the key chunk through the window or intra-chunk terms, adds the state gradient, and writes dk, dv (with
+       see the key chunk through the window or intra-chunk terms (reusing the row maxima of step 3), adds the
+       state gradient, and writes dk, dv (with
        the projection back through wk folded in) and the gradient of the k feature-map pre-activation. Each program
        owns its outputs, so nothing is written twice and no partial buffers are added afterwards (with GQA one
        torch sum over the group remains);
@@ -40,6 +42,7 @@ from .torch_chunked import HybridState
 
 # Kernels read globals only as constexpr.
 EPS = tl.constexpr(_EPS_VALUE)
+NO_KEY = tl.constexpr(-(2**30))
 
 BLOCK_T = 64
 # Warps per program of each kernel.
@@ -65,14 +68,12 @@ def _load_w(w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl
 @triton.jit
 def _proj(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
     w = _load_w(w_ptr, h, D, F, BD, BF)
-    # The softmax amplifies absolute errors of the projection, so it is computed at near-fp32 accuracy: for
-    # 16-bit x (exact in its own type) as x w_hi + x w_lo with w split into two 16-bit halves.
+    # fp32 inputs keep near-fp32 accuracy (tf32x3); 16-bit inputs use the weights in their type, as a 16-bit model
+    # would, with fp32 accumulation.
     if x.dtype == tl.float32:
         proj = tl.dot(x, w, input_precision="tf32x3")
     else:
-        w_hi = w.to(x.dtype)
-        w_lo = (w - w_hi.to(tl.float32)).to(x.dtype)
-        proj = tl.dot(x, w_hi) + tl.dot(x, w_lo)
+        proj = tl.dot(x, w.to(x.dtype))
     return proj
 
 
@@ -129,14 +130,26 @@ def _key_ok(tm_ptr, wm_ptr, b, pos, T, S, HAS_MASK: tl.constexpr, HAS_WIN: tl.co
 
 @triton.jit
 def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
-    # Both backward kernels call this with the same operand order and shapes, so that they see the same scores
-    # (the tie test against the row maximum compares them exactly).
     s = _mm(q, tl.trans(kk), PREC) * scale
     if SOFTCAP:
         # tanh through exp: the interpreter and every backend have it.
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
     inside = (pos[None, :] <= rows[:, None]) & (pos[None, :] > rows[:, None] - W) & ok[None, :]
     return tl.where(inside, s, float("-inf")), inside
+
+
+@triton.jit
+def _out_grads(do, den_ptr, delta_ptr, qrow, rmask, c0, DV: tl.constexpr, BV: tl.constexpr, dt: tl.constexpr):
+    # y = N / den: dN = do / den and d(den) = -do . y / den, for the rows `qrow` and columns c0.. of do. A row
+    # without any key has den == EPS and sends nothing back (each of its terms has a zero factor); its 1 / den is
+    # taken as 0 so that dN stays finite in fp16.
+    ov = c0 + tl.arange(0, BV)
+    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
+    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
+    rden = tl.where(den > EPS, 1.0 / den, 0.0)
+    dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) * rden
+    dN = (dd.to(tl.float32) * rden[:, None]).to(dt)
+    return dN, dD
 
 
 @triton.jit
@@ -171,7 +184,7 @@ def _fwd_state_kernel(
     for i in range(NITER if NITER > 0 else NT + LAG):
         if i < NT:
             hst = ((bh * NT + i) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
-            tl.store(hkv + hst, kv, mask=smask)
+            tl.store(hkv + hst, kv.to(hkv.dtype.element_ty), mask=smask)
             if iv == 0:
                 tl.store(hz + (bh * NT + i) * 2 * F + f0 + of, z, mask=fm)
         # Chunk i - LAG enters the state. Only keys older than the final window count towards the final state;
@@ -192,12 +205,11 @@ def _fwd_state_kernel(
 
 @triton.jit
 def _fwd_out_kernel(
-    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, o, o32, den_out,
+    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, o, den_out,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, STORE_O32: tl.constexpr,
-    ODT: tl.constexpr, OPREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     bh = tl.program_id(1)
@@ -211,15 +223,18 @@ def _fwd_out_kernel(
     of = tl.arange(0, BF)
     qrow = (b * T + rows).to(tl.int64) * H + h
     qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+    # Every product takes its operands in the input type (fp32 accumulation), as a 16-bit model would.
+    dt = qq.dtype
     phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
+    phq_p16 = phq_p.to(dt)
+    phq_n16 = phq_n.to(dt)
 
     # Keys older than the two chunks: through the stored state.
     smask = (of[:, None] < F) & (ov[None, :] < DV)
     hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
-    h_p = tl.load(hkv + hst, mask=smask, other=0.0)
-    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0)
-    # Operands of the products that make o: 16-bit for inference, fp32 (tf32x3) when the backward will use o.
-    acc = _mm(phq_p.to(ODT), h_p.to(ODT), OPREC) + _mm(phq_n.to(ODT), h_n.to(ODT), OPREC)
+    h_p = tl.load(hkv + hst, mask=smask, other=0.0).to(dt)
+    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0).to(dt)
+    acc = _mm(phq_p16, h_p, PREC) + _mm(phq_n16, h_n, PREC)
     z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
     z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
     den = tl.sum(phq_p * z_p[None, :], 1) + tl.sum(phq_n * z_n[None, :], 1)
@@ -231,7 +246,7 @@ def _fwd_out_kernel(
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
     pk_p, pk_n = _feature_map(k_c, wk, h, D, F, BD, BF)
     lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
-    l_c = _mm(phq_p.to(ODT), tl.trans(pk_p).to(ODT), OPREC) + _mm(phq_n.to(ODT), tl.trans(pk_n).to(ODT), OPREC)
+    l_c = _mm(phq_p16, tl.trans(pk_p.to(dt)), PREC) + _mm(phq_n16, tl.trans(pk_n.to(dt)), PREC)
     p_c = tl.where(lin_c, l_c, 0.0)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
@@ -241,7 +256,7 @@ def _fwd_out_kernel(
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
         pkp_p, pkp_n = _feature_map(k_p, wk, h, D, F, BD, BF)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
-        l_p = _mm(phq_p.to(ODT), tl.trans(pkp_p).to(ODT), OPREC) + _mm(phq_n.to(ODT), tl.trans(pkp_n).to(ODT), OPREC)
+        l_p = _mm(phq_p16, tl.trans(pkp_p.to(dt)), PREC) + _mm(phq_n16, tl.trans(pkp_n.to(dt)), PREC)
         p_p = tl.where(lin_p, l_p, 0.0)
     if W > 0:
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
@@ -254,18 +269,15 @@ def _fwd_out_kernel(
         p_c += tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
         if LAG:
             p_p += tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
-    acc += _mm(p_c.to(ODT), v_c.to(ODT), OPREC)
+    acc += _mm(p_c.to(dt), v_c, PREC)
     den += tl.sum(p_c, 1)
     if LAG:
-        acc += _mm(p_p.to(ODT), v_p.to(ODT), OPREC)
+        acc += _mm(p_p.to(dt), v_p, PREC)
         den += tl.sum(p_p, 1)
     den += EPS
     out = acc / den[:, None]
     omask = rmask[:, None] & (ov[None, :] < DV)
     tl.store(o + qrow[:, None] * DV + ov[None, :], out.to(o.dtype.element_ty), mask=omask)
-    if STORE_O32:
-        # The backward's do . o must not see the rounding of o: it nearly cancels against do . v.
-        tl.store(o32 + qrow[:, None] * DV + ov[None, :], out, mask=omask)
     tl.store(den_out + qrow, den, mask=rmask)
 
 
@@ -308,7 +320,7 @@ def _bwd_state_kernel(
         i = NT - 1 + LAG - j
         if i >= LAG:
             hst = ((bh * NT + i - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
-            tl.store(dhkv + hst, acc, mask=smask)
+            tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
             if iv == 0:
                 tl.store(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, mask=fm)
         if i < NT:
@@ -317,18 +329,15 @@ def _bwd_state_kernel(
             qrow = (b * T + rows).to(tl.int64) * H + h
             qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
             phq = _softmax_half(_proj(qq, wq, h, D, F, BD, BF), sign, F, BF)
-            dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
-            den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
-            dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) / den
-            dN = (dd.to(tl.float32) / den[:, None]).to(qq.dtype)
-            acc += _mm(tl.trans(phq).to(qq.dtype), dN, PREC)
+            dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, iv * BV, DV, BV, qq.dtype)
+            acc += _mm(tl.trans(phq.to(qq.dtype)), dN, PREC)
             dz += tl.sum(phq * dD[:, None], 0)
 
 
 @triton.jit
 def _bwd_q_kernel(
     q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, do, den_ptr, delta_ptr,
-    dq, dpq, dm_ptr, dwf,
+    dq, dpq, m_ptr, arg_ptr, dm_ptr, dwf,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
@@ -350,33 +359,27 @@ def _bwd_q_kernel(
     qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
     dt = qq.dtype
     phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
-    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
-    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
-    # y = N / den: dN = do / den and d(den) = -do . y / den.
-    dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) / den
-    dN32 = dd.to(tl.float32) / den[:, None]
+    dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
 
     smask = (of[:, None] < F) & (ov[None, :] < DV)
     hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
-    h_p = tl.load(hkv + hst, mask=smask, other=0.0)
-    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0)
+    h_p = tl.load(hkv + hst, mask=smask, other=0.0).to(dt)
+    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0).to(dt)
     z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
     z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
-    # The feature-map backward subtracts the phi-weighted mean of dphi_q, which cancels most of it: the terms of
-    # dphi_q are summed at near-fp32 accuracy so that the remainder keeps its digits.
-    dphq_p = _mm(dN32, tl.trans(h_p), "tf32x3") + dD[:, None] * z_p[None, :]
-    dphq_n = _mm(dN32, tl.trans(h_n), "tf32x3") + dD[:, None] * z_n[None, :]
+    dphq_p = _mm(dN, tl.trans(h_p), PREC) + dD[:, None] * z_p[None, :]
+    dphq_n = _mm(dN, tl.trans(h_n), PREC) + dD[:, None] * z_n[None, :]
 
     pos_c = rows
     k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
     lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
-    dp_c = _mm(dN32, tl.trans(v_c.to(tl.float32)), "tf32x3") + dD[:, None]
-    dl_c = tl.where(lin_c, dp_c, 0.0)
+    dp_c = _mm(dN, tl.trans(v_c), PREC) + dD[:, None]
+    dl_c = tl.where(lin_c, dp_c, 0.0).to(dt)
     pk_p, pk_n = _feature_map(k_c, wk, h, D, F, BD, BF)
-    dphq_p += _mm(dl_c, pk_p, "tf32x3")
-    dphq_n += _mm(dl_c, pk_n, "tf32x3")
+    dphq_p += _mm(dl_c, pk_p.to(dt), PREC)
+    dphq_n += _mm(dl_c, pk_n.to(dt), PREC)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
         pos_p = rows - BT
@@ -384,15 +387,17 @@ def _bwd_q_kernel(
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
-        dp_p = _mm(dN32, tl.trans(v_p.to(tl.float32)), "tf32x3") + dD[:, None]
-        dl_p = tl.where(lin_p, dp_p, 0.0)
+        dp_p = _mm(dN, tl.trans(v_p), PREC) + dD[:, None]
+        dl_p = tl.where(lin_p, dp_p, 0.0).to(dt)
         pkp_p, pkp_n = _feature_map(k_p, wk, h, D, F, BD, BF)
-        dphq_p += _mm(dl_p, pkp_p, "tf32x3")
-        dphq_n += _mm(dl_p, pkp_n, "tf32x3")
+        dphq_p += _mm(dl_p, pkp_p.to(dt), PREC)
+        dphq_n += _mm(dl_p, pkp_n.to(dt), PREC)
     gq = _feature_map_bwd(phq_p, phq_n, dphq_p, dphq_n)
-    tl.store(dpq + qrow[:, None] * F + of[None, :], gq, mask=rmask[:, None] & (of[None, :] < F))
-    # Back through the projection: dq += g wq^T, at near-fp32 accuracy.
-    dq_acc = _mm(gq, tl.trans(_load_w(wq, h, D, F, BD, BF)), "tf32x3")
+    tl.store(
+        dpq + qrow[:, None] * F + of[None, :], gq.to(dpq.dtype.element_ty), mask=rmask[:, None] & (of[None, :] < F)
+    )
+    # Back through the projection: dq += g wq^T.
+    dq_acc = _mm(gq.to(dt), tl.trans(_load_w(wq, h, D, F, BD, BF).to(dt)), PREC)
 
     if W > 0:
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
@@ -402,22 +407,25 @@ def _bwd_q_kernel(
             s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC)
             m = tl.maximum(m, tl.max(s_p, 1))
         m = tl.where(m == float("-inf"), 0.0, m)
+        # The row max m enters as exp(s - m), so its gradient goes to the arg-max key: the latest of any ties
+        # (one valid subgradient). Carried window keys have negative positions, so NO_KEY marks a row without
+        # window keys.
+        arg = tl.max(tl.where(win_c & (s_c == m[:, None]), pos_c[None, :], NO_KEY), 1)
+        if LAG:
+            arg = tl.maximum(arg, tl.max(tl.where(win_p & (s_p == m[:, None]), pos_p[None, :], NO_KEY), 1))
         a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
-        # da/ds = a, and the row max m enters as exp(s - m): its gradient goes to the arg-max, split among ties.
+        # da/ds = a.
         daa_c = tl.where(win_c, dp_c * a_c, 0.0)
         dm = -tl.sum(daa_c, 1)
-        tie_c = win_c & (s_c == m[:, None])
-        cnt = tl.sum(tie_c.to(tl.float32), 1)
         if LAG:
             a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
             daa_p = tl.where(win_p, dp_p * a_p, 0.0)
             dm -= tl.sum(daa_p, 1)
-            tie_p = win_p & (s_p == m[:, None])
-            cnt += tl.sum(tie_p.to(tl.float32), 1)
-        # The key side finds the ties again from its own scores and needs only dm.
+        # The key side reuses the row max, the arg-max and its gradient instead of recomputing both chunks.
+        tl.store(m_ptr + qrow, m, mask=rmask)
+        tl.store(arg_ptr + qrow, arg, mask=rmask)
         tl.store(dm_ptr + qrow, dm, mask=rmask)
-        share = dm / tl.maximum(cnt, 1.0)
-        ds_c = daa_c + tl.where(tie_c, share[:, None], 0.0)
+        ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
         if SOFTCAP:
             # s = c tanh(r / c): ds/dr = 1 - (s / c)^2.
             sc = tl.where(win_c, s_c / softcap, 0.0)
@@ -425,7 +433,7 @@ def _bwd_q_kernel(
         dqw = _mm(ds_c.to(dt), k_c, PREC)
         dg = tl.sum(tl.sum(daa_c, 1), 0)
         if LAG:
-            ds_p = daa_p + tl.where(tie_p, share[:, None], 0.0)
+            ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
             if SOFTCAP:
                 sp = tl.where(win_p, s_p / softcap, 0.0)
                 ds_p = ds_p * (1.0 - sp * sp)
@@ -439,61 +447,47 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_kv_visit(
-    q, k, wq, do, den_ptr, delta_ptr, dm_ptr, tm, win_k, win_m,
-    gk, dk_acc, dv_acc, k_j, v32, pk_p, pk_n, ok_j, pos, po, c, b, h, hk, g, T, S, scale, softcap,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+    dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, c, b, h, g, T, scale, softcap,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # Adds what query chunk c (head h) sends back to key chunk `pos`; `po` are the positions of the query chunk's
-    # other key chunk, whose scores share the window's row maximum.
+    # Adds what query chunk c (head h) sends back to key chunk `pos`: to dphi_k (both halves), dk and dv.
     rows = c * BT + tl.arange(0, BT)
     rmask = rows < T
     od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
     qrow = (b * T + rows).to(tl.int64) * H + h
     qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
     dt = qq.dtype
-    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
-    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
-    dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) / den
-    dN32 = dd.to(tl.float32) / den[:, None]
-    dp = _mm(dN32, tl.trans(v32), "tf32x3") + dD[:, None]
+    dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
+    dp = _mm(dN, tl.trans(v_j), PREC) + dD[:, None]
     lin = (pos[None, :] <= rows[:, None] - W) & ok_j[None, :]
     phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
-    p = tl.where(lin, _mm(phq_p.to(dt), tl.trans(pk_p).to(dt), PREC) + _mm(phq_n.to(dt), tl.trans(pk_n).to(dt), PREC),
-                 0.0)  # fmt: skip
-    dlt = tl.trans(tl.where(lin, dp, 0.0))
-    # Near-fp32 sums for dphi_k, for the same reason as for dphi_q.
-    gk += _feature_map_bwd(pk_p, pk_n, _mm(dlt, phq_p, "tf32x3"), _mm(dlt, phq_n, "tf32x3"))
+    phq_p16 = phq_p.to(dt)
+    phq_n16 = phq_n.to(dt)
+    p = tl.where(lin, _mm(phq_p16, tl.trans(pk_p), PREC) + _mm(phq_n16, tl.trans(pk_n), PREC), 0.0)
+    dlt = tl.trans(tl.where(lin, dp, 0.0).to(dt))
+    dph_p += _mm(dlt, phq_p16, PREC)
+    dph_n += _mm(dlt, phq_n16, PREC)
     if W > 0:
         s, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC)
-        m = tl.max(s, 1)
-        if LAG:
-            k_o = _load_rows(k, win_k, b, hk, po, T, S, 0, HKV, D, BD, HAS_WIN)
-            ok_o = _key_ok(tm, win_m, b, po, T, S, HAS_MASK, HAS_WIN)
-            s_o, win_o = _window_scores(qq, k_o, rows, po, ok_o, scale, softcap, W, SOFTCAP, PREC)
-            m = tl.maximum(m, tl.max(s_o, 1))
-        m = tl.where(m == float("-inf"), 0.0, m)
-        tie = win & (s == m[:, None])
-        cnt = tl.sum(tie.to(tl.float32), 1)
-        if LAG:
-            cnt += tl.sum((win_o & (s_o == m[:, None])).to(tl.float32), 1)
-        share = tl.load(dm_ptr + qrow, mask=rmask, other=0.0) / tl.maximum(cnt, 1.0)
+        m = tl.load(m_ptr + qrow, mask=rmask, other=0.0)
+        arg = tl.load(arg_ptr + qrow, mask=rmask, other=NO_KEY)
+        dm = tl.load(dm_ptr + qrow, mask=rmask, other=0.0)
         a = tl.where(win, g * tl.exp(s - m[:, None]), 0.0)
         p += a
-        ds = tl.where(win, dp * a, 0.0) + tl.where(tie, share[:, None], 0.0)
+        ds = tl.where(win, dp * a, 0.0) + tl.where(pos[None, :] == arg[:, None], dm[:, None], 0.0)
         if SOFTCAP:
             sc = tl.where(win, s / softcap, 0.0)
             ds = ds * (1.0 - sc * sc)
-        dk_acc += _mm(tl.trans(ds).to(dt), qq, PREC) * scale
-    dv_acc += _mm(tl.trans(p).to(dt), dN32.to(dt), PREC)
-    return gk, dk_acc, dv_acc
+        dk_acc += _mm(tl.trans(ds.to(dt)), qq, PREC) * scale
+    dv_acc += _mm(tl.trans(p.to(dt)), dN, PREC)
+    return dph_p, dph_n, dk_acc, dv_acc
 
 
 @triton.jit
 def _bwd_kv_kernel(
-    q, k, v, wq, wk, wf, tm, win_k, win_m, dhkv, dhz, do, den_ptr, delta_ptr, dm_ptr,
+    q, k, v, wq, wk, wf, tm, win_m, dhkv, dhz, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
     dk, dv, dpk,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
@@ -513,10 +507,9 @@ def _bwd_kv_kernel(
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     of = tl.arange(0, BF)
-    k_j = _load_rows(k, win_k, b, hk, pos, T, S, 0, HKV, D, BD, False)
-    v_j = _load_rows(v, win_k, b, hk, pos, T, S, 0, HKV, DV, BV, False)
+    k_j = _load_rows(k, k, b, hk, pos, T, S, 0, HKV, D, BD, False)
+    v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
     dt = k_j.dtype
-    v32 = v_j.to(tl.float32)
     ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
     smask = (of[:, None] < F) & (ov[None, :] < DV)
     dk_acc = tl.zeros([BT, BD], dtype=tl.float32)
@@ -528,30 +521,36 @@ def _bwd_kv_kernel(
     pk_p = tl.where(ok_j[:, None], pk_p, 0.0)
     pk_n = tl.where(ok_j[:, None], pk_n, 0.0)
     hst = ((bh * NT + j) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
-    dh_p = tl.load(dhkv + hst, mask=smask, other=0.0)
-    dh_n = tl.load(dhkv + hst + F * DV, mask=smask, other=0.0)
+    dh_p = tl.load(dhkv + hst, mask=smask, other=0.0).to(dt)
+    dh_n = tl.load(dhkv + hst + F * DV, mask=smask, other=0.0).to(dt)
     dz_p = tl.load(dhz + (bh * NT + j) * 2 * F + of, mask=of < F, other=0.0)
     dz_n = tl.load(dhz + (bh * NT + j) * 2 * F + F + of, mask=of < F, other=0.0)
-    gk = _feature_map_bwd(pk_p, pk_n, _mm(v32, tl.trans(dh_p), "tf32x3") + dz_p[None, :],
-                          _mm(v32, tl.trans(dh_n), "tf32x3") + dz_n[None, :])  # fmt: skip
-    dv_acc += _mm(pk_p.to(dt), dh_p.to(dt), PREC) + _mm(pk_n.to(dt), dh_n.to(dt), PREC)
-    gk, dk_acc, dv_acc = _bwd_kv_visit(
-        q, k, wq, do, den_ptr, delta_ptr, dm_ptr, tm, win_k, win_m,
-        gk, dk_acc, dv_acc, k_j, v32, pk_p, pk_n, ok_j, pos, pos - BT, j, b, h, hk, g, T, S, scale, softcap,
-        H, HKV, D, DV, F, W, BT, BD, BV, BF, LAG, HAS_MASK, HAS_WIN, SOFTCAP, PREC,
+    # dphi_k is summed over the state and the (at most two) visits, and mapped back through the feature map once.
+    dph_p = _mm(v_j, tl.trans(dh_p), PREC) + dz_p[None, :]
+    dph_n = _mm(v_j, tl.trans(dh_n), PREC) + dz_n[None, :]
+    pk_p16 = pk_p.to(dt)
+    pk_n16 = pk_n.to(dt)
+    dv_acc += _mm(pk_p16, dh_p, PREC) + _mm(pk_n16, dh_n, PREC)
+    dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
+        q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+        dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p16, pk_n16, ok_j, pos, j, b, h, g, T, scale, softcap,
+        H, D, DV, F, W, BT, BD, BV, BF, SOFTCAP, PREC,
     )  # fmt: skip
     if LAG:
         if j + 1 < NT:
-            gk, dk_acc, dv_acc = _bwd_kv_visit(
-                q, k, wq, do, den_ptr, delta_ptr, dm_ptr, tm, win_k, win_m,
-                gk, dk_acc, dv_acc, k_j, v32, pk_p, pk_n, ok_j, pos, pos + BT, j + 1, b, h, hk, g, T, S,
-                scale, softcap, H, HKV, D, DV, F, W, BT, BD, BV, BF, LAG, HAS_MASK, HAS_WIN, SOFTCAP, PREC,
+            dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
+                q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+                dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p16, pk_n16, ok_j, pos, j + 1, b, h, g, T, scale, softcap,
+                H, D, DV, F, W, BT, BD, BV, BF, SOFTCAP, PREC,
             )  # fmt: skip
-    qrow = (b * T + pos).to(tl.int64) * H + h
-    tl.store(dpk + qrow[:, None] * F + of[None, :], gk, mask=kmask[:, None] & (of[None, :] < F))
-    # Back through the projection: dk += g wk^T, at near-fp32 accuracy.
-    dk_acc += _mm(gk, tl.trans(_load_w(wk, h, D, F, BD, BF)), "tf32x3")
+    # The fp32 feature map again (16-bit copies served the products), masked as above.
+    pk_p, pk_n = _feature_map(k_j, wk, h, D, F, BD, BF)
+    gk = _feature_map_bwd(tl.where(ok_j[:, None], pk_p, 0.0), tl.where(ok_j[:, None], pk_n, 0.0), dph_p, dph_n)
     krow = (b * T + pos).to(tl.int64) * H + h
+    tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
+             mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
+    # Back through the projection: dk += g wk^T.
+    dk_acc += _mm(gk.to(dt), tl.trans(_load_w(wk, h, D, F, BD, BF).to(dt)), PREC)
     tl.store(dk + krow[:, None] * D + od[None, :], dk_acc.to(dk.dtype.element_ty),
              mask=kmask[:, None] & (od[None, :] < D))  # fmt: skip
     tl.store(dv + krow[:, None] * DV + ov[None, :], dv_acc.to(dv.dtype.element_ty),
@@ -562,9 +561,10 @@ def _bwd_kv_kernel(
 def _wgrad_kernel(
     x, gr, part, R, ROWS_PER,
     H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
-    BF: tl.constexpr, NITER: tl.constexpr,
+    BF: tl.constexpr, PREC: tl.constexpr, NITER: tl.constexpr,
 ):  # fmt: skip
-    # part[s, h] = sum over rows r of split s of x[r, h // G]^T g[r, h], for x [R, HX, D] and g [R, H, F] (fp32).
+    # part[s, h] = sum over rows r of split s of x[r, h // G]^T g[r, h], for x [R, HX, D] and g [R, H, F] of one
+    # type; fp32 partial sums.
     sp = tl.program_id(0)
     h = tl.program_id(1)
     hx = h // (H // HX)
@@ -576,15 +576,12 @@ def _wgrad_kernel(
         r = r0 + i * BR + tl.arange(0, BR)
         rm = (r < R) & (r < r0 + ROWS_PER)
         xx = tl.load(x + (r.to(tl.int64) * HX + hx)[:, None] * D + od[None, :], mask=rm[:, None] & (od < D)[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
+                     other=0.0)  # fmt: skip
         gg = tl.load(gr + (r.to(tl.int64) * H + h)[:, None] * F + of[None, :], mask=rm[:, None] & (of < F)[None, :],
                      other=0.0)  # fmt: skip
-        acc += _mm(tl.trans(xx), gg, "tf32x3")
+        acc += _mm(tl.trans(xx), gg, PREC)
     out = ((sp * H + h) * D + od[:, None]).to(tl.int64) * F + of[None, :]
     tl.store(part + out, acc, mask=(od < D)[:, None] & (of < F)[None, :])
-
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _empty(*shape, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -631,9 +628,10 @@ class _Plan:
 
 
 def _states(p: _Plan, k, v, wk, win_v, kv0, z0, store_final: bool):
-    """Per-chunk linear states `[B, H, NT, 2F, DV]`, `[B, H, NT, 2F]` (and the final ones if asked)."""
+    """Per-chunk linear states `[B, H, NT, 2F, DV]` in the input type, `[B, H, NT, 2F]` in fp32 (and the final ones,
+    both fp32, if asked)."""
     dev = k.device
-    hkv = _empty(p.B, p.H, p.NT, 2 * p.F, p.DV, device=dev)
+    hkv = _empty(p.B, p.H, p.NT, 2 * p.F, p.DV, dtype=k.dtype, device=dev)
     hz = _empty(p.B, p.H, p.NT, 2 * p.F, device=dev)
     kv_out = _empty(p.B, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
     z_out = _empty(p.B, p.H, 2 * p.F, device=dev) if store_final else hz
@@ -655,7 +653,7 @@ def _weight_grad(p: _Plan, x, gr):
     splits = triton.cdiv(R, rows_per)
     part = _empty(splits, p.H, p.D, p.F, device=x.device)
     _wgrad_kernel[(splits, p.H)](
-        x, gr, part, R, rows_per, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BR=BLOCK_T, BD=p.BD, BF=p.BF,
+        x, gr, part, R, rows_per, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BR=BLOCK_T, BD=p.BD, BF=p.BF, PREC=p.PREC,
         NITER=p.niter(triton.cdiv(rows_per, BLOCK_T)), num_warps=WARPS["wgrad"],
     )  # fmt: skip
     return part.sum(0)
@@ -670,16 +668,13 @@ class _HybridChunk(torch.autograd.Function):
         hkv, hz, kv_out, z_out = _states(p, k, v, wk, win_v, kv0, z0, output_final_state)
         o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
         den = _empty(p.B, p.T, p.H, device=q.device)
-        training = any(ctx.needs_input_grad[:6])
-        o32 = _empty(p.B, p.T, p.H, p.DV, device=q.device) if training and q.dtype != torch.float32 else o
         _fwd_out_kernel[(p.NT, p.B * p.H)](
-            q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, o32, den,
+            q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, den,
             p.T, p.NT, p.S, p.scale, p.softcap,
             W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
-            STORE_O32=o32 is not o, ODT=tl.float32 if o32 is not o else _TL_DTYPES[q.dtype],
-            OPREC="tf32x3" if o32 is not o else p.PREC, num_warps=WARPS["fwd_out"],
+            num_warps=WARPS["fwd_out"],
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o32, den)
+        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den)
         ctx.plan_args = (window, scale, softcap)
         if not output_final_state:
             return o, None, None
@@ -700,7 +695,7 @@ class _HybridChunk(torch.autograd.Function):
         _delta_kernel[(triton.cdiv(rows, 32),)](do, o, delta, rows, DV=DV, BR=32, BV=p.BV, num_warps=WARPS["delta"])
         # The states are recomputed rather than kept from the forward: they are the largest intermediate.
         hkv, hz, _, _ = _states(p, k, v, wk, win_v, kv0, z0, False)
-        dhkv = _empty(*hkv.shape, device=dev)
+        dhkv = _empty(*hkv.shape, dtype=hkv.dtype, device=dev)
         dhz = _empty(*hz.shape, device=dev)
         _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
             q, wq, do, den, delta, dhkv, dhz, T, p.NT,
@@ -709,20 +704,24 @@ class _HybridChunk(torch.autograd.Function):
         )  # fmt: skip
         flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common())
         dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
-        dpq = _empty(B, T, H, F, device=dev)
+        # The pre-activation gradients go to the weight-gradient products in the input type.
+        dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)
+        # Per query row: the window's max score, its arg-max key and the max's gradient (window > 0 only).
+        m = _empty(B, T, H, device=dev) if window > 0 else den
+        arg = _empty(B, T, H, dtype=torch.int32, device=dev) if window > 0 else den
         dm = _empty(B, T, H, device=dev) if window > 0 else den
         dwf = _empty(B * H * p.NT, device=dev) if window > 0 else den
         _bwd_q_kernel[(p.NT, B * H)](
             q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, do, den, delta,
-            dq, dpq, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, num_warps=WARPS["bwd_q"],
+            dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, num_warps=WARPS["bwd_q"],
         )  # fmt: skip
         # Per query head; with GQA in fp32, for the group sum below.
         groups = H // HKV
         dk = _empty(B, T, H, D, dtype=k.dtype if groups == 1 else torch.float32, device=dev)
         dv = _empty(B, T, H, DV, dtype=v.dtype if groups == 1 else torch.float32, device=dev)
-        dpk = _empty(B, T, H, F, device=dev)
+        dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
         _bwd_kv_kernel[(p.NT, B * H)](
-            q, k, v, wq, wk, wf, p.tm, p.win_k, p.wm, dhkv, dhz, do, den, delta, dm,
+            q, k, v, wq, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, delta, m, arg, dm,
             dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, num_warps=WARPS["bwd_kv"],
         )  # fmt: skip
         if groups > 1:
