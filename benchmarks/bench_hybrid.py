@@ -11,6 +11,7 @@ hedgehog (W=0) and hybrid (W=64) kernels; the forward's achieved bandwidth again
 from __future__ import annotations
 
 import argparse
+import sys
 from functools import partial
 
 import torch
@@ -79,6 +80,11 @@ def _fla(q, k, v):
     return chunk_linear_attn(q, k, v, normalize=True)[0]
 
 
+def _progress(T, name, times):
+    print(f"# T={T} {name}: fwd {times[0]:.3f} ms, fwd+bwd {times[1]:.3f} ms", file=sys.stderr, flush=True)
+    return times
+
+
 def prefill_rows(lengths):
     """Yield one row per sequence length, so a long run still shows what it measured so far."""
     for T in lengths:
@@ -87,11 +93,12 @@ def prefill_rows(lengths):
         q, k, v = leaves[:3]
         row = {"T": T, "B": B, "bytes": 4 * q.numel() * q.element_size()}
         for name, window in (("hedgehog", 0), ("hybrid", WINDOW)):
-            row[name] = _fwd_bwd(partial(_ours, *leaves, window), leaves)
+            row[name] = _progress(T, name, _fwd_bwd(partial(_ours, *leaves, window), leaves))
         bhtd = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
-        row["sdpa"] = _fwd_bwd(partial(_sdpa, *bhtd), bhtd)
+        row["sdpa"] = _progress(T, "sdpa", _fwd_bwd(partial(_sdpa, *bhtd), bhtd))
         if chunk_linear_attn is not None:
-            row["fla"] = _fwd_bwd(partial(_fla, q, k, v), [q, k, v])
+            # fla autotunes its kernels on the first call: that can take minutes.
+            row["fla"] = _progress(T, "fla", _fwd_bwd(partial(_fla, q, k, v), [q, k, v]))
         del leaves, q, k, v, bhtd
         torch.cuda.empty_cache()
         yield row

@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warps", default="", help="name=N,... overrides of triton_chunk.WARPS")
+    parser.add_argument("--bq-kv", type=int, default=triton_chunk.BQ_KV, help="query rows per key-side step")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_hybrid.py needs a CUDA GPU")
@@ -71,6 +72,7 @@ def main() -> None:
         if name not in triton_chunk.WARPS or not n.isdigit():
             raise SystemExit(f"--warps: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
         triton_chunk.WARPS[name] = int(n)
+    triton_chunk.BQ_KV = args.bq_kv
     dev, dt = "cuda", torch.bfloat16
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
     q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
@@ -90,7 +92,9 @@ def main() -> None:
         for _ in range(args.iters):
             step()
         torch.cuda.synchronize()
-    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; warps {triton_chunk.WARPS}")
+    print(
+        f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; warps {triton_chunk.WARPS}, BQ_KV {args.bq_kv}"
+    )
     _table(prof, args.iters, "forward+backward")
 
     Bd, Hkv = 16, 8

@@ -47,6 +47,8 @@ NO_KEY = tl.constexpr(-(2**30))
 BLOCK_T = 64
 # Warps per program of each kernel.
 WARPS = {"fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv": 8, "wgrad": 4, "delta": 4}
+# Query rows per step of the key-side backward (a divisor of BLOCK_T).
+BQ_KV = 32
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
@@ -448,12 +450,13 @@ def _bwd_q_kernel(
 @triton.jit
 def _bwd_kv_visit(
     q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
-    dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, c, b, h, g, T, scale, softcap,
+    dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, g, T, scale, softcap,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    BQ: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # Adds what query chunk c (head h) sends back to key chunk `pos`: to dphi_k (both halves), dk and dv.
-    rows = c * BT + tl.arange(0, BT)
+    # Adds what the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k (both halves), dk
+    # and dv. Rows past T load as zeros and send nothing.
+    rows = r0 + tl.arange(0, BQ)
     rmask = rows < T
     od = tl.arange(0, BD)
     qrow = (b * T + rows).to(tl.int64) * H + h
@@ -492,7 +495,7 @@ def _bwd_kv_kernel(
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr,
 ):  # fmt: skip
     # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
     # feature-map pre-activation of key chunk j. Its keys are seen exactly by query chunks j and (when LAG) j + 1,
@@ -531,18 +534,13 @@ def _bwd_kv_kernel(
     pk_p16 = pk_p.to(dt)
     pk_n16 = pk_n.to(dt)
     dv_acc += _mm(pk_p16, dh_p, PREC) + _mm(pk_n16, dh_n, PREC)
-    dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
-        q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
-        dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p16, pk_n16, ok_j, pos, j, b, h, g, T, scale, softcap,
-        H, D, DV, F, W, BT, BD, BV, BF, SOFTCAP, PREC,
-    )  # fmt: skip
-    if LAG:
-        if j + 1 < NT:
-            dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
-                q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
-                dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p16, pk_n16, ok_j, pos, j + 1, b, h, g, T, scale, softcap,
-                H, D, DV, F, W, BT, BD, BV, BF, SOFTCAP, PREC,
-            )  # fmt: skip
+    # The query chunks j and (when LAG) j + 1, in blocks of BQ rows: smaller temporaries beside the accumulators.
+    for sub in range((1 + LAG) * (BT // BQ)):
+        dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
+            q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+            dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p16, pk_n16, ok_j, pos, j * BT + sub * BQ, b, h, g, T,
+            scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC,
+        )  # fmt: skip
     # The fp32 feature map again (16-bit copies served the products), masked as above.
     pk_p, pk_n = _feature_map(k_j, wk, h, D, F, BD, BF)
     gk = _feature_map_bwd(tl.where(ok_j[:, None], pk_p, 0.0), tl.where(ok_j[:, None], pk_n, 0.0), dph_p, dph_n)
@@ -722,7 +720,7 @@ class _HybridChunk(torch.autograd.Function):
         dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
         _bwd_kv_kernel[(p.NT, B * H)](
             q, k, v, wq, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, delta, m, arg, dm,
-            dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, num_warps=WARPS["bwd_kv"],
+            dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, num_warps=WARPS["bwd_kv"],
         )  # fmt: skip
         if groups > 1:
             dk = dk.view(B, T, HKV, groups, D).sum(3).to(k.dtype)
