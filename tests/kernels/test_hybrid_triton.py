@@ -137,6 +137,24 @@ def test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap):
         assert_rel(a, b, 1e-4, name, atol)
 
 
+@interpreted
+@pytest.mark.parametrize("bq", [16, 32])
+@pytest.mark.parametrize(
+    "B,T,H,Hkv,D,F,W,pad,softcap",
+    [
+        pytest.param(2, 130, 4, 2, 32, 16, 64, 20, None, id="B2-T130-H4-Hkv2-W64-leftpad"),
+        pytest.param(1, 100, 2, 2, 32, 16, 5, 0, 5.0, id="B1-T100-H2-W5-softcap"),
+    ],
+)
+def test_row_blocks_match_naive(interpreter, monkeypatch, bq, B, T, H, Hkv, D, F, W, pad, softcap):
+    # The query rows per program (forward output, query-side backward) and per key-side step are tuning knobs:
+    # any divisor of the chunk must give the same op.
+    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
+    for name in ("BQ_OUT", "BQ_Q", "BQ_KV"):
+        monkeypatch.setattr(mod, name, bq)
+    test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap)
+
+
 def _low_precision_errors(dtype, device, B, T, H, Hkv, D, F, W, pad):
     """Errors of the Triton kernels and of the naive op computed in `dtype` (every product and softmax in the input
     type, as a 16-bit model computes it) on the same 16-bit inputs, both against the fp32 naive op."""

@@ -47,8 +47,11 @@ NO_KEY = tl.constexpr(-(2**30))
 BLOCK_T = 64
 # Warps per program of each kernel.
 WARPS = {"fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv": 8, "wgrad": 4, "delta": 4}
-# Query rows per step of the key-side backward (a divisor of BLOCK_T).
-BQ_KV = 32
+# Query rows per program of the forward's output kernel and of the query-side backward, and per step of the
+# key-side backward (divisors of BLOCK_T): fewer rows, smaller tiles beside the key chunks each one holds.
+BQ_OUT = 64
+BQ_Q = 64
+BQ_KV = 16
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
@@ -210,15 +213,17 @@ def _fwd_out_kernel(
     q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, o, den_out,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    c = tl.program_id(0)
+    # Program i covers the BQ query rows from i * BQ on, in chunk c.
+    i = tl.program_id(0)
+    c = i // (BT // BQ)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // (H // HKV)
-    rows = c * BT + tl.arange(0, BT)
+    rows = i * BQ + tl.arange(0, BQ)
     rmask = rows < T
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
@@ -242,7 +247,7 @@ def _fwd_out_kernel(
     den = tl.sum(phq_p * z_p[None, :], 1) + tl.sum(phq_n * z_n[None, :], 1)
 
     # Keys of the current chunk.
-    pos_c = rows
+    pos_c = c * BT + tl.arange(0, BT)
     k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
@@ -252,7 +257,7 @@ def _fwd_out_kernel(
     p_c = tl.where(lin_c, l_c, 0.0)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
-        pos_p = rows - BT
+        pos_p = pos_c - BT
         k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
@@ -342,16 +347,18 @@ def _bwd_q_kernel(
     dq, dpq, m_ptr, arg_ptr, dm_ptr, dwf,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # Query side: dq and the gradient of the q feature-map pre-activation for query chunk c.
-    c = tl.program_id(0)
+    # Program i covers the BQ query rows from i * BQ on, in chunk c.
+    i = tl.program_id(0)
+    c = i // (BT // BQ)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     hk = h // (H // HKV)
-    rows = c * BT + tl.arange(0, BT)
+    rows = i * BQ + tl.arange(0, BQ)
     rmask = rows < T
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
@@ -372,7 +379,7 @@ def _bwd_q_kernel(
     dphq_p = _mm(dN, tl.trans(h_p), PREC) + dD[:, None] * z_p[None, :]
     dphq_n = _mm(dN, tl.trans(h_n), PREC) + dD[:, None] * z_n[None, :]
 
-    pos_c = rows
+    pos_c = c * BT + tl.arange(0, BT)
     k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
@@ -384,7 +391,7 @@ def _bwd_q_kernel(
     dphq_n += _mm(dl_c, pk_n.to(dt), PREC)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
-        pos_p = rows - BT
+        pos_p = pos_c - BT
         k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
@@ -443,7 +450,7 @@ def _bwd_q_kernel(
             dg += tl.sum(tl.sum(daa_p, 1), 0)
         dq_acc += dqw * scale
         # a = sigmoid(wf) e: d wf = sum dA a (1 - g).
-        tl.store(dwf + bh * NT + c, dg * (1.0 - g))
+        tl.store(dwf + bh * tl.num_programs(0) + i, dg * (1.0 - g))
     tl.store(dq + qrow[:, None] * D + od[None, :], dq_acc.to(dq.dtype.element_ty), mask=dmask)
 
 
@@ -666,11 +673,11 @@ class _HybridChunk(torch.autograd.Function):
         hkv, hz, kv_out, z_out = _states(p, k, v, wk, win_v, kv0, z0, output_final_state)
         o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
         den = _empty(p.B, p.T, p.H, device=q.device)
-        _fwd_out_kernel[(p.NT, p.B * p.H)](
+        _fwd_out_kernel[(triton.cdiv(p.T, BQ_OUT), p.B * p.H)](
             q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, den,
             p.T, p.NT, p.S, p.scale, p.softcap,
             W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
-            num_warps=WARPS["fwd_out"],
+            BQ=BQ_OUT, num_warps=WARPS["fwd_out"],
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den)
         ctx.plan_args = (window, scale, softcap)
@@ -708,10 +715,11 @@ class _HybridChunk(torch.autograd.Function):
         m = _empty(B, T, H, device=dev) if window > 0 else den
         arg = _empty(B, T, H, dtype=torch.int32, device=dev) if window > 0 else den
         dm = _empty(B, T, H, device=dev) if window > 0 else den
-        dwf = _empty(B * H * p.NT, device=dev) if window > 0 else den
-        _bwd_q_kernel[(p.NT, B * H)](
+        nq = triton.cdiv(T, BQ_Q)
+        dwf = _empty(B * H * nq, device=dev) if window > 0 else den
+        _bwd_q_kernel[(nq, B * H)](
             q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, do, den, delta,
-            dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, num_warps=WARPS["bwd_q"],
+            dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_Q, num_warps=WARPS["bwd_q"],
         )  # fmt: skip
         # Per query head; with GQA in fp32, for the group sum below.
         groups = H // HKV
@@ -727,7 +735,7 @@ class _HybridChunk(torch.autograd.Function):
             dv = dv.view(B, T, HKV, groups, DV).sum(3).to(v.dtype)
         dwq = _weight_grad(p, q, dpq)
         dwk = _weight_grad(p, k, dpk)
-        dwf_out = dwf.view(B, H, p.NT).sum((0, 2)).to(wf.dtype) if window > 0 and ctx.needs_input_grad[5] else None
+        dwf_out = dwf.view(B, H, nq).sum((0, 2)).to(wf.dtype) if window > 0 and ctx.needs_input_grad[5] else None
         return (
             dq, dk, dv, dwq.to(wq.dtype), dwk.to(wk.dtype), dwf_out,
             None, None, None, None, None, None, None, None, None, None,
