@@ -4,9 +4,10 @@ Runs `torch.profiler` over a few iterations and prints, per kernel, the mean CUD
 register count and spills of each Triton kernel as compiled for these shapes. A script, not a test: it needs a
 CUDA GPU.
 
-    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_kv=4,fwd_out=8]
+    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_kv=4,fwd_out=8] [--bq-kv 16]
 
-`--warps` overrides the warps per program of named kernels (the keys of `triton_chunk.WARPS`), for tuning.
+`--warps` overrides the warps per program of named kernels (the keys of `triton_chunk.WARPS`) and `--bq-*` the query
+rows per program or step (`triton_chunk.BQ_*`), for tuning.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warps", default="", help="name=N,... overrides of triton_chunk.WARPS")
+    parser.add_argument("--bq-out", type=int, default=triton_chunk.BQ_OUT, help="query rows per forward program")
+    parser.add_argument("--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per query-side program")
     parser.add_argument("--bq-kv", type=int, default=triton_chunk.BQ_KV, help="query rows per key-side step")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -72,7 +75,7 @@ def main() -> None:
         if name not in triton_chunk.WARPS or not n.isdigit():
             raise SystemExit(f"--warps: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
         triton_chunk.WARPS[name] = int(n)
-    triton_chunk.BQ_KV = args.bq_kv
+    triton_chunk.BQ_OUT, triton_chunk.BQ_Q, triton_chunk.BQ_KV = args.bq_out, args.bq_q, args.bq_kv
     dev, dt = "cuda", torch.bfloat16
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
     q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
@@ -93,7 +96,8 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(
-        f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; warps {triton_chunk.WARPS}, BQ_KV {args.bq_kv}"
+        f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; warps {triton_chunk.WARPS}, "
+        f"BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}"
     )
     _table(prof, args.iters, "forward+backward")
 
