@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--bq-out", type=int, default=triton_chunk.BQ_OUT, help="query rows per forward program")
     parser.add_argument("--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per query-side program")
     parser.add_argument("--bq-kv", type=int, default=triton_chunk.BQ_KV, help="query rows per key-side step")
+    parser.add_argument("--bv-state", type=int, default=triton_chunk.BV_STATE, help="Dv columns per state program")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_hybrid.py needs a CUDA GPU")
@@ -76,6 +77,7 @@ def main() -> None:
             raise SystemExit(f"--warps: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
         triton_chunk.WARPS[name] = int(n)
     triton_chunk.BQ_OUT, triton_chunk.BQ_Q, triton_chunk.BQ_KV = args.bq_out, args.bq_q, args.bq_kv
+    triton_chunk.BV_STATE = args.bv_state
     dev, dt = "cuda", torch.bfloat16
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
     q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
@@ -97,7 +99,7 @@ def main() -> None:
         torch.cuda.synchronize()
     print(
         f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; warps {triton_chunk.WARPS}, "
-        f"BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}"
+        f"BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, BV_STATE {args.bv_state}"
     )
     _table(prof, args.iters, "forward+backward")
 
