@@ -46,7 +46,7 @@ NO_KEY = tl.constexpr(-(2**30))
 
 BLOCK_T = 64
 # Warps per program of each kernel.
-WARPS = {"fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv": 8, "wgrad": 4, "delta": 4}
+WARPS = {"phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv": 8, "wgrad": 4, "delta": 4}
 # Query rows per program of the forward's output kernel and of the query-side backward, and per step of the
 # key-side backward (divisors of BLOCK_T): fewer rows, smaller tiles beside the key chunks each one holds.
 BQ_OUT = 64
@@ -134,6 +134,45 @@ def _key_ok(tm_ptr, wm_ptr, b, pos, T, S, HAS_MASK: tl.constexpr, HAS_WIN: tl.co
 
 
 @triton.jit
+def _phi_kernel(x, w, phi, T, H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):  # fmt: skip
+    # phi[b, t, h] = [softmax(x W_h), softmax(-x W_h)] for x [B, T, HX, D] (head h reads x head h // (H / HX)),
+    # in the type of x, for one chunk of one head.
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    pos = c * BT + tl.arange(0, BT)
+    od = tl.arange(0, BD)
+    of = tl.arange(0, BF)
+    rmask = pos < T
+    xrow = (b * T + pos).to(tl.int64) * HX + h // (H // HX)
+    xx = tl.load(x + xrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+    ph_p, ph_n = _feature_map(xx, w, h, D, F, BD, BF)
+    prow = (b * T + pos).to(tl.int64) * H + h
+    fmask = rmask[:, None] & (of[None, :] < F)
+    tl.store(phi + prow[:, None] * 2 * F + of[None, :], ph_p.to(phi.dtype.element_ty), mask=fmask)
+    tl.store(phi + prow[:, None] * 2 * F + F + of[None, :], ph_n.to(phi.dtype.element_ty), mask=fmask)
+
+
+@triton.jit
+def _load_phi(ph_ptr, phw_ptr, b, h, pos, T, S, f0, H: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+              HAS_WIN: tl.constexpr):  # fmt: skip
+    # Features f0..f0 + F of the rows `pos` of a [B, T, H, 2F] feature tensor; negative positions read the carried
+    # window's [B, S, H, 2F] features; rows outside both are zeros.
+    of = tl.arange(0, BF)
+    fmask = (of < F)[None, :]
+    in_seq = (pos >= 0) & (pos < T)
+    rows = (b * T + pos).to(tl.int64) * H + h
+    x = tl.load(ph_ptr + rows[:, None] * 2 * F + f0 + of[None, :], mask=in_seq[:, None] & fmask, other=0.0)
+    if HAS_WIN:
+        in_win = (pos < 0) & (pos >= -S)
+        wrows = (b * S + S + pos).to(tl.int64) * H + h
+        x += tl.load(phw_ptr + wrows[:, None] * 2 * F + f0 + of[None, :], mask=in_win[:, None] & fmask, other=0.0)
+    return x
+
+
+@triton.jit
 def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
     s = _mm(q, tl.trans(kk), PREC) * scale
     if SOFTCAP:
@@ -159,17 +198,16 @@ def _out_grads(do, den_ptr, delta_ptr, qrow, rmask, c0, DV: tl.constexpr, BV: tl
 
 @triton.jit
 def _fwd_state_kernel(
-    k, v, wk, tm, win_k, win_v, win_m, kv0, z0, hkv, hz, kv_out, z_out,
+    phk, phw, v, tm, win_v, win_m, kv0, z0, hkv, hz, kv_out, z_out,
     T, NT, S, SOUT,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     PREC: tl.constexpr, NITER: tl.constexpr,
 ):  # fmt: skip
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     half = tl.program_id(2)
-    sign = 1.0 - 2.0 * half.to(tl.float32)
     b = bh // H
     h = bh % H
     hk = h // (H // HKV)
@@ -196,12 +234,11 @@ def _fwd_state_kernel(
         # that bound never cuts into a chunk whose state was stored above.
         pos = (i - LAG) * BT + tl.arange(0, BT)
         ok = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, HAS_WIN) & (pos < T - SOUT)
-        kk = _load_rows(k, win_k, b, hk, pos, T, S, 0, HKV, D, BD, HAS_WIN)
         vv = _load_rows(v, win_v, b, hk, pos, T, S, iv * BV, HKV, DV, BV, HAS_WIN)
-        phi = _softmax_half(_proj(kk, wk, h, D, F, BD, BF), sign, F, BF)
+        phi = _load_phi(phk, phw, b, h, pos, T, S, f0, H, F, BF, HAS_WIN)
         phi = tl.where(ok[:, None], phi, 0.0)
-        kv += _mm(tl.trans(phi).to(vv.dtype), vv, PREC)
-        z += tl.sum(phi, 0)
+        kv += _mm(tl.trans(phi), vv, PREC)
+        z += tl.sum(phi.to(tl.float32), 0)
     if STORE_FINAL:
         tl.store(kv_out + st, kv, mask=smask)
         if iv == 0:
@@ -210,7 +247,7 @@ def _fwd_state_kernel(
 
 @triton.jit
 def _fwd_out_kernel(
-    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, o, den_out,
+    q, k, v, phq, phk, phw, wf, tm, win_k, win_v, win_m, hkv, hz, o, den_out,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
@@ -225,51 +262,50 @@ def _fwd_out_kernel(
     hk = h // (H // HKV)
     rows = i * BQ + tl.arange(0, BQ)
     rmask = rows < T
-    od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     of = tl.arange(0, BF)
     qrow = (b * T + rows).to(tl.int64) * H + h
-    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
     # Every product takes its operands in the input type (fp32 accumulation), as a 16-bit model would.
-    dt = qq.dtype
-    phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
-    phq_p16 = phq_p.to(dt)
-    phq_n16 = phq_n.to(dt)
+    phq_p = _load_phi(phq, phq, b, h, rows, T, S, 0, H, F, BF, False)
+    phq_n = _load_phi(phq, phq, b, h, rows, T, S, F, H, F, BF, False)
+    dt = phq_p.dtype
 
     # Keys older than the two chunks: through the stored state.
     smask = (of[:, None] < F) & (ov[None, :] < DV)
     hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
     h_p = tl.load(hkv + hst, mask=smask, other=0.0).to(dt)
     h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0).to(dt)
-    acc = _mm(phq_p16, h_p, PREC) + _mm(phq_n16, h_n, PREC)
+    acc = _mm(phq_p, h_p, PREC) + _mm(phq_n, h_n, PREC)
     z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
     z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
-    den = tl.sum(phq_p * z_p[None, :], 1) + tl.sum(phq_n * z_n[None, :], 1)
+    den = tl.sum(phq_p.to(tl.float32) * z_p[None, :], 1) + tl.sum(phq_n.to(tl.float32) * z_n[None, :], 1)
 
     # Keys of the current chunk.
     pos_c = c * BT + tl.arange(0, BT)
-    k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
-    pk_p, pk_n = _feature_map(k_c, wk, h, D, F, BD, BF)
+    pk_p = _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN)
+    pk_n = _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN)
     lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
-    l_c = _mm(phq_p16, tl.trans(pk_p.to(dt)), PREC) + _mm(phq_n16, tl.trans(pk_n.to(dt)), PREC)
-    p_c = tl.where(lin_c, l_c, 0.0)
+    p_c = tl.where(lin_c, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
         pos_p = pos_c - BT
-        k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
-        pkp_p, pkp_n = _feature_map(k_p, wk, h, D, F, BD, BF)
+        pkp_p = _load_phi(phk, phw, b, h, pos_p, T, S, 0, H, F, BF, HAS_WIN)
+        pkp_n = _load_phi(phk, phw, b, h, pos_p, T, S, F, H, F, BF, HAS_WIN)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
-        l_p = _mm(phq_p16, tl.trans(pkp_p.to(dt)), PREC) + _mm(phq_n16, tl.trans(pkp_n.to(dt)), PREC)
-        p_p = tl.where(lin_p, l_p, 0.0)
+        p_p = tl.where(lin_p, _mm(phq_p, tl.trans(pkp_p), PREC) + _mm(phq_n, tl.trans(pkp_n), PREC), 0.0)
     if W > 0:
+        od = tl.arange(0, BD)
+        qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+        k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
         s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
         m = tl.max(s_c, 1)
         if LAG:
+            k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
             s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC)
             m = tl.maximum(m, tl.max(s_p, 1))
         m = tl.where(m == float("-inf"), 0.0, m)
@@ -302,19 +338,17 @@ def _delta_kernel(do, o, delta, N, DV: tl.constexpr, BR: tl.constexpr, BV: tl.co
 
 @triton.jit
 def _bwd_state_kernel(
-    q, wq, do, den_ptr, delta_ptr, dhkv, dhz,
+    phq, do, den_ptr, delta_ptr, dhkv, dhz,
     T, NT,
-    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, PREC: tl.constexpr,
+    H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, PREC: tl.constexpr,
     NITER: tl.constexpr,
 ):  # fmt: skip
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     half = tl.program_id(2)
-    sign = 1.0 - 2.0 * half.to(tl.float32)
     b = bh // H
     h = bh % H
-    od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
@@ -334,16 +368,15 @@ def _bwd_state_kernel(
             rows = i * BT + tl.arange(0, BT)
             rmask = rows < T
             qrow = (b * T + rows).to(tl.int64) * H + h
-            qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
-            phq = _softmax_half(_proj(qq, wq, h, D, F, BD, BF), sign, F, BF)
-            dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, iv * BV, DV, BV, qq.dtype)
-            acc += _mm(tl.trans(phq.to(qq.dtype)), dN, PREC)
-            dz += tl.sum(phq * dD[:, None], 0)
+            ph = _load_phi(phq, phq, b, h, rows, T, 0, f0, H, F, BF, False)
+            dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, iv * BV, DV, BV, ph.dtype)
+            acc += _mm(tl.trans(ph), dN, PREC)
+            dz += tl.sum(ph.to(tl.float32) * dD[:, None], 0)
 
 
 @triton.jit
 def _bwd_q_kernel(
-    q, k, v, wq, wk, wf, tm, win_k, win_v, win_m, hkv, hz, do, den_ptr, delta_ptr,
+    q, k, v, phq, phk, phw, wq, wf, tm, win_k, win_v, win_m, hkv, hz, do, den_ptr, delta_ptr,
     dq, dpq, m_ptr, arg_ptr, dm_ptr, dwf,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
@@ -365,9 +398,9 @@ def _bwd_q_kernel(
     of = tl.arange(0, BF)
     dmask = rmask[:, None] & (od[None, :] < D)
     qrow = (b * T + rows).to(tl.int64) * H + h
-    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
-    dt = qq.dtype
-    phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
+    phq_p = _load_phi(phq, phq, b, h, rows, T, S, 0, H, F, BF, False)
+    phq_n = _load_phi(phq, phq, b, h, rows, T, S, F, H, F, BF, False)
+    dt = phq_p.dtype
     dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
 
     smask = (of[:, None] < F) & (ov[None, :] < DV)
@@ -380,28 +413,24 @@ def _bwd_q_kernel(
     dphq_n = _mm(dN, tl.trans(h_n), PREC) + dD[:, None] * z_n[None, :]
 
     pos_c = c * BT + tl.arange(0, BT)
-    k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
     lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
     dp_c = _mm(dN, tl.trans(v_c), PREC) + dD[:, None]
     dl_c = tl.where(lin_c, dp_c, 0.0).to(dt)
-    pk_p, pk_n = _feature_map(k_c, wk, h, D, F, BD, BF)
-    dphq_p += _mm(dl_c, pk_p.to(dt), PREC)
-    dphq_n += _mm(dl_c, pk_n.to(dt), PREC)
+    dphq_p += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN), PREC)
+    dphq_n += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN), PREC)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
         pos_p = pos_c - BT
-        k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
         dp_p = _mm(dN, tl.trans(v_p), PREC) + dD[:, None]
         dl_p = tl.where(lin_p, dp_p, 0.0).to(dt)
-        pkp_p, pkp_n = _feature_map(k_p, wk, h, D, F, BD, BF)
-        dphq_p += _mm(dl_p, pkp_p.to(dt), PREC)
-        dphq_n += _mm(dl_p, pkp_n.to(dt), PREC)
-    gq = _feature_map_bwd(phq_p, phq_n, dphq_p, dphq_n)
+        dphq_p += _mm(dl_p, _load_phi(phk, phw, b, h, pos_p, T, S, 0, H, F, BF, HAS_WIN), PREC)
+        dphq_n += _mm(dl_p, _load_phi(phk, phw, b, h, pos_p, T, S, F, H, F, BF, HAS_WIN), PREC)
+    gq = _feature_map_bwd(phq_p.to(tl.float32), phq_n.to(tl.float32), dphq_p, dphq_n)
     tl.store(
         dpq + qrow[:, None] * F + of[None, :], gq.to(dpq.dtype.element_ty), mask=rmask[:, None] & (of[None, :] < F)
     )
@@ -409,6 +438,10 @@ def _bwd_q_kernel(
     dq_acc = _mm(gq.to(dt), tl.trans(_load_w(wq, h, D, F, BD, BF).to(dt)), PREC)
 
     if W > 0:
+        qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
+        k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
+        if LAG:
+            k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
         s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
         m = tl.max(s_c, 1)
@@ -456,7 +489,7 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_kv_visit(
-    q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+    q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
     dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, g, T, scale, softcap,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BQ: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
@@ -465,21 +498,20 @@ def _bwd_kv_visit(
     # and dv. Rows past T load as zeros and send nothing.
     rows = r0 + tl.arange(0, BQ)
     rmask = rows < T
-    od = tl.arange(0, BD)
     qrow = (b * T + rows).to(tl.int64) * H + h
-    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
-    dt = qq.dtype
+    phq_p = _load_phi(phq, phq, b, h, rows, T, 0, 0, H, F, BF, False)
+    phq_n = _load_phi(phq, phq, b, h, rows, T, 0, F, H, F, BF, False)
+    dt = phq_p.dtype
     dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
     dp = _mm(dN, tl.trans(v_j), PREC) + dD[:, None]
     lin = (pos[None, :] <= rows[:, None] - W) & ok_j[None, :]
-    phq_p, phq_n = _feature_map(qq, wq, h, D, F, BD, BF)
-    phq_p16 = phq_p.to(dt)
-    phq_n16 = phq_n.to(dt)
-    p = tl.where(lin, _mm(phq_p16, tl.trans(pk_p), PREC) + _mm(phq_n16, tl.trans(pk_n), PREC), 0.0)
+    p = tl.where(lin, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
     dlt = tl.trans(tl.where(lin, dp, 0.0).to(dt))
-    dph_p += _mm(dlt, phq_p16, PREC)
-    dph_n += _mm(dlt, phq_n16, PREC)
+    dph_p += _mm(dlt, phq_p, PREC)
+    dph_n += _mm(dlt, phq_n, PREC)
     if W > 0:
+        od = tl.arange(0, BD)
+        qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
         s, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC)
         m = tl.load(m_ptr + qrow, mask=rmask, other=0.0)
         arg = tl.load(arg_ptr + qrow, mask=rmask, other=NO_KEY)
@@ -497,7 +529,7 @@ def _bwd_kv_visit(
 
 @triton.jit
 def _bwd_kv_kernel(
-    q, k, v, wq, wk, wf, tm, win_m, dhkv, dhz, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+    q, k, v, phq, phk, wk, wf, tm, win_m, dhkv, dhz, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
     dk, dv, dpk,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
@@ -517,9 +549,12 @@ def _bwd_kv_kernel(
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     of = tl.arange(0, BF)
-    k_j = _load_rows(k, k, b, hk, pos, T, S, 0, HKV, D, BD, False)
     v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
-    dt = k_j.dtype
+    dt = v_j.dtype
+    if W > 0:
+        k_j = _load_rows(k, k, b, hk, pos, T, S, 0, HKV, D, BD, False)
+    else:
+        k_j = v_j
     ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
     smask = (of[:, None] < F) & (ov[None, :] < DV)
     dk_acc = tl.zeros([BT, BD], dtype=tl.float32)
@@ -527,9 +562,8 @@ def _bwd_kv_kernel(
     g = 0.0
     if W > 0:
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
-    pk_p, pk_n = _feature_map(k_j, wk, h, D, F, BD, BF)
-    pk_p = tl.where(ok_j[:, None], pk_p, 0.0)
-    pk_n = tl.where(ok_j[:, None], pk_n, 0.0)
+    pk_p = tl.where(ok_j[:, None], _load_phi(phk, phk, b, h, pos, T, 0, 0, H, F, BF, False), 0.0)
+    pk_n = tl.where(ok_j[:, None], _load_phi(phk, phk, b, h, pos, T, 0, F, H, F, BF, False), 0.0)
     hst = ((bh * NT + j) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
     dh_p = tl.load(dhkv + hst, mask=smask, other=0.0).to(dt)
     dh_n = tl.load(dhkv + hst + F * DV, mask=smask, other=0.0).to(dt)
@@ -538,19 +572,15 @@ def _bwd_kv_kernel(
     # dphi_k is summed over the state and the (at most two) visits, and mapped back through the feature map once.
     dph_p = _mm(v_j, tl.trans(dh_p), PREC) + dz_p[None, :]
     dph_n = _mm(v_j, tl.trans(dh_n), PREC) + dz_n[None, :]
-    pk_p16 = pk_p.to(dt)
-    pk_n16 = pk_n.to(dt)
-    dv_acc += _mm(pk_p16, dh_p, PREC) + _mm(pk_n16, dh_n, PREC)
+    dv_acc += _mm(pk_p, dh_p, PREC) + _mm(pk_n, dh_n, PREC)
     # The query chunks j and (when LAG) j + 1, in blocks of BQ rows: smaller temporaries beside the accumulators.
     for sub in range((1 + LAG) * (BT // BQ)):
         dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
-            q, wq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
-            dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p16, pk_n16, ok_j, pos, j * BT + sub * BQ, b, h, g, T,
+            q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+            dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, g, T,
             scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC,
         )  # fmt: skip
-    # The fp32 feature map again (16-bit copies served the products), masked as above.
-    pk_p, pk_n = _feature_map(k_j, wk, h, D, F, BD, BF)
-    gk = _feature_map_bwd(tl.where(ok_j[:, None], pk_p, 0.0), tl.where(ok_j[:, None], pk_n, 0.0), dph_p, dph_n)
+    gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
     krow = (b * T + pos).to(tl.int64) * H + h
     tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
              mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
@@ -632,21 +662,33 @@ class _Plan:
                     LAG=self.LAG, PREC=self.PREC)  # fmt: skip
 
 
-def _states(p: _Plan, k, v, wk, win_v, kv0, z0, store_final: bool):
+def _features(p: _Plan, x, w):
+    """Hedgehog features `[B, T', H, 2F]` in the type of x, for x `[B, T', HX, D]` and weights `[H, D, F]`."""
+    B, T = x.shape[:2]
+    phi = _empty(B, T, p.H, 2 * p.F, dtype=x.dtype, device=x.device)
+    if T:
+        _phi_kernel[(triton.cdiv(T, BLOCK_T), B * p.H)](
+            x, w, phi, T, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BT=BLOCK_T, BD=p.BD, BF=p.BF,
+            num_warps=WARPS["phi"],
+        )  # fmt: skip
+    return phi
+
+
+def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
     """Per-chunk linear states `[B, H, NT, 2F, DV]` in the input type, `[B, H, NT, 2F]` in fp32 (and the final ones,
     both fp32, if asked)."""
-    dev = k.device
-    hkv = _empty(p.B, p.H, p.NT, 2 * p.F, p.DV, dtype=k.dtype, device=dev)
+    dev = v.device
+    hkv = _empty(p.B, p.H, p.NT, 2 * p.F, p.DV, dtype=v.dtype, device=dev)
     hz = _empty(p.B, p.H, p.NT, 2 * p.F, device=dev)
     kv_out = _empty(p.B, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
     z_out = _empty(p.B, p.H, 2 * p.F, device=dev) if store_final else hz
     grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H, 2)
     _fwd_state_kernel[grid](
-        k, v, wk, p.tm, p.win_k, win_v, p.wm, kv0 if kv0 is not None else hkv, z0 if z0 is not None else hz,
+        phk, phw, v, p.tm, win_v, p.wm, kv0 if kv0 is not None else hkv, z0 if z0 is not None else hz,
         hkv, hz, kv_out, z_out, p.T, p.NT, p.S, p.SOUT,
+        H=p.H, HKV=p.HKV, DV=p.DV, F=p.F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
         HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, HAS_INIT=kv0 is not None, STORE_FINAL=store_final,
         NITER=p.niter(p.NT + p.LAG), num_warps=WARPS["fwd_state"],
-        **{**p.common(), "BV": p.BV_STATE},
     )  # fmt: skip
     return hkv, hz, kv_out, z_out
 
@@ -670,11 +712,13 @@ class _HybridChunk(torch.autograd.Function):
                 output_final_state):  # fmt: skip
         p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
         win_v = win_v.contiguous() if p.S else v
-        hkv, hz, kv_out, z_out = _states(p, k, v, wk, win_v, kv0, z0, output_final_state)
+        phq, phk, phw = _features(p, q, wq), _features(p, k, wk), _features(p, p.win_k, wk) if p.S else None
+        phw = phw if phw is not None else phk
+        hkv, hz, kv_out, z_out = _states(p, phk, phw, v, win_v, kv0, z0, output_final_state)
         o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
         den = _empty(p.B, p.T, p.H, device=q.device)
         _fwd_out_kernel[(triton.cdiv(p.T, BQ_OUT), p.B * p.H)](
-            q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, den,
+            q, k, v, phq, phk, phw, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, den,
             p.T, p.NT, p.S, p.scale, p.softcap,
             W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
             BQ=BQ_OUT, num_warps=WARPS["fwd_out"],
@@ -698,13 +742,16 @@ class _HybridChunk(torch.autograd.Function):
         delta = _empty(B, T, H, device=dev)
         rows = B * T * H
         _delta_kernel[(triton.cdiv(rows, 32),)](do, o, delta, rows, DV=DV, BR=32, BV=p.BV, num_warps=WARPS["delta"])
-        # The states are recomputed rather than kept from the forward: they are the largest intermediate.
-        hkv, hz, _, _ = _states(p, k, v, wk, win_v, kv0, z0, False)
+        # The features and states are recomputed rather than kept from the forward: they are the largest
+        # intermediates.
+        phq, phk, phw = _features(p, q, wq), _features(p, k, wk), _features(p, p.win_k, wk) if p.S else None
+        phw = phw if phw is not None else phk
+        hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
         dhkv = _empty(*hkv.shape, dtype=hkv.dtype, device=dev)
         dhz = _empty(*hz.shape, device=dev)
         _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
-            q, wq, do, den, delta, dhkv, dhz, T, p.NT,
-            H=H, D=D, DV=DV, F=F, BT=BLOCK_T, BD=p.BD, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
+            phq, do, den, delta, dhkv, dhz, T, p.NT,
+            H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
             NITER=p.niter(p.NT + p.LAG), num_warps=WARPS["bwd_state"],
         )  # fmt: skip
         flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common())
@@ -718,7 +765,7 @@ class _HybridChunk(torch.autograd.Function):
         nq = triton.cdiv(T, BQ_Q)
         dwf = _empty(B * H * nq, device=dev) if window > 0 else den
         _bwd_q_kernel[(nq, B * H)](
-            q, k, v, wq, wk, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, do, den, delta,
+            q, k, v, phq, phk, phw, wq, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, do, den, delta,
             dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_Q, num_warps=WARPS["bwd_q"],
         )  # fmt: skip
         # Per query head; with GQA in fp32, for the group sum below.
@@ -727,7 +774,7 @@ class _HybridChunk(torch.autograd.Function):
         dv = _empty(B, T, H, DV, dtype=v.dtype if groups == 1 else torch.float32, device=dev)
         dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
         _bwd_kv_kernel[(p.NT, B * H)](
-            q, k, v, wq, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, delta, m, arg, dm,
+            q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, delta, m, arg, dm,
             dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, num_warps=WARPS["bwd_kv"],
         )  # fmt: skip
         if groups > 1:
