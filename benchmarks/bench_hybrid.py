@@ -5,7 +5,7 @@ hedgehog (W=0) and hybrid (W=64) kernels; the forward's achieved bandwidth again
 (bytes of q, k, v read and o written once); and decode-step latency against context length (B=16, 32 query heads,
 8 KV heads). Times are medians of `triton.testing.do_bench`. A script, not a test: it needs a CUDA GPU.
 
-    python benchmarks/bench_hybrid.py [--lengths 2048 8192 16384 32768]
+    python benchmarks/bench_hybrid.py [--lengths 2048 8192 16384 32768] [tuning overrides: see tuning.py]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import triton
+import tuning
 
 from linearize.kernels.hybrid import HybridState
 from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
@@ -128,10 +129,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    tuning.add_arguments(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_hybrid.py needs a CUDA GPU")
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    settings = tuning.apply(args)
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; {settings}")
     print(f"# prefill: B*T = {TOKENS} tokens, H={HEADS}, D={HEAD_DIM}, F={FEATURES}, bf16; ms, fwd / fwd+bwd")
     names = ["hedgehog", "hybrid", "sdpa"] + (["fla"] if chunk_linear_attn is not None else [])
     print("| T (B) | " + " | ".join(f"{n} fwd | {n} fwd+bwd" for n in names) + " |")

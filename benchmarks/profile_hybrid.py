@@ -16,6 +16,7 @@ import argparse
 from collections import defaultdict
 
 import torch
+import tuning
 from torch.profiler import ProfilerActivity, profile
 
 from linearize.kernels.hybrid import HybridState, triton_chunk, triton_recurrent
@@ -63,21 +64,11 @@ def main() -> None:
     parser.add_argument("--F", type=int, default=64)
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--warps", default="", help="name=N,... overrides of triton_chunk.WARPS")
-    parser.add_argument("--bq-out", type=int, default=triton_chunk.BQ_OUT, help="query rows per forward program")
-    parser.add_argument("--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per query-side program")
-    parser.add_argument("--bq-kv", type=int, default=triton_chunk.BQ_KV, help="query rows per key-side step")
-    parser.add_argument("--bv-state", type=int, default=triton_chunk.BV_STATE, help="Dv columns per state program")
+    tuning.add_arguments(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_hybrid.py needs a CUDA GPU")
-    for item in filter(None, args.warps.split(",")):
-        name, _, n = item.partition("=")
-        if name not in triton_chunk.WARPS or not n.isdigit():
-            raise SystemExit(f"--warps: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
-        triton_chunk.WARPS[name] = int(n)
-    triton_chunk.BQ_OUT, triton_chunk.BQ_Q, triton_chunk.BQ_KV = args.bq_out, args.bq_q, args.bq_kv
-    triton_chunk.BV_STATE = args.bv_state
+    settings = tuning.apply(args)
     dev, dt = "cuda", torch.bfloat16
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
     q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
@@ -98,8 +89,7 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     print(
-        f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; warps {triton_chunk.WARPS}, "
-        f"BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, BV_STATE {args.bv_state}"
+        f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; {settings}"
     )
     _table(prof, args.iters, "forward+backward")
 

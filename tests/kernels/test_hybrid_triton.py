@@ -23,6 +23,7 @@ triton = pytest.importorskip("triton")
 
 from linearize.kernels import hybrid  # noqa: E402
 from linearize.kernels.hybrid import (  # noqa: E402
+    HybridState,
     hybrid_attention,
     hybrid_attention_chunked,
     hybrid_attention_naive,
@@ -332,3 +333,79 @@ def test_gpu_prefill_then_decode():
         ["kv", "ksum", "win_k", "win_v", "win_mask"], state.tensors(), want_state.tensors(), strict=True
     ):
         assert_rel(a.float(), b.float(), 1e-4, name)
+
+
+def _varlen_against_separate_calls(lens, W, with_state, Hkv=2):
+    """Packed call with cu_seqlens against one call per sequence: outputs, final states, gradients."""
+    H, D, F, Dv = 4, 32, 16, 24
+    total = sum(lens)
+    leaves, _ = make_inputs(1, total, H, Hkv, D, F, Dv=Dv, seed=len(lens) + W)
+    q, k, v, wq, wk, wf = leaves
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    args = (wq, wk, wf, W, D**-0.5, None)
+    states = []
+    if with_state:
+        # Each sequence continues a different history, some shorter than the window.
+        for i in range(len(lens)):
+            hist, hmask = make_inputs(1, 3 + 40 * i, H, Hkv, D, F, Dv=Dv, seed=100 + i)
+            states.append(hybrid_attention_chunked(*hist[:3], *args, None, None, True)[1])
+        init = HybridState(*(torch.cat(ts, 0) for ts in zip(*(s.tensors() for s in states), strict=True)))
+    else:
+        init = None
+    for t in (q, k, v, wq):
+        t.requires_grad_()
+    out, final = hybrid_attention(q, k, v, *args, None, init, True, cu_seqlens=cu)
+    dout = torch.randn_like(out)
+    got = grads(out, [q, k, v, wq], dout)
+    outs, finals = [], []
+    for i in range(len(lens)):
+        sl = slice(int(cu[i]), int(cu[i + 1]))
+        o, f = hybrid_attention_chunked(q[:, sl], k[:, sl], v[:, sl], *args, None,
+                                        states[i] if with_state else None, True)  # fmt: skip
+        outs.append(o)
+        finals.append(f)
+    ref = torch.cat(outs, 1)
+    want = grads(ref, [q, k, v, wq], dout)
+    assert_rel(out, ref, 1e-5, "output")
+    for name, a, b in zip(["dq", "dk", "dv", "dwq"], got, want, strict=True):
+        assert_rel(a, b, 1e-4, name)
+    for i, f in enumerate(finals):
+        for name, a, b in zip(["kv", "ksum", "win_k", "win_v"], final.index_select(torch.tensor([i])).tensors(),
+                              f.tensors(), strict=False):  # fmt: skip
+            assert a.shape == b.shape, name
+            if a.numel():
+                assert_rel(a.float(), b.float(), 1e-5, f"{name}[{i}]")
+        assert torch.equal(final.win_mask[i], f.win_mask[0])
+
+
+VARLEN = [
+    pytest.param((5, 70, 1, 33), 16, False, id="lens5-70-1-33-W16"),
+    pytest.param((64, 65, 130), 64, True, id="lens64-65-130-W64-state"),
+    pytest.param((40, 3), 0, True, id="lens40-3-W0-state"),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("lens,W,with_state", VARLEN)
+def test_varlen_triton_matches_separate_calls(interpreter, lens, W, with_state):
+    _varlen_against_separate_calls(lens, W, with_state)
+
+
+@pytest.mark.parametrize("lens,W,with_state", VARLEN)
+def test_varlen_torch_matches_separate_calls(monkeypatch, lens, W, with_state):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    _varlen_against_separate_calls(lens, W, with_state)
+
+
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        pytest.param([0, 5, 9], "end at the packed length 10", id="short"),
+        pytest.param([1, 10], "start at 0", id="start"),
+        pytest.param([0, 6, 4, 10], "not decrease", id="decreasing"),
+    ],
+)
+def test_varlen_rejects_bad_offsets(cu, match):
+    leaves, _ = make_inputs(1, 10, 2, 2, 16, 8)
+    with pytest.raises(ValueError, match=match):
+        hybrid_attention(*leaves, 4, 0.25, cu_seqlens=torch.tensor(cu))

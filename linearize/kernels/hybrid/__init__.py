@@ -17,6 +17,7 @@ import torch
 
 from .naive import hedgehog_feature_map, hybrid_attention_naive, hybrid_attention_weights
 from .torch_chunked import HybridState, hybrid_attention_chunked
+from .varlen import hybrid_attention_varlen
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def hybrid_attention(
     initial_state: HybridState | None = None,
     output_final_state: bool = False,
     chunk_size: int = 128,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Hybrid attention over a block of new tokens; same arguments and result as `hybrid_attention_chunked`.
 
@@ -94,11 +96,16 @@ def hybrid_attention(
         initial_state: state after the previous tokens; None starts from empty.
         output_final_state: return the state after these tokens.
         chunk_size: tokens per chunk of the PyTorch path (default 128); the Triton kernels use their own.
+        cu_seqlens: `[N + 1]` offsets of N sequences packed along T (B must be 1, as in flash-attention's varlen
+            API); each sequence attends only to itself, `initial_state` and the final state have batch N.
 
     Returns:
         `([B, T, H, Dv]` output in the dtype of `q`, final state or None).
     """
     impl = KERNELS[kernel_name(q, window)]
+    if cu_seqlens is not None:
+        return hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask,
+                                       initial_state, output_final_state, chunk_size, cu_seqlens)  # fmt: skip
     return impl(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask, initial_state,
                 output_final_state, chunk_size)  # fmt: skip
 

@@ -1,0 +1,34 @@
+"""Command-line overrides of the hybrid chunk kernels' tuning knobs, shared by the benchmark scripts.
+
+`--warps name=N,...` sets the warps per program of named kernels (the keys of `triton_chunk.WARPS`), `--bq-*` the
+query rows per program or step (`triton_chunk.BQ_*`) and `--bv-state` the Dv columns per state program.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from linearize.kernels.hybrid import triton_chunk
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--warps", default="", help="name=N,... overrides of triton_chunk.WARPS")
+    parser.add_argument("--bq-out", type=int, default=triton_chunk.BQ_OUT, help="query rows per forward program")
+    parser.add_argument("--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per query-side program")
+    parser.add_argument("--bq-kv", type=int, default=triton_chunk.BQ_KV, help="query rows per key-side step")
+    parser.add_argument("--bv-state", type=int, default=triton_chunk.BV_STATE, help="Dv columns per state program")
+
+
+def apply(args: argparse.Namespace) -> str:
+    """Set the knobs from parsed arguments; returns a one-line description of the settings in force."""
+    for item in filter(None, args.warps.split(",")):
+        name, _, n = item.partition("=")
+        if name not in triton_chunk.WARPS or not n.isdigit():
+            raise SystemExit(f"--warps: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
+        triton_chunk.WARPS[name] = int(n)
+    triton_chunk.BQ_OUT, triton_chunk.BQ_Q, triton_chunk.BQ_KV = args.bq_out, args.bq_q, args.bq_kv
+    triton_chunk.BV_STATE = args.bv_state
+    return (
+        f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, "
+        f"BV_STATE {args.bv_state}"
+    )
