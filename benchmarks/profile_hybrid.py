@@ -88,9 +88,7 @@ def main() -> None:
         for _ in range(args.iters):
             step()
         torch.cuda.synchronize()
-    print(
-        f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; {settings}"
-    )
+    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; {settings}")
     _table(prof, args.iters, "forward+backward")
 
     Bd, Hkv = 16, 8
