@@ -51,7 +51,7 @@ WARPS = {"phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bw
 # key-side backward (divisors of BLOCK_T): fewer rows, smaller tiles beside the key chunks each one holds.
 BQ_OUT = 64
 BQ_Q = 64
-BQ_KV = 16
+BQ_KV = 32
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
