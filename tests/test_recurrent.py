@@ -120,3 +120,24 @@ def test_softmax_layers_cache_grows_only_there():
     sizes = [_stepwise_logits(hybrid, _ids(1, n), first=n - 1)[1].nbytes() for n in (16, 32)]
     # Layer 1 keeps a key/value cache: 2 tensors x 2 kv heads x 16 dims x fp32 per token.
     assert sizes[1] - sizes[0] == 16 * 2 * 2 * 16 * 4
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3"])
+@pytest.mark.parametrize("kind", ["hedgehog", "lolcats"])
+def test_packed_sequences_equal_separate_forwards(family, kind):
+    # Sequences packed into one row with transformers' flash-attention kwargs (as DataCollatorWithFlattening
+    # makes them): positions restart and the converted layers keep the sequences apart.
+    model = _model(family, kind=kind)
+    lens = [5, WINDOW + 3, 2 * WINDOW + 1]
+    seqs = [_ids(1, n, seed=i) for i, n in enumerate(lens)]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad():
+        packed = model(
+            torch.cat(seqs, 1), position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu
+        ).logits
+        separate = torch.cat([model(s, use_cache=False).logits for s in seqs], 1)
+        mixed = model(torch.cat(seqs, 1), position_ids=positions, use_cache=False).logits
+    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
+    # Without the offsets the later sequences see the earlier ones.
+    assert not torch.allclose(mixed[:, lens[0] :], separate[:, lens[0] :], atol=1e-3)

@@ -13,11 +13,18 @@ import torch
 from torch import nn
 
 from .. import _compat
-from ..kernels.hybrid import hybrid_attention, hybrid_attention_chunked, hybrid_attention_weights
+from ..kernels.hybrid import (
+    hybrid_attention,
+    hybrid_attention_chunked,
+    hybrid_attention_varlen,
+    hybrid_attention_weights,
+)
 from .feature_maps import HedgehogFeatureMap
 from .projection import project_qkv, rope_function
 
 TOKEN_MASK_KWARG = "linearize_token_mask"
+# The offsets of packed sequences, under the name transformers gives them for flash attention.
+PACKED_KWARG = "cu_seq_lens_q"
 
 
 class HybridLinearAttention(nn.Module):
@@ -92,14 +99,19 @@ class HybridLinearAttention(nn.Module):
             params.append(self.window_factors)
         return params
 
-    def attention_heads(self, hidden_states: torch.Tensor, position_embeddings, token_mask=None, cache=None):
+    def attention_heads(
+        self, hidden_states: torch.Tensor, position_embeddings, token_mask=None, cache=None, cu_seqlens=None
+    ):
         """Per-head attention output before `o_proj`: `[B, T, hidden]` -> `[B, T, H * Dv]`.
 
-        This is what attention transfer matches against the teacher's per-head outputs.
+        This is what attention transfer matches against the teacher's per-head outputs. `cu_seqlens` (`[N + 1]`)
+        marks sequences packed along T (B = 1) that must not attend to each other.
         """
         q, k, v = project_qkv(self, hidden_states, position_embeddings)
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         op = hybrid_attention if self.use_linear else partial(hybrid_attention_chunked, linear=False)
+        if cu_seqlens is not None:
+            op = partial(hybrid_attention_varlen, op, cu_seqlens=cu_seqlens)
         out, state = op(
             q,
             k,
@@ -136,7 +148,13 @@ class HybridLinearAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         """Same call and return convention as the transformers attention modules: `(output, None)`."""
         cache = _compat.pop_cache(kwargs)
-        heads = self.attention_heads(hidden_states, position_embeddings, kwargs.get(TOKEN_MASK_KWARG), cache)
+        # Packed sequences (transformers' flash-attention kwargs, e.g. from DataCollatorWithFlattening) stay apart.
+        cu_seqlens = kwargs.get(PACKED_KWARG)
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError(f"{PACKED_KWARG} (packed sequences) cannot be combined with a cache; pass use_cache=False")
+        heads = self.attention_heads(
+            hidden_states, position_embeddings, kwargs.get(TOKEN_MASK_KWARG), cache, cu_seqlens=cu_seqlens
+        )
         return self.o_proj(heads), None
 
     def extra_repr(self) -> str:

@@ -105,7 +105,7 @@ def hybrid_attention(
     impl = KERNELS[kernel_name(q, window)]
     if cu_seqlens is not None:
         return hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask,
-                                       initial_state, output_final_state, chunk_size, cu_seqlens)  # fmt: skip
+                                       initial_state, output_final_state, chunk_size, cu_seqlens=cu_seqlens)  # fmt: skip
     return impl(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask, initial_state,
                 output_final_state, chunk_size)  # fmt: skip
 
@@ -116,6 +116,7 @@ __all__ = [
     "hybrid_attention",
     "hybrid_attention_chunked",
     "hybrid_attention_naive",
+    "hybrid_attention_varlen",
     "hybrid_attention_weights",
     "kernel_name",
 ]

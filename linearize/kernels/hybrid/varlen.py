@@ -27,8 +27,8 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, batch: int) -> torch.
     return lens
 
 
-def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask,
-                            initial_state, output_final_state, chunk_size, cu_seqlens):  # fmt: skip
+def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_mask=None,
+                            initial_state=None, output_final_state=False, chunk_size=128, *, cu_seqlens):  # fmt: skip
     """Run `impl` (a function with `hybrid_attention`'s arguments) over the sequences of a packed batch.
 
     Args as `hybrid_attention`, with q, k, v of shape `[1, total, heads, dim]`, `token_mask` `[1, total]` or None,

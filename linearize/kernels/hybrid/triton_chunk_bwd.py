@@ -1,0 +1,315 @@
+"""Backward kernels of the chunked hybrid op: delta, the reverse state-gradient pass, the query-side and key-side
+gradients and the feature-map weight gradients.
+
+`triton_chunk.py` says how they fit together and launches them.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_common import (
+    NO_KEY,
+    _feature_map_bwd,
+    _key_ok,
+    _load_phi,
+    _load_rows,
+    _load_w,
+    _mm,
+    _out_grads,
+    _window_scores,
+)
+
+
+@triton.jit
+def _delta_kernel(do, o, delta, N, DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    # delta = do . o per row of the [N, DV] tensors, in fp32.
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    ov = tl.arange(0, BV)
+    m = (r < N)[:, None] & (ov < DV)[None, :]
+    off = r.to(tl.int64)[:, None] * DV + ov[None, :]
+    dd = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
+    oo = tl.load(o + off, mask=m, other=0.0).to(tl.float32)
+    tl.store(delta + r, tl.sum(dd * oo, 1), mask=r < N)
+
+
+@triton.jit
+def _bwd_state_kernel(
+    phq, do, den_ptr, delta_ptr, dhkv, dhz,
+    T, NT,
+    H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, PREC: tl.constexpr,
+    NITER: tl.constexpr,
+):  # fmt: skip
+    iv = tl.program_id(0)
+    bh = tl.program_id(1)
+    half = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    of = tl.arange(0, BF)
+    ov = iv * BV + tl.arange(0, BV)
+    fm = of < F
+    f0 = half * F
+    smask = fm[:, None] & (ov[None, :] < DV)
+    acc = tl.zeros([BF, BV], dtype=tl.float32)
+    dz = tl.zeros([BF], dtype=tl.float32)
+    # Walk the chunks backwards; key chunk i - LAG sees the state gradients of query chunks after i.
+    for j in range(NITER if NITER > 0 else NT + LAG):
+        i = NT - 1 + LAG - j
+        if i >= LAG:
+            hst = ((bh * NT + i - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
+            tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
+            if iv == 0:
+                tl.store(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, mask=fm)
+        if i < NT:
+            rows = i * BT + tl.arange(0, BT)
+            rmask = rows < T
+            qrow = (b * T + rows).to(tl.int64) * H + h
+            ph = _load_phi(phq, phq, b, h, rows, T, 0, f0, H, F, BF, False)
+            dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, iv * BV, DV, BV, ph.dtype)
+            acc += _mm(tl.trans(ph), dN, PREC)
+            dz += tl.sum(ph.to(tl.float32) * dD[:, None], 0)
+
+
+@triton.jit
+def _bwd_q_kernel(
+    q, k, v, phq, phk, phw, wq, wf, tm, win_k, win_v, win_m, hkv, hz, do, den_ptr, delta_ptr,
+    dq, dpq, m_ptr, arg_ptr, dm_ptr, dwf,
+    T, NT, S, scale, softcap,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Query side: dq and the gradient of the q feature-map pre-activation for query chunk c.
+    # Program i covers the BQ query rows from i * BQ on, in chunk c.
+    i = tl.program_id(0)
+    c = i // (BT // BQ)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    rows = i * BQ + tl.arange(0, BQ)
+    rmask = rows < T
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    of = tl.arange(0, BF)
+    dmask = rmask[:, None] & (od[None, :] < D)
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    phq_p = _load_phi(phq, phq, b, h, rows, T, S, 0, H, F, BF, False)
+    phq_n = _load_phi(phq, phq, b, h, rows, T, S, F, H, F, BF, False)
+    dt = phq_p.dtype
+    dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
+
+    smask = (of[:, None] < F) & (ov[None, :] < DV)
+    hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    h_p = tl.load(hkv + hst, mask=smask, other=0.0).to(dt)
+    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0).to(dt)
+    z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
+    z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
+    dphq_p = _mm(dN, tl.trans(h_p), PREC) + dD[:, None] * z_p[None, :]
+    dphq_n = _mm(dN, tl.trans(h_n), PREC) + dD[:, None] * z_n[None, :]
+
+    pos_c = c * BT + tl.arange(0, BT)
+    v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
+    ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
+    lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
+    dp_c = _mm(dN, tl.trans(v_c), PREC) + dD[:, None]
+    dl_c = tl.where(lin_c, dp_c, 0.0).to(dt)
+    dphq_p += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN), PREC)
+    dphq_n += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN), PREC)
+    if LAG:
+        # Keys of the previous chunk (or of the carried window in front of chunk 0).
+        pos_p = pos_c - BT
+        v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
+        ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
+        lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
+        dp_p = _mm(dN, tl.trans(v_p), PREC) + dD[:, None]
+        dl_p = tl.where(lin_p, dp_p, 0.0).to(dt)
+        dphq_p += _mm(dl_p, _load_phi(phk, phw, b, h, pos_p, T, S, 0, H, F, BF, HAS_WIN), PREC)
+        dphq_n += _mm(dl_p, _load_phi(phk, phw, b, h, pos_p, T, S, F, H, F, BF, HAS_WIN), PREC)
+    gq = _feature_map_bwd(phq_p.to(tl.float32), phq_n.to(tl.float32), dphq_p, dphq_n)
+    tl.store(
+        dpq + qrow[:, None] * F + of[None, :], gq.to(dpq.dtype.element_ty), mask=rmask[:, None] & (of[None, :] < F)
+    )
+    # Back through the projection: dq += g wq^T.
+    dq_acc = _mm(gq.to(dt), tl.trans(_load_w(wq, h, D, F, BD, BF).to(dt)), PREC)
+
+    if W > 0:
+        qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
+        k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
+        if LAG:
+            k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
+        g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
+        m = tl.max(s_c, 1)
+        if LAG:
+            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC)
+            m = tl.maximum(m, tl.max(s_p, 1))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        # The row max m enters as exp(s - m), so its gradient goes to the arg-max key: the latest of any ties
+        # (one valid subgradient). Carried window keys have negative positions, so NO_KEY marks a row without
+        # window keys.
+        arg = tl.max(tl.where(win_c & (s_c == m[:, None]), pos_c[None, :], NO_KEY), 1)
+        if LAG:
+            arg = tl.maximum(arg, tl.max(tl.where(win_p & (s_p == m[:, None]), pos_p[None, :], NO_KEY), 1))
+        a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
+        # da/ds = a.
+        daa_c = tl.where(win_c, dp_c * a_c, 0.0)
+        dm = -tl.sum(daa_c, 1)
+        if LAG:
+            a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
+            daa_p = tl.where(win_p, dp_p * a_p, 0.0)
+            dm -= tl.sum(daa_p, 1)
+        # The key side reuses the row max, the arg-max and its gradient instead of recomputing both chunks.
+        tl.store(m_ptr + qrow, m, mask=rmask)
+        tl.store(arg_ptr + qrow, arg, mask=rmask)
+        tl.store(dm_ptr + qrow, dm, mask=rmask)
+        ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
+        if SOFTCAP:
+            # s = c tanh(r / c): ds/dr = 1 - (s / c)^2.
+            sc = tl.where(win_c, s_c / softcap, 0.0)
+            ds_c = ds_c * (1.0 - sc * sc)
+        dqw = _mm(ds_c.to(dt), k_c, PREC)
+        dg = tl.sum(tl.sum(daa_c, 1), 0)
+        if LAG:
+            ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
+            if SOFTCAP:
+                sp = tl.where(win_p, s_p / softcap, 0.0)
+                ds_p = ds_p * (1.0 - sp * sp)
+            dqw += _mm(ds_p.to(dt), k_p, PREC)
+            dg += tl.sum(tl.sum(daa_p, 1), 0)
+        dq_acc += dqw * scale
+        # a = sigmoid(wf) e: d wf = sum dA a (1 - g).
+        tl.store(dwf + bh * tl.num_programs(0) + i, dg * (1.0 - g))
+    tl.store(dq + qrow[:, None] * D + od[None, :], dq_acc.to(dq.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _bwd_kv_visit(
+    q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+    dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, g, T, scale, softcap,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BQ: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Adds what the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k (both halves), dk
+    # and dv. Rows past T load as zeros and send nothing.
+    rows = r0 + tl.arange(0, BQ)
+    rmask = rows < T
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    phq_p = _load_phi(phq, phq, b, h, rows, T, 0, 0, H, F, BF, False)
+    phq_n = _load_phi(phq, phq, b, h, rows, T, 0, F, H, F, BF, False)
+    dt = phq_p.dtype
+    dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
+    dp = _mm(dN, tl.trans(v_j), PREC) + dD[:, None]
+    lin = (pos[None, :] <= rows[:, None] - W) & ok_j[None, :]
+    p = tl.where(lin, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
+    dlt = tl.trans(tl.where(lin, dp, 0.0).to(dt))
+    dph_p += _mm(dlt, phq_p, PREC)
+    dph_n += _mm(dlt, phq_n, PREC)
+    if W > 0:
+        od = tl.arange(0, BD)
+        qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+        s, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC)
+        m = tl.load(m_ptr + qrow, mask=rmask, other=0.0)
+        arg = tl.load(arg_ptr + qrow, mask=rmask, other=NO_KEY)
+        dm = tl.load(dm_ptr + qrow, mask=rmask, other=0.0)
+        a = tl.where(win, g * tl.exp(s - m[:, None]), 0.0)
+        p += a
+        ds = tl.where(win, dp * a, 0.0) + tl.where(pos[None, :] == arg[:, None], dm[:, None], 0.0)
+        if SOFTCAP:
+            sc = tl.where(win, s / softcap, 0.0)
+            ds = ds * (1.0 - sc * sc)
+        dk_acc += _mm(tl.trans(ds.to(dt)), qq, PREC) * scale
+    dv_acc += _mm(tl.trans(p.to(dt)), dN, PREC)
+    return dph_p, dph_n, dk_acc, dv_acc
+
+
+@triton.jit
+def _bwd_kv_kernel(
+    q, k, v, phq, phk, wk, wf, tm, win_m, dhkv, dhz, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+    dk, dv, dpk,
+    T, NT, S, scale, softcap,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr,
+):  # fmt: skip
+    # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
+    # feature-map pre-activation of key chunk j. Its keys are seen exactly by query chunks j and (when LAG) j + 1,
+    # and through the states by all later ones, whose summed gradient is dH, dz.
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    pos = j * BT + tl.arange(0, BT)
+    kmask = pos < T
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    of = tl.arange(0, BF)
+    v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
+    dt = v_j.dtype
+    if W > 0:
+        k_j = _load_rows(k, k, b, hk, pos, T, S, 0, HKV, D, BD, False)
+    else:
+        k_j = v_j
+    ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
+    smask = (of[:, None] < F) & (ov[None, :] < DV)
+    dk_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
+    g = 0.0
+    if W > 0:
+        g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+    pk_p = tl.where(ok_j[:, None], _load_phi(phk, phk, b, h, pos, T, 0, 0, H, F, BF, False), 0.0)
+    pk_n = tl.where(ok_j[:, None], _load_phi(phk, phk, b, h, pos, T, 0, F, H, F, BF, False), 0.0)
+    hst = ((bh * NT + j) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    dh_p = tl.load(dhkv + hst, mask=smask, other=0.0).to(dt)
+    dh_n = tl.load(dhkv + hst + F * DV, mask=smask, other=0.0).to(dt)
+    dz_p = tl.load(dhz + (bh * NT + j) * 2 * F + of, mask=of < F, other=0.0)
+    dz_n = tl.load(dhz + (bh * NT + j) * 2 * F + F + of, mask=of < F, other=0.0)
+    # dphi_k is summed over the state and the (at most two) visits, and mapped back through the feature map once.
+    dph_p = _mm(v_j, tl.trans(dh_p), PREC) + dz_p[None, :]
+    dph_n = _mm(v_j, tl.trans(dh_n), PREC) + dz_n[None, :]
+    dv_acc += _mm(pk_p, dh_p, PREC) + _mm(pk_n, dh_n, PREC)
+    # The query chunks j and (when LAG) j + 1, in blocks of BQ rows: smaller temporaries beside the accumulators.
+    for sub in range((1 + LAG) * (BT // BQ)):
+        dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
+            q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+            dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, g, T,
+            scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC,
+        )  # fmt: skip
+    gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
+    krow = (b * T + pos).to(tl.int64) * H + h
+    tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
+             mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
+    # Back through the projection: dk += g wk^T.
+    dk_acc += _mm(gk.to(dt), tl.trans(_load_w(wk, h, D, F, BD, BF).to(dt)), PREC)
+    tl.store(dk + krow[:, None] * D + od[None, :], dk_acc.to(dk.dtype.element_ty),
+             mask=kmask[:, None] & (od[None, :] < D))  # fmt: skip
+    tl.store(dv + krow[:, None] * DV + ov[None, :], dv_acc.to(dv.dtype.element_ty),
+             mask=kmask[:, None] & (ov[None, :] < DV))  # fmt: skip
+
+
+@triton.jit
+def _wgrad_kernel(
+    x, gr, part, R, ROWS_PER,
+    H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+    BF: tl.constexpr, PREC: tl.constexpr, NITER: tl.constexpr,
+):  # fmt: skip
+    # part[s, h] = sum over rows r of split s of x[r, h // G]^T g[r, h], for x [R, HX, D] and g [R, H, F] of one
+    # type; fp32 partial sums.
+    sp = tl.program_id(0)
+    h = tl.program_id(1)
+    hx = h // (H // HX)
+    od = tl.arange(0, BD)
+    of = tl.arange(0, BF)
+    acc = tl.zeros([BD, BF], dtype=tl.float32)
+    r0 = sp * ROWS_PER
+    for i in range(NITER if NITER > 0 else tl.cdiv(ROWS_PER, BR)):
+        r = r0 + i * BR + tl.arange(0, BR)
+        rm = (r < R) & (r < r0 + ROWS_PER)
+        xx = tl.load(x + (r.to(tl.int64) * HX + hx)[:, None] * D + od[None, :], mask=rm[:, None] & (od < D)[None, :],
+                     other=0.0)  # fmt: skip
+        gg = tl.load(gr + (r.to(tl.int64) * H + h)[:, None] * F + of[None, :], mask=rm[:, None] & (of < F)[None, :],
+                     other=0.0)  # fmt: skip
+        acc += _mm(tl.trans(xx), gg, PREC)
+    out = ((sp * H + h) * D + od[:, None]).to(tl.int64) * F + of[None, :]
+    tl.store(part + out, acc, mask=(od < D)[:, None] & (of < F)[None, :])

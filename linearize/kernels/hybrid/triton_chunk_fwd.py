@@ -1,0 +1,159 @@
+"""Forward kernels of the chunked hybrid op: the Hedgehog features, the sequential state pass and the output.
+
+`triton_chunk.py` says how they fit together and launches them.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_common import EPS, _feature_map, _key_ok, _load_phi, _load_rows, _mm, _window_scores
+
+
+@triton.jit
+def _phi_kernel(x, w, phi, T, H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+                BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):  # fmt: skip
+    # phi[b, t, h] = [softmax(x W_h), softmax(-x W_h)] for x [B, T, HX, D] (head h reads x head h // (H / HX)),
+    # in the type of x, for one chunk of one head.
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    pos = c * BT + tl.arange(0, BT)
+    od = tl.arange(0, BD)
+    of = tl.arange(0, BF)
+    rmask = pos < T
+    xrow = (b * T + pos).to(tl.int64) * HX + h // (H // HX)
+    xx = tl.load(x + xrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+    ph_p, ph_n = _feature_map(xx, w, h, D, F, BD, BF)
+    prow = (b * T + pos).to(tl.int64) * H + h
+    fmask = rmask[:, None] & (of[None, :] < F)
+    tl.store(phi + prow[:, None] * 2 * F + of[None, :], ph_p.to(phi.dtype.element_ty), mask=fmask)
+    tl.store(phi + prow[:, None] * 2 * F + F + of[None, :], ph_n.to(phi.dtype.element_ty), mask=fmask)
+
+
+@triton.jit
+def _fwd_state_kernel(
+    phk, phw, v, tm, win_v, win_m, kv0, z0, hkv, hz, kv_out, z_out,
+    T, NT, S, SOUT,
+    H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+    PREC: tl.constexpr, NITER: tl.constexpr,
+):  # fmt: skip
+    iv = tl.program_id(0)
+    bh = tl.program_id(1)
+    half = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    of = tl.arange(0, BF)
+    ov = iv * BV + tl.arange(0, BV)
+    fm = of < F
+    smask = fm[:, None] & (ov[None, :] < DV)
+    f0 = half * F
+    st = (bh * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    if HAS_INIT:
+        kv = tl.load(kv0 + st, mask=smask, other=0.0)
+        z = tl.load(z0 + bh * 2 * F + f0 + of, mask=fm, other=0.0)
+    else:
+        kv = tl.zeros([BF, BV], dtype=tl.float32)
+        z = tl.zeros([BF], dtype=tl.float32)
+    # The interpreter of some Triton versions (3.6) cannot take a run-time loop bound: there NITER holds it.
+    for i in range(NITER if NITER > 0 else NT + LAG):
+        if i < NT:
+            hst = ((bh * NT + i) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
+            tl.store(hkv + hst, kv.to(hkv.dtype.element_ty), mask=smask)
+            if iv == 0:
+                tl.store(hz + (bh * NT + i) * 2 * F + f0 + of, z, mask=fm)
+        # Chunk i - LAG enters the state. Only keys older than the final window count towards the final state;
+        # that bound never cuts into a chunk whose state was stored above.
+        pos = (i - LAG) * BT + tl.arange(0, BT)
+        ok = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, HAS_WIN) & (pos < T - SOUT)
+        vv = _load_rows(v, win_v, b, hk, pos, T, S, iv * BV, HKV, DV, BV, HAS_WIN)
+        phi = _load_phi(phk, phw, b, h, pos, T, S, f0, H, F, BF, HAS_WIN)
+        phi = tl.where(ok[:, None], phi, 0.0)
+        kv += _mm(tl.trans(phi), vv, PREC)
+        z += tl.sum(phi.to(tl.float32), 0)
+    if STORE_FINAL:
+        tl.store(kv_out + st, kv, mask=smask)
+        if iv == 0:
+            tl.store(z_out + bh * 2 * F + f0 + of, z, mask=fm)
+
+
+@triton.jit
+def _fwd_out_kernel(
+    q, k, v, phq, phk, phw, wf, tm, win_k, win_v, win_m, hkv, hz, o, den_out,
+    T, NT, S, scale, softcap,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Program i covers the BQ query rows from i * BQ on, in chunk c.
+    i = tl.program_id(0)
+    c = i // (BT // BQ)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // HKV)
+    rows = i * BQ + tl.arange(0, BQ)
+    rmask = rows < T
+    ov = tl.arange(0, BV)
+    of = tl.arange(0, BF)
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    # Every product takes its operands in the input type (fp32 accumulation), as a 16-bit model would.
+    phq_p = _load_phi(phq, phq, b, h, rows, T, S, 0, H, F, BF, False)
+    phq_n = _load_phi(phq, phq, b, h, rows, T, S, F, H, F, BF, False)
+    dt = phq_p.dtype
+
+    # Keys older than the two chunks: through the stored state.
+    smask = (of[:, None] < F) & (ov[None, :] < DV)
+    hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    h_p = tl.load(hkv + hst, mask=smask, other=0.0).to(dt)
+    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0).to(dt)
+    acc = _mm(phq_p, h_p, PREC) + _mm(phq_n, h_n, PREC)
+    z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
+    z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
+    den = tl.sum(phq_p.to(tl.float32) * z_p[None, :], 1) + tl.sum(phq_n.to(tl.float32) * z_n[None, :], 1)
+
+    # Keys of the current chunk.
+    pos_c = c * BT + tl.arange(0, BT)
+    v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
+    ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
+    pk_p = _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN)
+    pk_n = _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN)
+    lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
+    p_c = tl.where(lin_c, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
+    if LAG:
+        # Keys of the previous chunk (or of the carried window in front of chunk 0).
+        pos_p = pos_c - BT
+        v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
+        ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
+        pkp_p = _load_phi(phk, phw, b, h, pos_p, T, S, 0, H, F, BF, HAS_WIN)
+        pkp_n = _load_phi(phk, phw, b, h, pos_p, T, S, F, H, F, BF, HAS_WIN)
+        lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
+        p_p = tl.where(lin_p, _mm(phq_p, tl.trans(pkp_p), PREC) + _mm(phq_n, tl.trans(pkp_n), PREC), 0.0)
+    if W > 0:
+        od = tl.arange(0, BD)
+        qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+        g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+        k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
+        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
+        m = tl.max(s_c, 1)
+        if LAG:
+            k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
+            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC)
+            m = tl.maximum(m, tl.max(s_p, 1))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        p_c += tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
+        if LAG:
+            p_p += tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
+    acc += _mm(p_c.to(dt), v_c, PREC)
+    den += tl.sum(p_c, 1)
+    if LAG:
+        acc += _mm(p_p.to(dt), v_p, PREC)
+        den += tl.sum(p_p, 1)
+    den += EPS
+    out = acc / den[:, None]
+    omask = rmask[:, None] & (ov[None, :] < DV)
+    tl.store(o + qrow[:, None] * DV + ov[None, :], out.to(o.dtype.element_ty), mask=omask)
+    tl.store(den_out + qrow, den, mask=rmask)

@@ -1,0 +1,131 @@
+"""Triton building blocks shared by the chunked hybrid kernels: loads of rows, masks and features, the Hedgehog
+feature map and its gradient, window scores and the output's gradient factors.
+
+Every function here is `@triton.jit` and inlined into the kernels of `triton_chunk_fwd.py` and `triton_chunk_bwd.py`.
+"""
+
+import triton
+import triton.language as tl
+
+from .naive import EPS as _EPS_VALUE
+
+# Kernels read globals only as constexpr.
+EPS = tl.constexpr(_EPS_VALUE)
+NO_KEY = tl.constexpr(-(2**30))
+
+
+@triton.jit
+def _mm(a, b, PREC: tl.constexpr):
+    return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _load_w(w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    od = tl.arange(0, BD)
+    of = tl.arange(0, BF)
+    wmask = (od[:, None] < D) & (of[None, :] < F)
+    return tl.load(w_ptr + h * D * F + od[:, None] * F + of[None, :], mask=wmask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _proj(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    w = _load_w(w_ptr, h, D, F, BD, BF)
+    # fp32 inputs keep near-fp32 accuracy (tf32x3); 16-bit inputs use the weights in their type, as a 16-bit model
+    # would, with fp32 accumulation.
+    if x.dtype == tl.float32:
+        proj = tl.dot(x, w, input_precision="tf32x3")
+    else:
+        proj = tl.dot(x, w.to(x.dtype))
+    return proj
+
+
+@triton.jit
+def _softmax_half(proj, sign, F: tl.constexpr, BF: tl.constexpr):
+    # softmax(sign * proj) over the F real features; sign is +1 or -1 (negation is exact).
+    fmask = (tl.arange(0, BF) < F)[None, :]
+    pp = tl.where(fmask, proj * sign, float("-inf"))
+    ep = tl.exp(pp - tl.max(pp, 1)[:, None])
+    return ep / tl.sum(ep, 1)[:, None]
+
+
+@triton.jit
+def _feature_map(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    proj = _proj(x, w_ptr, h, D, F, BD, BF)
+    return _softmax_half(proj, 1.0, F, BF), _softmax_half(proj, -1.0, F, BF)
+
+
+@triton.jit
+def _feature_map_bwd(phi_p, phi_n, dphi_p, dphi_n):
+    # Gradient of the projection p from both halves: softmax(p) and softmax(-p). Linear in (dphi_p, dphi_n), so
+    # the gradients of separate terms may be mapped one by one and summed.
+    gp = phi_p * (dphi_p - tl.sum(dphi_p * phi_p, 1)[:, None])
+    gn = phi_n * (dphi_n - tl.sum(dphi_n * phi_n, 1)[:, None])
+    return gp - gn
+
+
+@triton.jit
+def _load_rows(x_ptr, win_ptr, b, hk, pos, T, S, c0, HKV: tl.constexpr, DX: tl.constexpr, BX: tl.constexpr,
+               HAS_WIN: tl.constexpr):  # fmt: skip
+    # Rows `pos`, columns c0.. of a [B, T, HKV, DX] tensor; negative positions read the carried window.
+    offs = c0 + tl.arange(0, BX)
+    dmask = (offs < DX)[None, :]
+    in_seq = (pos >= 0) & (pos < T)
+    rows = (b * T + pos).to(tl.int64) * HKV + hk
+    x = tl.load(x_ptr + rows[:, None] * DX + offs[None, :], mask=in_seq[:, None] & dmask, other=0.0)
+    if HAS_WIN:
+        in_win = (pos < 0) & (pos >= -S)
+        wrows = (b * S + S + pos).to(tl.int64) * HKV + hk
+        x += tl.load(win_ptr + wrows[:, None] * DX + offs[None, :], mask=in_win[:, None] & dmask, other=0.0)
+    return x
+
+
+@triton.jit
+def _key_ok(tm_ptr, wm_ptr, b, pos, T, S, HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr):
+    ok = (pos >= 0) & (pos < T)
+    if HAS_MASK:
+        ok = ok & (tl.load(tm_ptr + b * T + pos, mask=ok, other=0) != 0)
+    if HAS_WIN:
+        in_win = (pos < 0) & (pos >= -S)
+        ok = ok | (tl.load(wm_ptr + b * S + S + pos, mask=in_win, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _load_phi(ph_ptr, phw_ptr, b, h, pos, T, S, f0, H: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+              HAS_WIN: tl.constexpr):  # fmt: skip
+    # Features f0..f0 + F of the rows `pos` of a [B, T, H, 2F] feature tensor; negative positions read the carried
+    # window's [B, S, H, 2F] features; rows outside both are zeros.
+    of = tl.arange(0, BF)
+    fmask = (of < F)[None, :]
+    in_seq = (pos >= 0) & (pos < T)
+    rows = (b * T + pos).to(tl.int64) * H + h
+    x = tl.load(ph_ptr + rows[:, None] * 2 * F + f0 + of[None, :], mask=in_seq[:, None] & fmask, other=0.0)
+    if HAS_WIN:
+        in_win = (pos < 0) & (pos >= -S)
+        wrows = (b * S + S + pos).to(tl.int64) * H + h
+        x += tl.load(phw_ptr + wrows[:, None] * 2 * F + f0 + of[None, :], mask=in_win[:, None] & fmask, other=0.0)
+    return x
+
+
+@triton.jit
+def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
+    s = _mm(q, tl.trans(kk), PREC) * scale
+    if SOFTCAP:
+        # tanh through exp: the interpreter and every backend have it.
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    inside = (pos[None, :] <= rows[:, None]) & (pos[None, :] > rows[:, None] - W) & ok[None, :]
+    return tl.where(inside, s, float("-inf")), inside
+
+
+@triton.jit
+def _out_grads(do, den_ptr, delta_ptr, qrow, rmask, c0, DV: tl.constexpr, BV: tl.constexpr, dt: tl.constexpr):
+    # y = N / den: dN = do / den and d(den) = -do . y / den, for the rows `qrow` and columns c0.. of do. A row
+    # without any key has den == EPS and sends nothing back (each of its terms has a zero factor); its 1 / den is
+    # taken as 0 so that dN stays finite in fp16.
+    ov = c0 + tl.arange(0, BV)
+    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
+    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
+    rden = tl.where(den > EPS, 1.0 / den, 0.0)
+    dD = -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) * rden
+    dN = (dd.to(tl.float32) * rden[:, None]).to(dt)
+    return dN, dD
