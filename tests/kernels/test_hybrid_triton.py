@@ -118,6 +118,7 @@ CASES = [
     pytest.param(1, 100, 2, 2, 32, 16, 2, 0, 5.0, id="B1-T100-H2-D32-W2-softcap"),
     pytest.param(1, 70, 2, 2, 32, 16, 1, 0, None, id="B1-T70-H2-D32-W1"),
     pytest.param(1, 200, 2, 1, 32, 16, 64, 0, None, id="B1-T200-H2-Hkv1-D32-W64"),
+    pytest.param(1, 1000, 2, 1, 16, 8, 64, 0, None, id="B1-T1000-H2-Hkv1-D16-F8-W64"),
 ]
 
 
