@@ -1,0 +1,108 @@
+"""Coordinate search over the hybrid chunk kernels' tuning knobs, timing one forward+backward.
+
+For each knob in turn (warps per kernel, query rows per program or step, Dv columns per state program), every
+listed value is tried with the other knobs at the best found so far; a setting that does not compile or run (too
+much shared memory, say) is reported and skipped. Prints a line per trial and the best settings as the arguments
+that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it needs a CUDA GPU.
+
+    python benchmarks/tune_hybrid.py [--T 16384] [--B 1] [--window 64] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton
+
+from linearize.kernels.hybrid import triton_chunk
+from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
+
+WARP_CHOICES = (4, 8)
+ROW_CHOICES = (16, 32, 64)
+BV_CHOICES = (32, 64, 128)
+
+
+def _knobs() -> list[tuple[str, tuple]]:
+    knobs = [(f"warps:{name}", WARP_CHOICES) for name in triton_chunk.WARPS]
+    knobs += [("BQ_OUT", ROW_CHOICES), ("BQ_Q", ROW_CHOICES), ("BQ_KV", ROW_CHOICES), ("BV_STATE", BV_CHOICES)]
+    return knobs
+
+
+def _get(knob: str):
+    if knob.startswith("warps:"):
+        return triton_chunk.WARPS[knob.split(":", 1)[1]]
+    return getattr(triton_chunk, knob)
+
+
+def _set(knob: str, value) -> None:
+    if knob.startswith("warps:"):
+        triton_chunk.WARPS[knob.split(":", 1)[1]] = value
+    else:
+        setattr(triton_chunk, knob, value)
+
+
+def _arguments() -> str:
+    warps = ",".join(f"{k}={v}" for k, v in triton_chunk.WARPS.items())
+    return (
+        f"--warps {warps} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} --bq-kv {triton_chunk.BQ_KV} "
+        f"--bv-state {triton_chunk.BV_STATE}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--T", type=int, default=16384)
+    parser.add_argument("--B", type=int, default=1)
+    parser.add_argument("--H", type=int, default=32)
+    parser.add_argument("--D", type=int, default=128)
+    parser.add_argument("--F", type=int, default=64)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=1, help="passes over all knobs")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_hybrid.py needs a CUDA GPU")
+    dev, dt = "cuda", torch.bfloat16
+    B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
+    q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
+    wq = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
+    wk = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
+    wf = torch.full((H,), -2.197, device=dev, requires_grad=True)
+    grad = torch.randn(B, T, H, D, device=dev, dtype=dt)
+    leaves = (q, k, v, wq, wk, wf)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        hybrid_attention_triton(q, k, v, wq, wk, wf, W, D**-0.5)[0].backward(grad)
+
+    def measure() -> float:
+        try:
+            step()
+            torch.cuda.synchronize()
+            return triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
+        except (triton.runtime.errors.OutOfResources, triton.CompilationError, RuntimeError) as err:
+            print(f"#   failed: {str(err).splitlines()[0][:120]}", flush=True)
+            return float("inf")
+
+    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16, fwd+bwd ms", flush=True)
+    best = measure()
+    print(f"start: {best:.3f} ms with {_arguments()}", flush=True)
+    for _ in range(args.rounds):
+        for knob, choices in _knobs():
+            keep = _get(knob)
+            for value in choices:
+                if value == keep:
+                    continue
+                _set(knob, value)
+                ms = measure()
+                print(f"{knob}={value}: {ms:.3f} ms", flush=True)
+                if ms < best:
+                    best, keep = ms, value
+            _set(knob, keep)
+    print(f"best: {best:.3f} ms with {_arguments()}", file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    main()
