@@ -15,6 +15,7 @@ import sys
 
 import torch
 import triton
+import tuning
 
 from linearize.kernels.hybrid import triton_chunk
 from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
@@ -53,24 +54,14 @@ def _arguments() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--T", type=int, default=16384)
-    parser.add_argument("--B", type=int, default=1)
-    parser.add_argument("--H", type=int, default=32)
-    parser.add_argument("--D", type=int, default=128)
-    parser.add_argument("--F", type=int, default=64)
-    parser.add_argument("--window", type=int, default=64)
+    tuning.add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=1, help="passes over all knobs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tune_hybrid.py needs a CUDA GPU")
-    dev, dt = "cuda", torch.bfloat16
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
-    q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
-    wq = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
-    wk = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
-    wf = torch.full((H,), -2.197, device=dev, requires_grad=True)
-    grad = torch.randn(B, T, H, D, device=dev, dtype=dt)
-    leaves = (q, k, v, wq, wk, wf)
+    leaves, grad = tuning.make_problem(args)
+    q, k, v, wq, wk, wf = leaves
 
     def step():
         for t in leaves:
