@@ -388,6 +388,7 @@ VARLEN = [
     pytest.param((5, 70, 1, 33), 16, False, id="lens5-70-1-33-W16"),
     pytest.param((64, 65, 130), 64, True, id="lens64-65-130-W64-state"),
     pytest.param((40, 3), 0, True, id="lens40-3-W0-state"),
+    pytest.param((7, 0, 20), 16, True, id="lens7-0-20-W16-state"),
 ]
 
 
