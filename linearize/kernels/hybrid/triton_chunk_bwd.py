@@ -113,9 +113,11 @@ def _bwd_q_kernel(
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
     lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
     dp_c = _mm(dN, tl.trans(v_c), PREC) + dD[:, None]
-    dl_c = tl.where(lin_c, dp_c, 0.0).to(dt)
-    dphq_p += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN), PREC)
-    dphq_n += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN), PREC)
+    if W < BT:
+        # (A window as long as the chunk leaves no linear term within it.)
+        dl_c = tl.where(lin_c, dp_c, 0.0).to(dt)
+        dphq_p += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN), PREC)
+        dphq_n += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN), PREC)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
         pos_p = pos_c - BT
@@ -189,22 +191,27 @@ def _bwd_kv_visit(
     dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, g, T, scale, softcap,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BQ: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    LIN: tl.constexpr,
 ):  # fmt: skip
     # Adds what the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k (both halves), dk
-    # and dv. Rows past T load as zeros and send nothing.
+    # and dv. Rows past T load as zeros and send nothing. LIN is False where no pair of the visit can be on the
+    # linear side (the key chunk's own rows under a window as long as the chunk).
     rows = r0 + tl.arange(0, BQ)
     rmask = rows < T
     qrow = (b * T + rows).to(tl.int64) * H + h
-    phq_p = _load_phi(phq, phq, b, h, rows, T, 0, 0, H, F, BF, False)
-    phq_n = _load_phi(phq, phq, b, h, rows, T, 0, F, H, F, BF, False)
-    dt = phq_p.dtype
+    dt = v_j.dtype
     dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
     dp = _mm(dN, tl.trans(v_j), PREC) + dD[:, None]
-    lin = (pos[None, :] <= rows[:, None] - W) & ok_j[None, :]
-    p = tl.where(lin, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
-    dlt = tl.trans(tl.where(lin, dp, 0.0).to(dt))
-    dph_p += _mm(dlt, phq_p, PREC)
-    dph_n += _mm(dlt, phq_n, PREC)
+    if LIN:
+        phq_p = _load_phi(phq, phq, b, h, rows, T, 0, 0, H, F, BF, False)
+        phq_n = _load_phi(phq, phq, b, h, rows, T, 0, F, H, F, BF, False)
+        lin = (pos[None, :] <= rows[:, None] - W) & ok_j[None, :]
+        p = tl.where(lin, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
+        dlt = tl.trans(tl.where(lin, dp, 0.0).to(dt))
+        dph_p += _mm(dlt, phq_p, PREC)
+        dph_n += _mm(dlt, phq_n, PREC)
+    else:
+        p = tl.zeros_like(dp)
     if W > 0:
         od = tl.arange(0, BD)
         qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
@@ -270,12 +277,19 @@ def _bwd_kv_kernel(
     dph_n = _mm(v_j, tl.trans(dh_n), PREC) + dz_n[None, :]
     dv_acc += _mm(pk_p, dh_p, PREC) + _mm(pk_n, dh_n, PREC)
     # The query chunks j and (when LAG) j + 1, in blocks of BQ rows: smaller temporaries beside the accumulators.
-    for sub in range((1 + LAG) * (BT // BQ)):
+    for sub in range(BT // BQ):
         dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
             q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
             dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, g, T,
-            scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC,
+            scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC, W < BT,
         )  # fmt: skip
+    if LAG:
+        for sub in range(BT // BQ):
+            dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
+                q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+                dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, (j + 1) * BT + sub * BQ, b, h, g, T,
+                scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC, True,
+            )  # fmt: skip
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
     krow = (b * T + pos).to(tl.int64) * H + h
     tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),

@@ -119,10 +119,14 @@ def _fwd_out_kernel(
     pos_c = c * BT + tl.arange(0, BT)
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
-    pk_p = _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN)
-    pk_n = _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN)
-    lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
-    p_c = tl.where(lin_c, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
+    if W < BT:
+        pk_p = _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN)
+        pk_n = _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN)
+        lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
+        p_c = tl.where(lin_c, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
+    else:
+        # A window as long as the chunk covers every pair inside it: no linear term within the chunk.
+        p_c = tl.zeros([BQ, BT], dtype=tl.float32)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
         pos_p = pos_c - BT
