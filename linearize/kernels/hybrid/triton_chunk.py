@@ -113,6 +113,13 @@ def _features(p: _Plan, x, w):
     return phi
 
 
+def _all_features(p: _Plan, q, k, wq, wk):
+    """Features of the queries, the keys and the carried window's keys (the keys' tensor stands in for the last
+    when there is no window, since kernels take a pointer even where a flag turns it off)."""
+    phk = _features(p, k, wk)
+    return _features(p, q, wq), phk, _features(p, p.win_k, wk) if p.S else phk
+
+
 def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
     """Per-chunk linear states `[B, H, NT, 2F, DV]` in the input type, `[B, H, NT, 2F]` in fp32 (and the final ones,
     both fp32, if asked)."""
@@ -151,8 +158,7 @@ class _HybridChunk(torch.autograd.Function):
                 output_final_state):  # fmt: skip
         p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
         win_v = win_v.contiguous() if p.S else v
-        phq, phk, phw = _features(p, q, wq), _features(p, k, wk), _features(p, p.win_k, wk) if p.S else None
-        phw = phw if phw is not None else phk
+        phq, phk, phw = _all_features(p, q, k, wq, wk)
         hkv, hz, kv_out, z_out = _states(p, phk, phw, v, win_v, kv0, z0, output_final_state)
         o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
         den = _empty(p.B, p.T, p.H, device=q.device)
@@ -183,8 +189,7 @@ class _HybridChunk(torch.autograd.Function):
         _delta_kernel[(triton.cdiv(rows, 32),)](do, o, delta, rows, DV=DV, BR=32, BV=p.BV, num_warps=WARPS["delta"])
         # The features and states are recomputed rather than kept from the forward: they are the largest
         # intermediates.
-        phq, phk, phw = _features(p, q, wq), _features(p, k, wk), _features(p, p.win_k, wk) if p.S else None
-        phw = phw if phw is not None else phk
+        phq, phk, phw = _all_features(p, q, k, wq, wk)
         hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
         dhkv = _empty(*hkv.shape, dtype=hkv.dtype, device=dev)
         dhz = _empty(*hz.shape, device=dev)

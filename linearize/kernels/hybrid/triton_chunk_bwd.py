@@ -11,7 +11,9 @@ from .triton_common import (
     NO_KEY,
     _feature_map_bwd,
     _key_ok,
+    _load_chunk_state,
     _load_phi,
+    _load_phi_pair,
     _load_rows,
     _load_w,
     _mm,
@@ -90,21 +92,14 @@ def _bwd_q_kernel(
     rows = i * BQ + tl.arange(0, BQ)
     rmask = rows < T
     od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
     of = tl.arange(0, BF)
     dmask = rmask[:, None] & (od[None, :] < D)
     qrow = (b * T + rows).to(tl.int64) * H + h
-    phq_p = _load_phi(phq, phq, b, h, rows, T, S, 0, H, F, BF, False)
-    phq_n = _load_phi(phq, phq, b, h, rows, T, S, F, H, F, BF, False)
+    phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     dt = phq_p.dtype
     dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
 
-    smask = (of[:, None] < F) & (ov[None, :] < DV)
-    hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
-    h_p = tl.load(hkv + hst, mask=smask, other=0.0).to(dt)
-    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0).to(dt)
-    z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
-    z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
+    h_p, h_n, z_p, z_n = _load_chunk_state(hkv, hz, bh, c, NT, DV, F, BF, BV, dt)
     dphq_p = _mm(dN, tl.trans(h_p), PREC) + dD[:, None] * z_p[None, :]
     dphq_n = _mm(dN, tl.trans(h_n), PREC) + dD[:, None] * z_n[None, :]
 
@@ -116,8 +111,9 @@ def _bwd_q_kernel(
     if W < BT:
         # (A window as long as the chunk leaves no linear term within it.)
         dl_c = tl.where(lin_c, dp_c, 0.0).to(dt)
-        dphq_p += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN), PREC)
-        dphq_n += _mm(dl_c, _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN), PREC)
+        pk_p, pk_n = _load_phi_pair(phk, phw, b, h, pos_c, T, S, H, F, BF, HAS_WIN)
+        dphq_p += _mm(dl_c, pk_p, PREC)
+        dphq_n += _mm(dl_c, pk_n, PREC)
     if LAG:
         # Keys of the previous chunk (or of the carried window in front of chunk 0).
         pos_p = pos_c - BT
@@ -126,8 +122,9 @@ def _bwd_q_kernel(
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
         dp_p = _mm(dN, tl.trans(v_p), PREC) + dD[:, None]
         dl_p = tl.where(lin_p, dp_p, 0.0).to(dt)
-        dphq_p += _mm(dl_p, _load_phi(phk, phw, b, h, pos_p, T, S, 0, H, F, BF, HAS_WIN), PREC)
-        dphq_n += _mm(dl_p, _load_phi(phk, phw, b, h, pos_p, T, S, F, H, F, BF, HAS_WIN), PREC)
+        pkp_p, pkp_n = _load_phi_pair(phk, phw, b, h, pos_p, T, S, H, F, BF, HAS_WIN)
+        dphq_p += _mm(dl_p, pkp_p, PREC)
+        dphq_n += _mm(dl_p, pkp_n, PREC)
     gq = _feature_map_bwd(phq_p.to(tl.float32), phq_n.to(tl.float32), dphq_p, dphq_n)
     tl.store(
         dpq + qrow[:, None] * F + of[None, :], gq.to(dpq.dtype.element_ty), mask=rmask[:, None] & (of[None, :] < F)
@@ -203,8 +200,7 @@ def _bwd_kv_visit(
     dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
     dp = _mm(dN, tl.trans(v_j), PREC) + dD[:, None]
     if LIN:
-        phq_p = _load_phi(phq, phq, b, h, rows, T, 0, 0, H, F, BF, False)
-        phq_n = _load_phi(phq, phq, b, h, rows, T, 0, F, H, F, BF, False)
+        phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
         lin = (pos[None, :] <= rows[:, None] - W) & ok_j[None, :]
         p = tl.where(lin, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
         dlt = tl.trans(tl.where(lin, dp, 0.0).to(dt))
@@ -259,19 +255,15 @@ def _bwd_kv_kernel(
     else:
         k_j = v_j
     ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
-    smask = (of[:, None] < F) & (ov[None, :] < DV)
     dk_acc = tl.zeros([BT, BD], dtype=tl.float32)
     dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
     g = 0.0
     if W > 0:
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
-    pk_p = tl.where(ok_j[:, None], _load_phi(phk, phk, b, h, pos, T, 0, 0, H, F, BF, False), 0.0)
-    pk_n = tl.where(ok_j[:, None], _load_phi(phk, phk, b, h, pos, T, 0, F, H, F, BF, False), 0.0)
-    hst = ((bh * NT + j) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
-    dh_p = tl.load(dhkv + hst, mask=smask, other=0.0).to(dt)
-    dh_n = tl.load(dhkv + hst + F * DV, mask=smask, other=0.0).to(dt)
-    dz_p = tl.load(dhz + (bh * NT + j) * 2 * F + of, mask=of < F, other=0.0)
-    dz_n = tl.load(dhz + (bh * NT + j) * 2 * F + F + of, mask=of < F, other=0.0)
+    pk_p, pk_n = _load_phi_pair(phk, phk, b, h, pos, T, 0, H, F, BF, False)
+    pk_p = tl.where(ok_j[:, None], pk_p, 0.0)
+    pk_n = tl.where(ok_j[:, None], pk_n, 0.0)
+    dh_p, dh_n, dz_p, dz_n = _load_chunk_state(dhkv, dhz, bh, j, NT, DV, F, BF, BV, dt)
     # dphi_k is summed over the state and the (at most two) visits, and mapped back through the feature map once.
     dph_p = _mm(v_j, tl.trans(dh_p), PREC) + dz_p[None, :]
     dph_n = _mm(v_j, tl.trans(dh_n), PREC) + dz_n[None, :]

@@ -6,7 +6,17 @@
 import triton
 import triton.language as tl
 
-from .triton_common import EPS, _feature_map, _key_ok, _load_phi, _load_rows, _mm, _window_scores
+from .triton_common import (
+    EPS,
+    _feature_map,
+    _key_ok,
+    _load_chunk_state,
+    _load_phi,
+    _load_phi_pair,
+    _load_rows,
+    _mm,
+    _window_scores,
+)
 
 
 @triton.jit
@@ -98,21 +108,14 @@ def _fwd_out_kernel(
     rows = i * BQ + tl.arange(0, BQ)
     rmask = rows < T
     ov = tl.arange(0, BV)
-    of = tl.arange(0, BF)
     qrow = (b * T + rows).to(tl.int64) * H + h
     # Every product takes its operands in the input type (fp32 accumulation), as a 16-bit model would.
-    phq_p = _load_phi(phq, phq, b, h, rows, T, S, 0, H, F, BF, False)
-    phq_n = _load_phi(phq, phq, b, h, rows, T, S, F, H, F, BF, False)
+    phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     dt = phq_p.dtype
 
     # Keys older than the two chunks: through the stored state.
-    smask = (of[:, None] < F) & (ov[None, :] < DV)
-    hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
-    h_p = tl.load(hkv + hst, mask=smask, other=0.0).to(dt)
-    h_n = tl.load(hkv + hst + F * DV, mask=smask, other=0.0).to(dt)
+    h_p, h_n, z_p, z_n = _load_chunk_state(hkv, hz, bh, c, NT, DV, F, BF, BV, dt)
     acc = _mm(phq_p, h_p, PREC) + _mm(phq_n, h_n, PREC)
-    z_p = tl.load(hz + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
-    z_n = tl.load(hz + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
     den = tl.sum(phq_p.to(tl.float32) * z_p[None, :], 1) + tl.sum(phq_n.to(tl.float32) * z_n[None, :], 1)
 
     # Keys of the current chunk.
@@ -120,8 +123,7 @@ def _fwd_out_kernel(
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
     if W < BT:
-        pk_p = _load_phi(phk, phw, b, h, pos_c, T, S, 0, H, F, BF, HAS_WIN)
-        pk_n = _load_phi(phk, phw, b, h, pos_c, T, S, F, H, F, BF, HAS_WIN)
+        pk_p, pk_n = _load_phi_pair(phk, phw, b, h, pos_c, T, S, H, F, BF, HAS_WIN)
         lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
         p_c = tl.where(lin_c, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
     else:
@@ -132,8 +134,7 @@ def _fwd_out_kernel(
         pos_p = pos_c - BT
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
-        pkp_p = _load_phi(phk, phw, b, h, pos_p, T, S, 0, H, F, BF, HAS_WIN)
-        pkp_n = _load_phi(phk, phw, b, h, pos_p, T, S, F, H, F, BF, HAS_WIN)
+        pkp_p, pkp_n = _load_phi_pair(phk, phw, b, h, pos_p, T, S, H, F, BF, HAS_WIN)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
         p_p = tl.where(lin_p, _mm(phq_p, tl.trans(pkp_p), PREC) + _mm(phq_n, tl.trans(pkp_n), PREC), 0.0)
     if W > 0:

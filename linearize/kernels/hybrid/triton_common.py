@@ -108,6 +108,32 @@ def _load_phi(ph_ptr, phw_ptr, b, h, pos, T, S, f0, H: tl.constexpr, F: tl.const
 
 
 @triton.jit
+def _load_phi_pair(ph_ptr, phw_ptr, b, h, pos, T, S, H: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                   HAS_WIN: tl.constexpr):  # fmt: skip
+    # Both halves, softmax(x W) and softmax(-x W), of the features of the rows `pos` (see `_load_phi`).
+    return (
+        _load_phi(ph_ptr, phw_ptr, b, h, pos, T, S, 0, H, F, BF, HAS_WIN),
+        _load_phi(ph_ptr, phw_ptr, b, h, pos, T, S, F, H, F, BF, HAS_WIN),
+    )
+
+
+@triton.jit
+def _load_chunk_state(h_ptr, z_ptr, bh, c, NT, DV: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
+                      BV: tl.constexpr, dt: tl.constexpr):  # fmt: skip
+    # Chunk c's stored `[2F, DV]` state (or state gradient) of row bh as its two feature halves in type dt, and its
+    # `[2F]` normaliser halves in fp32.
+    of = tl.arange(0, BF)
+    ov = tl.arange(0, BV)
+    smask = (of[:, None] < F) & (ov[None, :] < DV)
+    hst = ((bh * NT + c) * 2 * F + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    h_p = tl.load(h_ptr + hst, mask=smask, other=0.0).to(dt)
+    h_n = tl.load(h_ptr + hst + F * DV, mask=smask, other=0.0).to(dt)
+    z_p = tl.load(z_ptr + (bh * NT + c) * 2 * F + of, mask=of < F, other=0.0)
+    z_n = tl.load(z_ptr + (bh * NT + c) * 2 * F + F + of, mask=of < F, other=0.0)
+    return h_p, h_n, z_p, z_n
+
+
+@triton.jit
 def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
     s = _mm(q, tl.trans(kk), PREC) * scale
     if SOFTCAP:
