@@ -11,7 +11,6 @@ that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it ne
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import triton
@@ -92,7 +91,7 @@ def main() -> None:
                 if ms < best:
                     best, keep = ms, value
             _set(knob, keep)
-    print(f"best: {best:.3f} ms with {_arguments()}", file=sys.stdout, flush=True)
+    print(f"best: {best:.3f} ms with {_arguments()}", flush=True)
 
 
 if __name__ == "__main__":

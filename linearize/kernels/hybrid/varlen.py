@@ -49,21 +49,25 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
     col = length - lens[seq] + torch.arange(int(lens.sum())) - starts[seq]
     dest = (seq * length + col).to(device)
 
-    def scatter(x: torch.Tensor, fill=0) -> torch.Tensor:
-        out = x.new_full((n * length, *x.shape[2:]), fill)
-        return out.index_put((dest,), x[0])
+    carry = initial_state is not None and slots > 0
+    if carry:
+        # The carried window becomes the `slots` columns in front of each sequence; the state keeps no window.
+        front = ((torch.arange(n) * length + length - lens - slots)[:, None] + torch.arange(slots)).reshape(-1)
+        front = front.to(device)
+
+    def scatter(x: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
+        out = x.new_zeros((n * length, *x.shape[2:])).index_put((dest,), x[0])
+        if window is not None:
+            out = out.index_put((front,), window.flatten(0, 1).to(x.dtype))
+        return out.view(n, length, *x.shape[2:])
 
     mask = torch.ones_like(q[..., 0, 0], dtype=torch.bool) if token_mask is None else token_mask
-    qp, kp, vp, mp = (scatter(t).view(n, length, *t.shape[2:]) for t in (q, k, v, mask))
+    qp = scatter(q)
+    kp = scatter(k, initial_state.win_k if carry else None)
+    vp = scatter(v, initial_state.win_v if carry else None)
+    mp = scatter(mask, initial_state.win_mask if carry else None)
     state = initial_state
-    if initial_state is not None and slots:
-        # The carried window becomes the `slots` columns in front of each sequence; the state keeps no window.
-        front = ((torch.arange(n) * length + length - lens - slots)[:, None] + torch.arange(slots)).to(device)
-        idx = front.reshape(-1)
-        kp = kp.reshape(n * length, *kp.shape[2:]).index_put((idx,), initial_state.win_k.flatten(0, 1).to(k.dtype))
-        vp = vp.reshape(n * length, *vp.shape[2:]).index_put((idx,), initial_state.win_v.flatten(0, 1).to(v.dtype))
-        mp = mp.reshape(n * length).index_put((idx,), initial_state.win_mask.flatten())
-        kp, vp, mp = kp.view(n, length, *k.shape[2:]), vp.view(n, length, *v.shape[2:]), mp.view(n, length)
+    if carry:
         state = HybridState(
             initial_state.kv,
             initial_state.ksum,
