@@ -22,10 +22,14 @@ from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
 WARP_CHOICES = (4, 8)
 ROW_CHOICES = (16, 32, 64)
 BV_CHOICES = (32, 64, 128)
+# Pipelining stages matter only for kernels with a loop; 0 is Triton's default.
+STAGE_CHOICES = (0, 1, 2)
+LOOP_KERNELS = ("fwd_state", "bwd_state", "bwd_kv", "wgrad")
 
 
 def _knobs() -> list[tuple[str, tuple]]:
     knobs = [(f"warps:{name}", WARP_CHOICES) for name in triton_chunk.WARPS]
+    knobs += [(f"stages:{name}", STAGE_CHOICES) for name in LOOP_KERNELS]
     knobs += [("BQ_OUT", ROW_CHOICES), ("BQ_Q", ROW_CHOICES), ("BQ_KV", ROW_CHOICES), ("BV_STATE", BV_CHOICES)]
     return knobs
 
@@ -33,20 +37,29 @@ def _knobs() -> list[tuple[str, tuple]]:
 def _get(knob: str):
     if knob.startswith("warps:"):
         return triton_chunk.WARPS[knob.split(":", 1)[1]]
+    if knob.startswith("stages:"):
+        return triton_chunk.STAGES.get(knob.split(":", 1)[1], 0)
     return getattr(triton_chunk, knob)
 
 
 def _set(knob: str, value) -> None:
     if knob.startswith("warps:"):
         triton_chunk.WARPS[knob.split(":", 1)[1]] = value
+    elif knob.startswith("stages:"):
+        name = knob.split(":", 1)[1]
+        if value:
+            triton_chunk.STAGES[name] = value
+        else:
+            triton_chunk.STAGES.pop(name, None)
     else:
         setattr(triton_chunk, knob, value)
 
 
 def _arguments() -> str:
     warps = ",".join(f"{k}={v}" for k, v in triton_chunk.WARPS.items())
+    stages = ",".join(f"{k}={triton_chunk.STAGES.get(k, 0)}" for k in LOOP_KERNELS)
     return (
-        f"--warps {warps} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} --bq-kv {triton_chunk.BQ_KV} "
+        f"--warps {warps} --stages {stages} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} --bq-kv {triton_chunk.BQ_KV} "
         f"--bv-state {triton_chunk.BV_STATE}"
     )
 

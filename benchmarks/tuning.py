@@ -1,6 +1,7 @@
 """Command-line overrides of the hybrid chunk kernels' tuning knobs, shared by the benchmark scripts.
 
-`--warps name=N,...` sets the warps per program of named kernels (the keys of `triton_chunk.WARPS`), `--bq-*` the
+`--warps name=N,...` sets the warps per program of named kernels (the keys of `triton_chunk.WARPS`), `--stages
+name=N,...` their software-pipelining stages (0: Triton's default), `--bq-*` the
 query rows per program or step (`triton_chunk.BQ_*`) and `--bv-state` the Dv columns per state program.
 """
 
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per query-side program")
     parser.add_argument("--bq-kv", type=int, default=triton_chunk.BQ_KV, help="query rows per key-side step")
     parser.add_argument("--bv-state", type=int, default=triton_chunk.BV_STATE, help="Dv columns per state program")
+    parser.add_argument(
+        "--stages", default="", help="name=N,... overrides of triton_chunk.STAGES (0: Triton's default)"
+    )
 
 
 def apply(args: argparse.Namespace) -> str:
@@ -53,7 +57,15 @@ def apply(args: argparse.Namespace) -> str:
         triton_chunk.WARPS[name] = int(n)
     triton_chunk.BQ_OUT, triton_chunk.BQ_Q, triton_chunk.BQ_KV = args.bq_out, args.bq_q, args.bq_kv
     triton_chunk.BV_STATE = args.bv_state
+    for item in filter(None, args.stages.split(",")):
+        name, _, n = item.partition("=")
+        if name not in triton_chunk.WARPS or not n.isdigit():
+            raise SystemExit(f"--stages: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
+        if int(n):
+            triton_chunk.STAGES[name] = int(n)
+        else:
+            triton_chunk.STAGES.pop(name, None)
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, "
-        f"BV_STATE {args.bv_state}"
+        f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}"
     )

@@ -53,9 +53,18 @@ WARPS = {"phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bw
 BQ_OUT = 64
 BQ_Q = 64
 BQ_KV = 32
+# Software-pipelining stages of named kernels, where Triton's default is not the fastest (measured on an H200,
+# docs/BENCHMARKS.md): the key-side backward's loop over query blocks gains nothing from prefetching and its
+# buffers cost shared memory.
+STAGES = {"bwd_kv": 1}
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
+
+
+def _launch(name: str) -> dict:
+    """Launch options of a named kernel: its warps and, where set, its pipelining stages."""
+    return {"num_warps": WARPS[name], **({"num_stages": STAGES[name]} if name in STAGES else {})}
 
 
 def _empty(*shape, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -108,7 +117,7 @@ def _features(p: _Plan, x, w):
     if T:
         _phi_kernel[(triton.cdiv(T, BLOCK_T), B * p.H)](
             x, w, phi, T, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BT=BLOCK_T, BD=p.BD, BF=p.BF,
-            num_warps=WARPS["phi"],
+            **_launch("phi"),
         )  # fmt: skip
     return phi
 
@@ -134,7 +143,7 @@ def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
         hkv, hz, kv_out, z_out, p.T, p.NT, p.S, p.SOUT,
         H=p.H, HKV=p.HKV, DV=p.DV, F=p.F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
         HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, HAS_INIT=kv0 is not None, STORE_FINAL=store_final,
-        NITER=p.niter(p.NT + p.LAG), num_warps=WARPS["fwd_state"],
+        NITER=p.niter(p.NT + p.LAG), **_launch("fwd_state"),
     )  # fmt: skip
     return hkv, hz, kv_out, z_out
 
@@ -147,7 +156,7 @@ def _weight_grad(p: _Plan, x, gr):
     part = _empty(splits, p.H, p.D, p.F, device=x.device)
     _wgrad_kernel[(splits, p.H)](
         x, gr, part, R, rows_per, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BR=BLOCK_T, BD=p.BD, BF=p.BF, PREC=p.PREC,
-        NITER=p.niter(triton.cdiv(rows_per, BLOCK_T)), num_warps=WARPS["wgrad"],
+        NITER=p.niter(triton.cdiv(rows_per, BLOCK_T)), **_launch("wgrad"),
     )  # fmt: skip
     return part.sum(0)
 
@@ -166,7 +175,7 @@ class _HybridChunk(torch.autograd.Function):
             q, k, v, phq, phk, phw, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, den,
             p.T, p.NT, p.S, p.scale, p.softcap,
             W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
-            BQ=BQ_OUT, num_warps=WARPS["fwd_out"],
+            BQ=BQ_OUT, **_launch("fwd_out"),
         )  # fmt: skip
         ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den)
         ctx.plan_args = (window, scale, softcap)
@@ -186,7 +195,7 @@ class _HybridChunk(torch.autograd.Function):
         do = do.contiguous()
         delta = _empty(B, T, H, device=dev)
         rows = B * T * H
-        _delta_kernel[(triton.cdiv(rows, 32),)](do, o, delta, rows, DV=DV, BR=32, BV=p.BV, num_warps=WARPS["delta"])
+        _delta_kernel[(triton.cdiv(rows, 32),)](do, o, delta, rows, DV=DV, BR=32, BV=p.BV, **_launch("delta"))
         # The features and states are recomputed rather than kept from the forward: they are the largest
         # intermediates.
         phq, phk, phw = _all_features(p, q, k, wq, wk)
@@ -196,7 +205,7 @@ class _HybridChunk(torch.autograd.Function):
         _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
             phq, do, den, delta, dhkv, dhz, T, p.NT,
             H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
-            NITER=p.niter(p.NT + p.LAG), num_warps=WARPS["bwd_state"],
+            NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
         )  # fmt: skip
         flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common())
         dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
@@ -210,7 +219,7 @@ class _HybridChunk(torch.autograd.Function):
         dwf = _empty(B * H * nq, device=dev) if window > 0 else den
         _bwd_q_kernel[(nq, B * H)](
             q, k, v, phq, phk, phw, wq, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, do, den, delta,
-            dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_Q, num_warps=WARPS["bwd_q"],
+            dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_Q, **_launch("bwd_q"),
         )  # fmt: skip
         # Per query head; with GQA in fp32, for the group sum below.
         groups = H // HKV
@@ -219,7 +228,7 @@ class _HybridChunk(torch.autograd.Function):
         dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
         _bwd_kv_kernel[(p.NT, B * H)](
             q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, delta, m, arg, dm,
-            dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, num_warps=WARPS["bwd_kv"],
+            dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, **_launch("bwd_kv"),
         )  # fmt: skip
         if groups > 1:
             dk = dk.view(B, T, HKV, groups, D).sum(3).to(k.dtype)
