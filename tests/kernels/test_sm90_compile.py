@@ -1,0 +1,65 @@
+"""The Triton kernels compile for Hopper (sm_90) and fit its shared memory, checked without a GPU: Triton lowers a
+kernel to PTX and assembles it with its own ptxas on any machine. This catches what the interpreter tests cannot
+(they run a kernel's Python, not its compiled form): type errors of compiled code and kernels whose buffers exceed
+the shared memory. The compilations run in a subprocess, because the interpreter tests of this folder may have
+switched Triton to its interpreter in this process.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from linearize.kernels import compile_check
+
+# Triton itself is not imported here: the interpreter tests of this folder decide how it is imported.
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+
+CASES = [
+    pytest.param(["--masked", "--state", "--Hkv", "2"], id="bf16-W64-gqa-padding-state"),
+    pytest.param(["--window", "0", "--dtype", "fp32"], id="fp32-W0"),
+    pytest.param(["--window", "5", "--dtype", "fp16", "--softcap", "30", "--D", "60", "--F", "24"], id="fp16-W5-D60"),
+]
+
+
+@pytest.mark.parametrize("args", CASES)
+def test_kernels_compile_for_sm90(args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "linearize.kernels.compile_check", "--no-stats", "--H", "4", "--T", "130", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # One row per distinct kernel of the forward, the backward and a decoding step.
+    names = {line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| _")}
+    expected = {"_phi_kernel", "_fwd_state_kernel", "_fwd_out_kernel", "_delta_kernel", "_bwd_state_kernel",
+                "_bwd_q_kernel", "_bwd_kv_kernel", "_wgrad_kernel", "_decode_kernel"}  # fmt: skip
+    assert names == expected, result.stdout
+
+
+def test_check_refuses_a_kernel_over_the_shared_memory(monkeypatch):
+    def fake_compile(launch, arch, stats):
+        return compile_check.Compiled(launch.name, compile_check.SM90_SHARED_LIMIT + 1, None, None)
+
+    monkeypatch.setattr(compile_check, "compile_launch", fake_compile)
+
+    def kernel(x, N):  # stands in for a JIT function: only its name and arguments are read
+        pass
+
+    kernel.arg_names = ["x", "N"]
+    kernel.params = [type("P", (), {"is_constexpr": False})()] * 2
+    launch = compile_check.Launch(kernel, (torch.zeros(4), 3), {"num_warps": 4})
+    with pytest.raises(RuntimeError, match="kernel needs .* bytes of shared memory"):
+        compile_check.check([launch])
+
+
+def test_check_names_the_kernel_that_does_not_compile(monkeypatch):
+    def failing(launch, arch, stats):
+        raise AssertionError("Loop-carried variable kv changes type")
+
+    monkeypatch.setattr(compile_check, "compile_launch", failing)
+    monkeypatch.setattr(compile_check, "_signature", lambda launch: ({}, {}, {}, {}))
+    launch = compile_check.Launch(type("K", (), {"__name__": "_some_kernel"})(), (), {})
+    with pytest.raises(RuntimeError, match="_some_kernel does not compile for sm_90: AssertionError"):
+        compile_check.check([launch])
