@@ -10,6 +10,7 @@ import triton.language as tl
 from .triton_common import (
     NO_KEY,
     _feature_map_bwd,
+    _heads,
     _key_ok,
     _load_chunk_state,
     _load_phi,
@@ -18,6 +19,7 @@ from .triton_common import (
     _load_w,
     _mm,
     _out_grads,
+    _query_block,
     _window_scores,
 )
 
@@ -45,8 +47,7 @@ def _bwd_state_kernel(
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     half = tl.program_id(2)
-    b = bh // H
-    h = bh % H
+    b, h, _ = _heads(bh, H, H)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
@@ -82,19 +83,10 @@ def _bwd_q_kernel(
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # Query side: dq and the gradient of the q feature-map pre-activation for query chunk c.
-    # Program i covers the BQ query rows from i * BQ on, in chunk c.
-    i = tl.program_id(0)
-    c = i // (BT // BQ)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // HKV)
-    rows = i * BQ + tl.arange(0, BQ)
-    rmask = rows < T
+    i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BQ)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     dmask = rmask[:, None] & (od[None, :] < D)
-    qrow = (b * T + rows).to(tl.int64) * H + h
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     dt = phq_p.dtype
     dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
@@ -240,9 +232,7 @@ def _bwd_kv_kernel(
     # and through the states by all later ones, whose summed gradient is dH, dz.
     j = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // HKV)
+    b, h, hk = _heads(bh, H, HKV)
     pos = j * BT + tl.arange(0, BT)
     kmask = pos < T
     od = tl.arange(0, BD)

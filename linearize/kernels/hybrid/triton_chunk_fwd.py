@@ -9,12 +9,14 @@ import triton.language as tl
 from .triton_common import (
     EPS,
     _feature_map,
+    _heads,
     _key_ok,
     _load_chunk_state,
     _load_phi,
     _load_phi_pair,
     _load_rows,
     _mm,
+    _query_block,
     _window_scores,
 )
 
@@ -26,13 +28,12 @@ def _phi_kernel(x, w, phi, T, H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr
     # in the type of x, for one chunk of one head.
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
+    b, h, hx = _heads(bh, H, HX)
     pos = c * BT + tl.arange(0, BT)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     rmask = pos < T
-    xrow = (b * T + pos).to(tl.int64) * HX + h // (H // HX)
+    xrow = (b * T + pos).to(tl.int64) * HX + hx
     xx = tl.load(x + xrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
     ph_p, ph_n = _feature_map(xx, w, h, D, F, BD, BF)
     prow = (b * T + pos).to(tl.int64) * H + h
@@ -53,9 +54,7 @@ def _fwd_state_kernel(
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     half = tl.program_id(2)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // HKV)
+    b, h, hk = _heads(bh, H, HKV)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
@@ -98,17 +97,8 @@ def _fwd_out_kernel(
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # Program i covers the BQ query rows from i * BQ on, in chunk c.
-    i = tl.program_id(0)
-    c = i // (BT // BQ)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // HKV)
-    rows = i * BQ + tl.arange(0, BQ)
-    rmask = rows < T
+    i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BQ)
     ov = tl.arange(0, BV)
-    qrow = (b * T + rows).to(tl.int64) * H + h
     # Every product takes its operands in the input type (fp32 accumulation), as a 16-bit model would.
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     dt = phq_p.dtype

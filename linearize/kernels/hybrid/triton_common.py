@@ -15,6 +15,25 @@ NO_KEY = tl.constexpr(-(2**30))
 
 
 @triton.jit
+def _heads(bh, H: tl.constexpr, HKV: tl.constexpr):
+    # Batch, query head and key/value head (GQA: HKV heads shared by groups of H // HKV) of program row bh.
+    h = bh % H
+    return bh // H, h, h // (H // HKV)
+
+
+@triton.jit
+def _query_block(T, H: tl.constexpr, HKV: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr):
+    # Program (i, bh) of the output and query-side kernels covers the BQ query rows from i * BQ on, in chunk c, of
+    # row bh; returns i, c, bh, b, h, hk, the rows, their in-sequence mask and their row index into [B, T, H] tensors.
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h, hk = _heads(bh, H, HKV)
+    rows = i * BQ + tl.arange(0, BQ)
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    return i, i // (BT // BQ), bh, b, h, hk, rows, rows < T, qrow
+
+
+@triton.jit
 def _mm(a, b, PREC: tl.constexpr):
     return tl.dot(a, b, input_precision=PREC)
 

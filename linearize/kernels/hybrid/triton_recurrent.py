@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .naive import EPS as _EPS_VALUE
 from .torch_chunked import HybridState
+from .triton_common import _heads
 
 # Kernels read globals only as constexpr.
 EPS = tl.constexpr(_EPS_VALUE)
@@ -61,9 +62,7 @@ def _decode_kernel(
 ):  # fmt: skip
     iv = tl.program_id(0)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // HKV)
+    b, h, hk = _heads(bh, H, HKV)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
