@@ -46,11 +46,7 @@ def _set(knob: str, value) -> None:
     if knob.startswith("warps:"):
         triton_chunk.WARPS[knob.split(":", 1)[1]] = value
     elif knob.startswith("stages:"):
-        name = knob.split(":", 1)[1]
-        if value:
-            triton_chunk.STAGES[name] = value
-        else:
-            triton_chunk.STAGES.pop(name, None)
+        tuning.set_stages(knob.split(":", 1)[1], value)
     else:
         setattr(triton_chunk, knob, value)
 

@@ -48,23 +48,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _per_kernel(flag: str, text: str) -> list[tuple[str, int]]:
+    """The name=N pairs of a per-kernel option, names checked against `triton_chunk.WARPS`."""
+    pairs = []
+    for item in filter(None, text.split(",")):
+        name, _, n = item.partition("=")
+        if name not in triton_chunk.WARPS or not n.isdigit():
+            raise SystemExit(f"{flag}: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
+        pairs.append((name, int(n)))
+    return pairs
+
+
+def set_stages(name: str, n: int) -> None:
+    """Pipelining stages of a named kernel; 0 leaves them to Triton."""
+    if n:
+        triton_chunk.STAGES[name] = n
+    else:
+        triton_chunk.STAGES.pop(name, None)
+
+
 def apply(args: argparse.Namespace) -> str:
     """Set the knobs from parsed arguments; returns a one-line description of the settings in force."""
-    for item in filter(None, args.warps.split(",")):
-        name, _, n = item.partition("=")
-        if name not in triton_chunk.WARPS or not n.isdigit():
-            raise SystemExit(f"--warps: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
-        triton_chunk.WARPS[name] = int(n)
+    for name, n in _per_kernel("--warps", args.warps):
+        triton_chunk.WARPS[name] = n
     triton_chunk.BQ_OUT, triton_chunk.BQ_Q, triton_chunk.BQ_KV = args.bq_out, args.bq_q, args.bq_kv
     triton_chunk.BV_STATE = args.bv_state
-    for item in filter(None, args.stages.split(",")):
-        name, _, n = item.partition("=")
-        if name not in triton_chunk.WARPS or not n.isdigit():
-            raise SystemExit(f"--stages: expected name=N with name in {sorted(triton_chunk.WARPS)}, got {item!r}")
-        if int(n):
-            triton_chunk.STAGES[name] = int(n)
-        else:
-            triton_chunk.STAGES.pop(name, None)
+    for name, n in _per_kernel("--stages", args.stages):
+        set_stages(name, n)
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, "
         f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}"

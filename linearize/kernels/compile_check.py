@@ -169,17 +169,14 @@ def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.
     for t in (q, k, v, wq, wk, wf):
         t.requires_grad_()
     mask = torch.ones(B, T, dtype=torch.bool) if masked else None
-    state = None
-    if with_state:
-        state = HybridState.zeros(B, H, Hkv, D, D, 2 * F, window, dtype, torch.device("cpu"))
+    state = HybridState.zeros(B, H, Hkv, D, D, 2 * F, window, dtype, torch.device("cpu"))
     with record_launches(triton_chunk, triton_recurrent) as launches:
-        out, _ = triton_chunk.hybrid_attention_triton(q, k, v, wq, wk, wf, window, D**-0.5, softcap, mask, state,
-                                                      output_final_state=True)  # fmt: skip
+        out, _ = triton_chunk.hybrid_attention_triton(q, k, v, wq, wk, wf, window, D**-0.5, softcap, mask,
+                                                      state if with_state else None, output_final_state=True)  # fmt: skip
         out.backward(torch.ones_like(out))
-        st = state or HybridState.zeros(B, H, Hkv, D, D, 2 * F, window, dtype, torch.device("cpu"))
         with torch.no_grad():
             triton_recurrent.hybrid_decode_triton(q[:, :1], k[:, :1], v[:, :1], wq, wk, wf, window, D**-0.5, softcap,
-                                                  None, st)  # fmt: skip
+                                                  None, state)  # fmt: skip
     return launches
 
 
