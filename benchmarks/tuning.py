@@ -2,12 +2,14 @@
 
 `--warps name=N,...` sets the warps per program of named kernels (the keys of `triton_chunk.WARPS`), `--stages
 name=N,...` their software-pipelining stages (0: Triton's default), `--bq-*` the
-query rows per program or step (`triton_chunk.BQ_*`) and `--bv-state` the Dv columns per state program.
+query rows per program or step (`triton_chunk.BQ_*`), `--bv-state` the Dv columns per state program and
+`--save-states` keeps the forward's features and states for the backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -46,6 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stages", default="", help="name=N,... overrides of triton_chunk.STAGES (0: Triton's default)"
     )
+    parser.add_argument(
+        "--save-states",
+        action="store_true",
+        help="keep the forward's features and states for the backward (LINEARIZE_SAVE_STATES=1)",
+    )
 
 
 def _per_kernel(flag: str, text: str) -> list[tuple[str, int]]:
@@ -75,7 +82,9 @@ def apply(args: argparse.Namespace) -> str:
     triton_chunk.BV_STATE = args.bv_state
     for name, n in _per_kernel("--stages", args.stages):
         set_stages(name, n)
+    if args.save_states:
+        os.environ[triton_chunk.SAVE_STATES_ENV] = "1"
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, "
-        f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}"
+        f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}"
     )

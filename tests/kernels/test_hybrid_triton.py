@@ -211,6 +211,52 @@ def test_chunk_fp16_within_twice_naive_fp16_error(interpreter, B, T, H, Hkv, D, 
 
 
 @interpreted
+@pytest.mark.parametrize("W", [0, 8, 64])
+def test_saved_states_give_the_same_gradients(interpreter, monkeypatch, W):
+    # LINEARIZE_SAVE_STATES=1 keeps the forward's features and per-chunk states for the backward instead of
+    # recomputing them: the same kernels on the same inputs, so the same gradients to the bit (here after a carried
+    # window, whose keys' features are kept too), with no feature launch in the backward.
+    B, T, H, Hkv, D, F = 2, 70, 4, 2, 32, 16
+    leaves, mask = make_inputs(B, 2 * T, H, Hkv, D, F, Dv=24, pad=5, seed=3)
+    q, k, v, wq, wk, wf = leaves
+    with torch.no_grad():
+        _, state = hybrid_attention(q[:, :T], k[:, :T], v[:, :T], wq, wk, wf, W, D**-0.5, None, mask[:, :T], None,
+                                    True)  # fmt: skip
+    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
+    features = mod._features
+    calls = []
+    monkeypatch.setattr(mod, "_features", lambda *a: calls.append(1) or features(*a))
+    dout = torch.randn(B, T, H, 24, generator=torch.Generator().manual_seed(1))
+    results, backward_calls = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LINEARIZE_SAVE_STATES", flag)
+        xs = [t[:, T:].clone().requires_grad_() for t in (q, k, v)] + [t.clone().requires_grad_() for t in (wq, wk, wf)]
+        out, _ = hybrid_attention(*xs, W, D**-0.5, None, mask[:, T:], state)
+        calls.clear()
+        results[flag] = [out, *grads(out, xs, dout)]
+        backward_calls[flag] = len(calls)
+    # Queries, keys, and the carried window's keys where there is a window to carry.
+    assert backward_calls == {"0": 3 if W > 1 else 2, "1": 0}
+    names = ["output", "dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
+    for name, a, b in zip(names, results["0"], results["1"], strict=True):
+        if a is None or b is None:
+            assert W == 0 and name == "dwindow_factor"
+            continue
+        assert not torch.isnan(a).any(), name
+        assert torch.equal(a, b), name
+
+
+def test_save_states_rejects_bad_value(monkeypatch):
+    from linearize.kernels.hybrid import triton_chunk
+
+    monkeypatch.setenv("LINEARIZE_SAVE_STATES", "maybe")
+    with pytest.raises(ValueError, match="LINEARIZE_SAVE_STATES='maybe' is not 0 or 1"):
+        triton_chunk.save_states()
+    monkeypatch.setenv("LINEARIZE_SAVE_STATES", "1")
+    assert triton_chunk.save_states()
+
+
+@interpreted
 @pytest.mark.parametrize(
     "W,T1,T2",
     [

@@ -38,6 +38,8 @@ Keys of the window carried in `initial_state` sit at the negative positions -S..
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 
@@ -60,6 +62,23 @@ STAGES = {"bwd_kv": 1}
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
+# With LINEARIZE_SAVE_STATES=1 the forward keeps its features and per-chunk states for the backward instead of
+# the backward recomputing them: a faster backward (no second state pass, two feature launches fewer) for more
+# memory held until the backward (4x the size of q at F = 64, D = Dv = 128: the features twice q, the states twice).
+SAVE_STATES_ENV = "LINEARIZE_SAVE_STATES"
+
+
+def save_states() -> bool:
+    """Whether the forward keeps its features and states for the backward (`LINEARIZE_SAVE_STATES`, default 0)."""
+    value = os.environ.get(SAVE_STATES_ENV, "0").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise ValueError(
+        f"{SAVE_STATES_ENV}={value!r} is not 0 or 1: set 1 to keep the forward's features and states for the "
+        "backward (faster, more memory), 0 to recompute them"
+    )
 
 
 def _launch(name: str) -> dict:
@@ -177,7 +196,8 @@ class _HybridChunk(torch.autograd.Function):
             W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
             BQ=BQ_OUT, **_launch("fwd_out"),
         )  # fmt: skip
-        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den)
+        kept = (phq, phk, phw, hkv, hz) if save_states() else (None,) * 5
+        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den, *kept)
         ctx.plan_args = (window, scale, softcap)
         if not output_final_state:
             return o, None, None
@@ -186,7 +206,7 @@ class _HybridChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dkv, _dz):
-        q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den = ctx.saved_tensors
+        q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den, *kept = ctx.saved_tensors
         window, scale, softcap = ctx.plan_args
         p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
         win_v = win_v.contiguous() if p.S else v
@@ -196,10 +216,13 @@ class _HybridChunk(torch.autograd.Function):
         delta = _empty(B, T, H, device=dev)
         rows = B * T * H
         _delta_kernel[(triton.cdiv(rows, 32),)](do, o, delta, rows, DV=DV, BR=32, BV=p.BV, **_launch("delta"))
-        # The features and states are recomputed rather than kept from the forward: they are the largest
-        # intermediates.
-        phq, phk, phw = _all_features(p, q, k, wq, wk)
-        hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
+        if kept[0] is not None:
+            phq, phk, phw, hkv, hz = kept
+        else:
+            # By default the features and states are recomputed rather than kept from the forward: they are the
+            # largest intermediates (`LINEARIZE_SAVE_STATES`).
+            phq, phk, phw = _all_features(p, q, k, wq, wk)
+            hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
         dhkv = _empty(*hkv.shape, dtype=hkv.dtype, device=dev)
         dhz = _empty(*hz.shape, device=dev)
         _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](

@@ -19,6 +19,7 @@ from .triton_common import (
     _load_w,
     _mm,
     _out_grads,
+    _out_scale,
     _query_block,
     _window_scores,
 )
@@ -185,36 +186,45 @@ def _bwd_kv_visit(
     # Adds what the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k (both halves), dk
     # and dv. Rows past T load as zeros and send nothing. LIN is False where no pair of the visit can be on the
     # linear side (the key chunk's own rows under a window as long as the chunk).
+    # Every tile is key-major ([keys, rows]: scores, probabilities and their gradients transposed), so that each
+    # product has the chunk's keys as its rows and only loaded tiles are transposed, never computed ones.
     rows = r0 + tl.arange(0, BQ)
     rmask = rows < T
     qrow = (b * T + rows).to(tl.int64) * H + h
     dt = v_j.dtype
-    dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
-    dp = _mm(dN, tl.trans(v_j), PREC) + dD[:, None]
+    ov = tl.arange(0, BV)
+    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0).to(dt)
+    rden, dD = _out_scale(den_ptr, delta_ptr, qrow, rmask)
+    # dp^T = v dN^T + dD with dN = do / den: the 1 / den is applied to the product's columns.
+    dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
     if LIN:
         phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
-        lin = (pos[None, :] <= rows[:, None] - W) & ok_j[None, :]
-        p = tl.where(lin, _mm(phq_p, tl.trans(pk_p), PREC) + _mm(phq_n, tl.trans(pk_n), PREC), 0.0)
-        dlt = tl.trans(tl.where(lin, dp, 0.0).to(dt))
+        lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
+        pt = tl.where(lin, _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC), 0.0)
+        dlt = tl.where(lin, dpt, 0.0).to(dt)
         dph_p += _mm(dlt, phq_p, PREC)
         dph_n += _mm(dlt, phq_n, PREC)
     else:
-        p = tl.zeros_like(dp)
+        pt = tl.zeros_like(dpt)
     if W > 0:
         od = tl.arange(0, BD)
         qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
-        s, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC)
+        st = _mm(k_j, tl.trans(qq), PREC) * scale
+        if SOFTCAP:
+            st = softcap * (1.0 - 2.0 / (tl.exp(2.0 * st / softcap) + 1.0))
+        win = (pos[:, None] <= rows[None, :]) & (pos[:, None] > rows[None, :] - W) & ok_j[:, None]
         m = tl.load(m_ptr + qrow, mask=rmask, other=0.0)
         arg = tl.load(arg_ptr + qrow, mask=rmask, other=NO_KEY)
         dm = tl.load(dm_ptr + qrow, mask=rmask, other=0.0)
-        a = tl.where(win, g * tl.exp(s - m[:, None]), 0.0)
-        p += a
-        ds = tl.where(win, dp * a, 0.0) + tl.where(pos[None, :] == arg[:, None], dm[:, None], 0.0)
+        a = tl.where(win, g * tl.exp(st - m[None, :]), 0.0)
+        pt += a
+        ds = tl.where(win, dpt * a, 0.0) + tl.where(pos[:, None] == arg[None, :], dm[None, :], 0.0)
         if SOFTCAP:
-            sc = tl.where(win, s / softcap, 0.0)
+            sc = tl.where(win, st / softcap, 0.0)
             ds = ds * (1.0 - sc * sc)
-        dk_acc += _mm(tl.trans(ds.to(dt)), qq, PREC) * scale
-    dv_acc += _mm(tl.trans(p.to(dt)), dN, PREC)
+        dk_acc += _mm(ds.to(dt), qq, PREC) * scale
+    # dv += p^T dN, the 1 / den moved onto p's columns (p / den <= 1: no overflow in fp16).
+    dv_acc += _mm((pt * rden[None, :]).to(dt), dd, PREC)
     return dph_p, dph_n, dk_acc, dv_acc
 
 
