@@ -19,7 +19,7 @@ of the gradient kernels. Products take their operands in the input type with fp3
 inputs), as a 16-bit model computes; the per-chunk states are stored in the input type, the final state in fp32.
 The backward mirrors the forward and, like flash-attention's, splits the gradient by side:
 
-    1. `_delta_kernel`: delta = do . o per query row;
+    1. `_delta_kernel`: the output's gradient factors dN = do / den and d(den) = -do . o / den per query row;
     2. the features and states are recomputed (steps 0 and 1 above), and a reverse pass sums the state gradients
        dH_c, dz_c of the query chunks after each key chunk (one program per half of the features and block of Dv);
     3. `_bwd_q_kernel`, one program per (block of query rows, batch, head): dq and the gradient of the q
@@ -55,10 +55,9 @@ WARPS = {"phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bw
 BQ_OUT = 64
 BQ_Q = 64
 BQ_KV = 32
-# Software-pipelining stages of named kernels, where Triton's default is not the fastest (measured on an H200,
-# docs/BENCHMARKS.md): the key-side backward's loop over query blocks gains nothing from prefetching and its
-# buffers cost shared memory.
-STAGES = {"bwd_kv": 1}
+# Software-pipelining stages of named kernels, pinned where measured (on an H200, docs/BENCHMARKS.md): the key-side
+# backward keeps three (1 and 2 ran slower; 4 spills registers).
+STAGES = {"bwd_kv": 3}
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
@@ -213,9 +212,11 @@ class _HybridChunk(torch.autograd.Function):
         B, T, H, D, DV, F, HKV = p.B, p.T, p.H, p.D, p.DV, p.F, p.HKV
         dev = q.device
         do = do.contiguous()
-        delta = _empty(B, T, H, device=dev)
+        # The output's gradient factors, dN = do / den and d(den), once for the three kernels that read them.
+        dn = _empty(B, T, H, DV, dtype=q.dtype, device=dev)
+        dd = _empty(B, T, H, device=dev)
         rows = B * T * H
-        _delta_kernel[(triton.cdiv(rows, 32),)](do, o, delta, rows, DV=DV, BR=32, BV=p.BV, **_launch("delta"))
+        _delta_kernel[(triton.cdiv(rows, 32),)](do, o, den, dn, dd, rows, DV=DV, BR=32, BV=p.BV, **_launch("delta"))
         if kept[0] is not None:
             phq, phk, phw, hkv, hz = kept
         else:
@@ -226,7 +227,7 @@ class _HybridChunk(torch.autograd.Function):
         dhkv = _empty(*hkv.shape, dtype=hkv.dtype, device=dev)
         dhz = _empty(*hz.shape, device=dev)
         _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
-            phq, do, den, delta, dhkv, dhz, T, p.NT,
+            phq, dn, dd, dhkv, dhz, T, p.NT,
             H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
             NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
         )  # fmt: skip
@@ -241,7 +242,7 @@ class _HybridChunk(torch.autograd.Function):
         nq = triton.cdiv(T, BQ_Q)
         dwf = _empty(B * H * nq, device=dev) if window > 0 else den
         _bwd_q_kernel[(nq, B * H)](
-            q, k, v, phq, phk, phw, wq, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, do, den, delta,
+            q, k, v, phq, phk, phw, wq, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, dn, dd,
             dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_Q, **_launch("bwd_q"),
         )  # fmt: skip
         # Per query head; with GQA in fp32, for the group sum below.
@@ -250,7 +251,7 @@ class _HybridChunk(torch.autograd.Function):
         dv = _empty(B, T, H, DV, dtype=v.dtype if groups == 1 else torch.float32, device=dev)
         dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
         _bwd_kv_kernel[(p.NT, B * H)](
-            q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, delta, m, arg, dm,
+            q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, dn, dd, m, arg, dm,
             dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, **_launch("bwd_kv"),
         )  # fmt: skip
         if groups > 1:

@@ -8,38 +8,43 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
+    EPS,
     NO_KEY,
     _feature_map_bwd,
     _heads,
     _key_ok,
     _load_chunk_state,
+    _load_out_grads,
     _load_phi,
     _load_phi_pair,
     _load_rows,
     _load_w,
     _mm,
-    _out_grads,
-    _out_scale,
     _query_block,
     _window_scores,
 )
 
 
 @triton.jit
-def _delta_kernel(do, o, delta, N, DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
-    # delta = do . o per row of the [N, DV] tensors, in fp32.
+def _delta_kernel(do, o, den, dn, dd_out, N, DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
+    # For y = N / den per row of the [N, DV] tensors: dN = do / den in the type of do and d(den) = -do . y / den
+    # in fp32. A row without any key has den == EPS and sends nothing back (each of its terms has a zero factor);
+    # its 1 / den is taken as 0 so that dN stays finite in fp16.
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     ov = tl.arange(0, BV)
     m = (r < N)[:, None] & (ov < DV)[None, :]
     off = r.to(tl.int64)[:, None] * DV + ov[None, :]
     dd = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
     oo = tl.load(o + off, mask=m, other=0.0).to(tl.float32)
-    tl.store(delta + r, tl.sum(dd * oo, 1), mask=r < N)
+    d = tl.load(den + r, mask=r < N, other=1.0)
+    rden = tl.where(d > EPS, 1.0 / d, 0.0)
+    tl.store(dn + off, (dd * rden[:, None]).to(dn.dtype.element_ty), mask=m)
+    tl.store(dd_out + r, -tl.sum(dd * oo, 1) * rden, mask=r < N)
 
 
 @triton.jit
 def _bwd_state_kernel(
-    phq, do, den_ptr, delta_ptr, dhkv, dhz,
+    phq, dn, dd_ptr, dhkv, dhz,
     T, NT,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, PREC: tl.constexpr,
@@ -64,19 +69,19 @@ def _bwd_state_kernel(
             tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
             if iv == 0:
                 tl.store(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, mask=fm)
-        if i < NT:
-            rows = i * BT + tl.arange(0, BT)
-            rmask = rows < T
-            qrow = (b * T + rows).to(tl.int64) * H + h
-            ph = _load_phi(phq, phq, b, h, rows, T, 0, f0, H, F, BF, False)
-            dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, iv * BV, DV, BV, ph.dtype)
-            acc += _mm(tl.trans(ph), dN, PREC)
-            dz += tl.sum(ph.to(tl.float32) * dD[:, None], 0)
+        # Unconditional (rows past T load as zeros when i == NT), so that the loads are pipelined across steps.
+        rows = i * BT + tl.arange(0, BT)
+        rmask = rows < T
+        qrow = (b * T + rows).to(tl.int64) * H + h
+        ph = _load_phi(phq, phq, b, h, rows, T, 0, f0, H, F, BF, False)
+        dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, iv * BV, DV, BV)
+        acc += _mm(tl.trans(ph), dN, PREC)
+        dz += tl.sum(ph.to(tl.float32) * dD[:, None], 0)
 
 
 @triton.jit
 def _bwd_q_kernel(
-    q, k, v, phq, phk, phw, wq, wf, tm, win_k, win_v, win_m, hkv, hz, do, den_ptr, delta_ptr,
+    q, k, v, phq, phk, phw, wq, wf, tm, win_k, win_v, win_m, hkv, hz, dn, dd_ptr,
     dq, dpq, m_ptr, arg_ptr, dm_ptr, dwf,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
@@ -90,7 +95,7 @@ def _bwd_q_kernel(
     dmask = rmask[:, None] & (od[None, :] < D)
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     dt = phq_p.dtype
-    dN, dD = _out_grads(do, den_ptr, delta_ptr, qrow, rmask, 0, DV, BV, dt)
+    dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, 0, DV, BV)
 
     h_p, h_n, z_p, z_n = _load_chunk_state(hkv, hz, bh, c, NT, DV, F, BF, BV, dt)
     dphq_p = _mm(dN, tl.trans(h_p), PREC) + dD[:, None] * z_p[None, :]
@@ -177,7 +182,7 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_kv_visit(
-    q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+    q, phq, dn, dd_ptr, m_ptr, arg_ptr, dm_ptr,
     dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, g, T, scale, softcap,
     H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BQ: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
@@ -192,11 +197,8 @@ def _bwd_kv_visit(
     rmask = rows < T
     qrow = (b * T + rows).to(tl.int64) * H + h
     dt = v_j.dtype
-    ov = tl.arange(0, BV)
-    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0).to(dt)
-    rden, dD = _out_scale(den_ptr, delta_ptr, qrow, rmask)
-    # dp^T = v dN^T + dD with dN = do / den: the 1 / den is applied to the product's columns.
-    dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
+    dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, 0, DV, BV)
+    dpt = _mm(v_j, tl.trans(dN), PREC) + dD[None, :]
     if LIN:
         phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
         lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
@@ -223,14 +225,13 @@ def _bwd_kv_visit(
             sc = tl.where(win, st / softcap, 0.0)
             ds = ds * (1.0 - sc * sc)
         dk_acc += _mm(ds.to(dt), qq, PREC) * scale
-    # dv += p^T dN, the 1 / den moved onto p's columns (p / den <= 1: no overflow in fp16).
-    dv_acc += _mm((pt * rden[None, :]).to(dt), dd, PREC)
+    dv_acc += _mm(pt.to(dt), dN, PREC)
     return dph_p, dph_n, dk_acc, dv_acc
 
 
 @triton.jit
 def _bwd_kv_kernel(
-    q, k, v, phq, phk, wk, wf, tm, win_m, dhkv, dhz, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+    q, k, v, phq, phk, wk, wf, tm, win_m, dhkv, dhz, dn, dd_ptr, m_ptr, arg_ptr, dm_ptr,
     dk, dv, dpk,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
@@ -271,14 +272,14 @@ def _bwd_kv_kernel(
     # The query chunks j and (when LAG) j + 1, in blocks of BQ rows: smaller temporaries beside the accumulators.
     for sub in range(BT // BQ):
         dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
-            q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+            q, phq, dn, dd_ptr, m_ptr, arg_ptr, dm_ptr,
             dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, g, T,
             scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC, W < BT,
         )  # fmt: skip
     if LAG:
         for sub in range(BT // BQ):
             dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
-                q, phq, do, den_ptr, delta_ptr, m_ptr, arg_ptr, dm_ptr,
+                q, phq, dn, dd_ptr, m_ptr, arg_ptr, dm_ptr,
                 dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, (j + 1) * BT + sub * BQ, b, h, g, T,
                 scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC, True,
             )  # fmt: skip

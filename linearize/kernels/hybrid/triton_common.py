@@ -163,20 +163,9 @@ def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCA
 
 
 @triton.jit
-def _out_scale(den_ptr, delta_ptr, qrow, rmask):
-    # 1 / den and d(den) = -do . y / den of the rows `qrow` (see `_out_grads`).
-    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
-    rden = tl.where(den > EPS, 1.0 / den, 0.0)
-    return rden, -tl.load(delta_ptr + qrow, mask=rmask, other=0.0) * rden
-
-
-@triton.jit
-def _out_grads(do, den_ptr, delta_ptr, qrow, rmask, c0, DV: tl.constexpr, BV: tl.constexpr, dt: tl.constexpr):
-    # y = N / den: dN = do / den and d(den) = -do . y / den, for the rows `qrow` and columns c0.. of do. A row
-    # without any key has den == EPS and sends nothing back (each of its terms has a zero factor); its 1 / den is
-    # taken as 0 so that dN stays finite in fp16.
+def _load_out_grads(dn, dd_ptr, qrow, rmask, c0, DV: tl.constexpr, BV: tl.constexpr):
+    # y = N / den: dN = do / den (columns c0.. of the rows `qrow`) and d(den) = -do . y / den, as `_delta_kernel`
+    # stored them; rows past T load as zeros.
     ov = c0 + tl.arange(0, BV)
-    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
-    rden, dD = _out_scale(den_ptr, delta_ptr, qrow, rmask)
-    dN = (dd.to(tl.float32) * rden[:, None]).to(dt)
-    return dN, dD
+    dN = tl.load(dn + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
+    return dN, tl.load(dd_ptr + qrow, mask=rmask, other=0.0)
