@@ -212,7 +212,7 @@ class _HybridChunk(torch.autograd.Function):
         B, T, H, D, DV, F, HKV = p.B, p.T, p.H, p.D, p.DV, p.F, p.HKV
         dev = q.device
         do = do.contiguous()
-        # The output's gradient factors, dN = do / den and d(den), once for the three kernels that read them.
+        # The output's gradient factors, dN = do / den and d(den), once for the kernels that read them.
         dn = _empty(B, T, H, DV, dtype=q.dtype, device=dev)
         dd = _empty(B, T, H, device=dev)
         rows = B * T * H
@@ -251,7 +251,7 @@ class _HybridChunk(torch.autograd.Function):
         dv = _empty(B, T, H, DV, dtype=v.dtype if groups == 1 else torch.float32, device=dev)
         dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
         _bwd_kv_kernel[(p.NT, B * H)](
-            q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, dn, dd, m, arg, dm,
+            q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, dd, m, arg, dm,
             dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, **_launch("bwd_kv"),
         )  # fmt: skip
         if groups > 1:

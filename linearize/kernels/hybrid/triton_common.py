@@ -169,3 +169,14 @@ def _load_out_grads(dn, dd_ptr, qrow, rmask, c0, DV: tl.constexpr, BV: tl.conste
     ov = c0 + tl.arange(0, BV)
     dN = tl.load(dn + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
     return dN, tl.load(dd_ptr + qrow, mask=rmask, other=0.0)
+
+
+@triton.jit
+def _load_do_scaled(do, den_ptr, dd_ptr, qrow, rmask, DV: tl.constexpr, BV: tl.constexpr):
+    # The raw do of the rows `qrow` with their 1 / den (0 for a row without keys, as `_delta_kernel` takes it) and
+    # d(den): for kernels that apply the 1 / den to their products instead of loading dN.
+    ov = tl.arange(0, BV)
+    dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
+    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
+    rden = tl.where(den > EPS, 1.0 / den, 0.0)
+    return dd, rden, tl.load(dd_ptr + qrow, mask=rmask, other=0.0)
