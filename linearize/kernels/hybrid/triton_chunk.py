@@ -20,14 +20,16 @@ inputs), as a 16-bit model computes; the per-chunk states are stored in the inpu
 The backward mirrors the forward and, like flash-attention's, splits the gradient by side:
 
     1. `_delta_kernel`: the output's gradient factors dN = do / den and d(den) = -do . o / den per query row;
-    2. the features and states are recomputed (steps 0 and 1 above), and a reverse pass sums the state gradients
-       dH_c, dz_c of the query chunks after each key chunk (one program per half of the features and block of Dv);
+    2. the features and states are recomputed (steps 0 and 1 above; `LINEARIZE_SAVE_STATES=1` keeps them from the
+       forward instead), and a reverse pass sums the state gradients dH_c, dz_c of the query chunks after each key
+       chunk (one program per half of the features and block of Dv);
     3. `_bwd_q_kernel`, one program per (block of query rows, batch, head): dq and the gradient of the q
        feature-map pre-activation, with the projection back through wq folded in. It also stores, per query row,
        the window's row maximum, its arg-max key and the maximum's gradient, and per program the window factor's
        partial gradient;
     4. `_bwd_kv_kernel`, one program per (key chunk, batch, head): it visits the (at most two) query chunks that
-       see the key chunk through the window or intra-chunk terms (reusing the row maxima of step 3), adds the
+       see the key chunk through the window or intra-chunk terms (reusing the row maxima of step 3) with its tiles
+       key-major, so that every product has the chunk's keys as rows (Hopper's wgmma needs 64), adds the
        state gradient, and writes dk, dv (with the projection back through wk folded in) and the gradient of the k
        feature-map pre-activation. Each program owns its outputs, so nothing is written twice and no partial
        buffers are added afterwards (with GQA one torch sum over the group remains);
