@@ -5,12 +5,13 @@ listed value is tried with the other knobs at the best found so far; a setting t
 much shared memory, say) is reported and skipped. Prints a line per trial and the best settings as the arguments
 that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it needs a CUDA GPU.
 
-    python benchmarks/tune_hybrid.py [--T 16384] [--B 1] [--window 64] [--rounds 1]
+    python benchmarks/tune_hybrid.py [--T 16384] [--B 1] [--window 64] [--rounds 1] [--save-states]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 import triton
@@ -64,7 +65,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     tuning.add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=1, help="passes over all knobs")
+    parser.add_argument(
+        "--save-states",
+        action="store_true",
+        help="tune with the forward's features and states kept for the backward (LINEARIZE_SAVE_STATES=1)",
+    )
     args = parser.parse_args()
+    if args.save_states:
+        os.environ[triton_chunk.SAVE_STATES_ENV] = "1"
     if not torch.cuda.is_available():
         raise SystemExit("tune_hybrid.py needs a CUDA GPU")
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
