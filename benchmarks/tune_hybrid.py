@@ -11,7 +11,6 @@ that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it ne
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 import triton
@@ -65,14 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     tuning.add_shape_arguments(parser)
     parser.add_argument("--rounds", type=int, default=1, help="passes over all knobs")
-    parser.add_argument(
-        "--save-states",
-        action="store_true",
-        help="tune with the forward's features and states kept for the backward (LINEARIZE_SAVE_STATES=1)",
-    )
+    tuning.add_save_states_argument(parser)
     args = parser.parse_args()
-    if args.save_states:
-        os.environ[triton_chunk.SAVE_STATES_ENV] = "1"
+    tuning.apply_save_states(args)
     if not torch.cuda.is_available():
         raise SystemExit("tune_hybrid.py needs a CUDA GPU")
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window

@@ -48,11 +48,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--stages", default="", help="name=N,... overrides of triton_chunk.STAGES (0: Triton's default)"
     )
+    add_save_states_argument(parser)
+
+
+def add_save_states_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--save-states",
         action="store_true",
         help="keep the forward's features and states for the backward (LINEARIZE_SAVE_STATES=1)",
     )
+
+
+def apply_save_states(args: argparse.Namespace) -> None:
+    if args.save_states:
+        os.environ[triton_chunk.SAVE_STATES_ENV] = "1"
 
 
 def _per_kernel(flag: str, text: str) -> list[tuple[str, int]]:
@@ -82,8 +91,7 @@ def apply(args: argparse.Namespace) -> str:
     triton_chunk.BV_STATE = args.bv_state
     for name, n in _per_kernel("--stages", args.stages):
         set_stages(name, n)
-    if args.save_states:
-        os.environ[triton_chunk.SAVE_STATES_ENV] = "1"
+    apply_save_states(args)
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, "
         f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}"

@@ -8,10 +8,10 @@ import triton
 import triton.language as tl
 
 from .triton_common import (
-    EPS,
     NO_KEY,
     _feature_map_bwd,
     _heads,
+    _inv_den,
     _key_ok,
     _load_chunk_state,
     _load_do_scaled,
@@ -29,16 +29,14 @@ from .triton_common import (
 @triton.jit
 def _delta_kernel(do, o, den, dn, dd_out, N, DV: tl.constexpr, BR: tl.constexpr, BV: tl.constexpr):
     # For y = N / den per row of the [N, DV] tensors: dN = do / den in the type of do and d(den) = -do . y / den
-    # in fp32. A row without any key has den == EPS and sends nothing back (each of its terms has a zero factor);
-    # its 1 / den is taken as 0 so that dN stays finite in fp16.
+    # in fp32 (see `_inv_den` for rows without keys).
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     ov = tl.arange(0, BV)
     m = (r < N)[:, None] & (ov < DV)[None, :]
     off = r.to(tl.int64)[:, None] * DV + ov[None, :]
     dd = tl.load(do + off, mask=m, other=0.0).to(tl.float32)
     oo = tl.load(o + off, mask=m, other=0.0).to(tl.float32)
-    d = tl.load(den + r, mask=r < N, other=1.0)
-    rden = tl.where(d > EPS, 1.0 / d, 0.0)
+    rden = _inv_den(tl.load(den + r, mask=r < N, other=1.0))
     tl.store(dn + off, (dd * rden[:, None]).to(dn.dtype.element_ty), mask=m)
     tl.store(dd_out + r, -tl.sum(dd * oo, 1) * rden, mask=r < N)
 
@@ -137,10 +135,10 @@ def _bwd_q_kernel(
         if LAG:
             k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
-        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
+        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC, False)
         m = tl.max(s_c, 1)
         if LAG:
-            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC)
+            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC, False)
             m = tl.maximum(m, tl.max(s_p, 1))
         m = tl.where(m == float("-inf"), 0.0, m)
         # The row max m enters as exp(s - m), so its gradient goes to the arg-max key: the latest of any ties
@@ -214,10 +212,7 @@ def _bwd_kv_visit(
     if W > 0:
         od = tl.arange(0, BD)
         qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
-        st = _mm(k_j, tl.trans(qq), PREC) * scale
-        if SOFTCAP:
-            st = softcap * (1.0 - 2.0 / (tl.exp(2.0 * st / softcap) + 1.0))
-        win = (pos[:, None] <= rows[None, :]) & (pos[:, None] > rows[None, :] - W) & ok_j[:, None]
+        st, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC, True)
         m = tl.load(m_ptr + qrow, mask=rmask, other=0.0)
         arg = tl.load(arg_ptr + qrow, mask=rmask, other=NO_KEY)
         dm = tl.load(dm_ptr + qrow, mask=rmask, other=0.0)

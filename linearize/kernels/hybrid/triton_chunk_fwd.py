@@ -132,11 +132,11 @@ def _fwd_out_kernel(
         qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
         g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
         k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
-        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC)
+        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC, False)
         m = tl.max(s_c, 1)
         if LAG:
             k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
-            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC)
+            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC, False)
             m = tl.maximum(m, tl.max(s_p, 1))
         m = tl.where(m == float("-inf"), 0.0, m)
         p_c += tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)

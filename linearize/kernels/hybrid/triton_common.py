@@ -153,12 +153,32 @@ def _load_chunk_state(h_ptr, z_ptr, bh, c, NT, DV: tl.constexpr, F: tl.constexpr
 
 
 @triton.jit
-def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr):
-    s = _mm(q, tl.trans(kk), PREC) * scale
+def _soft_cap(s, softcap):
+    # softcap * tanh(s / softcap), tanh through exp: the interpreter and every backend have it.
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+
+
+@triton.jit
+def _inv_den(den):
+    # 1 / den of the output rows; a row without any key has den == EPS and sends nothing back (each of its terms has
+    # a zero factor), so its 1 / den is taken as 0, which keeps dN = do / den finite in fp16.
+    return tl.where(den > EPS, 1.0 / den, 0.0)
+
+
+@triton.jit
+def _window_scores(q, kk, rows, pos, ok, scale, softcap, W: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+                   KEY_MAJOR: tl.constexpr):  # fmt: skip
+    # Scores of the query rows `rows` against the keys `pos` inside the window (-inf elsewhere) and the window mask,
+    # both [rows, keys], or [keys, rows] when KEY_MAJOR.
+    if KEY_MAJOR:
+        s = _mm(kk, tl.trans(q), PREC) * scale
+        r, p, o = rows[None, :], pos[:, None], ok[:, None]
+    else:
+        s = _mm(q, tl.trans(kk), PREC) * scale
+        r, p, o = rows[:, None], pos[None, :], ok[None, :]
     if SOFTCAP:
-        # tanh through exp: the interpreter and every backend have it.
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
-    inside = (pos[None, :] <= rows[:, None]) & (pos[None, :] > rows[:, None] - W) & ok[None, :]
+        s = _soft_cap(s, softcap)
+    inside = (p <= r) & (p > r - W) & o
     return tl.where(inside, s, float("-inf")), inside
 
 
@@ -173,10 +193,9 @@ def _load_out_grads(dn, dd_ptr, qrow, rmask, c0, DV: tl.constexpr, BV: tl.conste
 
 @triton.jit
 def _load_do_scaled(do, den_ptr, dd_ptr, qrow, rmask, DV: tl.constexpr, BV: tl.constexpr):
-    # The raw do of the rows `qrow` with their 1 / den (0 for a row without keys, as `_delta_kernel` takes it) and
-    # d(den): for kernels that apply the 1 / den to their products instead of loading dN.
+    # The raw do of the rows `qrow` with their 1 / den (as `_delta_kernel` takes it) and d(den): for kernels that
+    # apply the 1 / den to their products instead of loading dN.
     ov = tl.arange(0, BV)
     dd = tl.load(do + qrow[:, None] * DV + ov[None, :], mask=rmask[:, None] & (ov[None, :] < DV), other=0.0)
-    den = tl.load(den_ptr + qrow, mask=rmask, other=1.0)
-    rden = tl.where(den > EPS, 1.0 / den, 0.0)
+    rden = _inv_den(tl.load(den_ptr + qrow, mask=rmask, other=1.0))
     return dd, rden, tl.load(dd_ptr + qrow, mask=rmask, other=0.0)

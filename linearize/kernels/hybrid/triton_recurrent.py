@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .naive import EPS as _EPS_VALUE
 from .torch_chunked import HybridState
-from .triton_common import _heads
+from .triton_common import _heads, _soft_cap
 
 # Kernels read globals only as constexpr.
 EPS = tl.constexpr(_EPS_VALUE)
@@ -47,7 +47,7 @@ def _feature_map_vec(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.const
 @triton.jit
 def _softcap(s, softcap, SOFTCAP: tl.constexpr):
     if SOFTCAP:
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        s = _soft_cap(s, softcap)
     return s
 
 
