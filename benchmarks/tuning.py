@@ -3,7 +3,8 @@
 `--warps name=N,...` sets the warps per program of named kernels (the keys of `triton_chunk.WARPS`), `--stages
 name=N,...` their software-pipelining stages (0: Triton's default), `--bq-*` the
 query rows per program or step (`triton_chunk.BQ_*`), `--bv-state` the Dv columns per state program and
-`--save-states` keeps the forward's features and states for the backward.
+`--save-states` keeps the forward's features and states for the backward, `--no-overlap` launches every
+kernel on one stream.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bv-state", type=int, default=triton_chunk.BV_STATE, help="Dv columns per state program")
     parser.add_argument(
         "--stages", default="", help="name=N,... overrides of triton_chunk.STAGES (0: Triton's default)"
+    )
+    parser.add_argument(
+        "--no-overlap", action="store_true", help="launch every kernel on one stream (triton_chunk.OVERLAP off)"
     )
     add_save_states_argument(parser)
 
@@ -92,7 +96,9 @@ def apply(args: argparse.Namespace) -> str:
     for name, n in _per_kernel("--stages", args.stages):
         set_stages(name, n)
     apply_save_states(args)
+    triton_chunk.OVERLAP = not args.no_overlap
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, "
-        f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}"
+        f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}, "
+        f"overlap {triton_chunk.OVERLAP}"
     )

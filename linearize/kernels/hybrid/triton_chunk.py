@@ -22,7 +22,9 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
     1. `_delta_kernel`: the output's gradient factors dN = do / den and d(den) = -do . o / den per query row;
     2. the features and states are recomputed (steps 0 and 1 above; `LINEARIZE_SAVE_STATES=1` keeps them from the
        forward instead), and a reverse pass sums the state gradients dH_c, dz_c of the query chunks after each key
-       chunk (one program per half of the features and block of Dv);
+       chunk (one program per half of the features and block of Dv). Both sequential passes keep few programs busy
+       for their whole length, so on CUDA the reverse pass runs on a second stream beside the recomputation
+       (`_Overlap`);
     3. `_bwd_q_kernel`, one program per (block of query rows, batch, head): dq and the gradient of the q
        feature-map pre-activation, with the projection back through wq folded in. It also stores, per query row,
        the window's row maximum, its arg-max key and the maximum's gradient, and per program the window factor's
@@ -40,6 +42,7 @@ Keys of the window carried in `initial_state` sit at the negative positions -S..
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -67,6 +70,10 @@ MAX_DIM = 128
 # the backward recomputing them: a faster backward (no second state pass, two feature launches fewer) for more
 # memory held until the backward (4x the size of q at F = 64, D = Dv = 128: the features twice q, the states twice).
 SAVE_STATES_ENV = "LINEARIZE_SAVE_STATES"
+# On CUDA, the backward launches the sequential state-gradient pass on a second stream, so that it runs beside the
+# recomputed state pass, which does not depend on it (`_Overlap`).
+OVERLAP = True
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def save_states() -> bool:
@@ -80,6 +87,42 @@ def save_states() -> bool:
         f"{SAVE_STATES_ENV}={value!r} is not 0 or 1: set 1 to keep the forward's features and states for the "
         "backward (faster, more memory), 0 to recompute them"
     )
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One second CUDA stream per device, made on first use."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device=key)
+    return _SIDE_STREAMS[key]
+
+
+class _Overlap:
+    """Kernels launched inside `side()` run on a second CUDA stream, beside those launched meanwhile on the current
+    one, until `join()`. The sequential state passes hold one program per SM for their whole length, so the GPU's
+    other slots go to the kernels beside them. Inline on the CPU and with `OVERLAP` off.
+
+    Every tensor a side kernel touches is allocated on the current stream before `side()` and stays referenced
+    until after `join()`, so no memory is handed back while the side stream may still use it.
+    """
+
+    def __init__(self, device: torch.device, on: bool = True):
+        on = on and OVERLAP and device.type == "cuda"
+        self.main = torch.cuda.current_stream(device) if on else None
+        self.other = _side_stream(device) if on else None
+
+    @contextlib.contextmanager
+    def side(self):
+        if self.other is None:
+            yield
+            return
+        self.other.wait_stream(self.main)
+        with torch.cuda.stream(self.other):
+            yield
+
+    def join(self) -> None:
+        if self.other is not None:
+            self.main.wait_stream(self.other)
 
 
 def _launch(name: str) -> dict:
@@ -142,11 +185,11 @@ def _features(p: _Plan, x, w):
     return phi
 
 
-def _all_features(p: _Plan, q, k, wq, wk):
-    """Features of the queries, the keys and the carried window's keys (the keys' tensor stands in for the last
-    when there is no window, since kernels take a pointer even where a flag turns it off)."""
+def _key_features(p: _Plan, k, wk):
+    """Features of the keys and of the carried window's keys (the keys' tensor stands in for the last when there is
+    no window, since kernels take a pointer even where a flag turns it off)."""
     phk = _features(p, k, wk)
-    return _features(p, q, wq), phk, _features(p, p.win_k, wk) if p.S else phk
+    return phk, _features(p, p.win_k, wk) if p.S else phk
 
 
 def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
@@ -187,7 +230,8 @@ class _HybridChunk(torch.autograd.Function):
                 output_final_state):  # fmt: skip
         p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
         win_v = win_v.contiguous() if p.S else v
-        phq, phk, phw = _all_features(p, q, k, wq, wk)
+        phq = _features(p, q, wq)
+        phk, phw = _key_features(p, k, wk)
         hkv, hz, kv_out, z_out = _states(p, phk, phw, v, win_v, kv0, z0, output_final_state)
         o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
         den = _empty(p.B, p.T, p.H, device=q.device)
@@ -219,20 +263,29 @@ class _HybridChunk(torch.autograd.Function):
         dd = _empty(B, T, H, device=dev)
         rows = B * T * H
         _delta_kernel[(triton.cdiv(rows, 32),)](do, o, den, dn, dd, rows, DV=DV, BR=32, BV=p.BV, **_launch("delta"))
-        if kept[0] is not None:
-            phq, phk, phw, hkv, hz = kept
+        # The state-gradient pass needs only the query features and dN. By default it runs on the side stream beside
+        # the recomputed key features and state pass and the query side (`_Overlap`), which do not depend on it;
+        # with saved states, beside the query side alone, it ran slower than one after the other (an H200,
+        # docs/BENCHMARKS.md), so there it stays on the current stream.
+        saved = kept[0] is not None
+        par = _Overlap(dev, on=not saved)
+        phq = kept[0] if saved else _features(p, q, wq)
+        hz_shape = (B, H, p.NT, 2 * F)
+        dhkv = _empty(*hz_shape, DV, dtype=q.dtype, device=dev)
+        dhz = _empty(*hz_shape, device=dev)
+        with par.side():
+            _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
+                phq, dn, dd, dhkv, dhz, T, p.NT,
+                H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
+                NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
+            )  # fmt: skip
+        if saved:
+            _, phk, phw, hkv, hz = kept
         else:
             # By default the features and states are recomputed rather than kept from the forward: they are the
             # largest intermediates (`LINEARIZE_SAVE_STATES`).
-            phq, phk, phw = _all_features(p, q, k, wq, wk)
+            phk, phw = _key_features(p, k, wk)
             hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
-        dhkv = _empty(*hkv.shape, dtype=hkv.dtype, device=dev)
-        dhz = _empty(*hz.shape, device=dev)
-        _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
-            phq, dn, dd, dhkv, dhz, T, p.NT,
-            H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
-            NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
-        )  # fmt: skip
         flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common())
         dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
         # The pre-activation gradients go to the weight-gradient products in the input type.
@@ -252,6 +305,7 @@ class _HybridChunk(torch.autograd.Function):
         dk = _empty(B, T, H, D, dtype=k.dtype if groups == 1 else torch.float32, device=dev)
         dv = _empty(B, T, H, DV, dtype=v.dtype if groups == 1 else torch.float32, device=dev)
         dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
+        par.join()
         _bwd_kv_kernel[(p.NT, B * H)](
             q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, dd, m, arg, dm,
             dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, **_launch("bwd_kv"),
