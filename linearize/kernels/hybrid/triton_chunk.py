@@ -279,33 +279,37 @@ class _HybridChunk(torch.autograd.Function):
                 H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
                 NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
             )  # fmt: skip
-        if saved:
-            _, phk, phw, hkv, hz = kept
-        else:
-            # By default the features and states are recomputed rather than kept from the forward: they are the
-            # largest intermediates (`LINEARIZE_SAVE_STATES`).
-            phk, phw = _key_features(p, k, wk)
-            hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
-        flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common())
-        dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
-        # The pre-activation gradients go to the weight-gradient products in the input type.
-        dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)
-        # Per query row: the window's max score, its arg-max key and the max's gradient (window > 0 only).
-        m = _empty(B, T, H, device=dev) if window > 0 else den
-        arg = _empty(B, T, H, dtype=torch.int32, device=dev) if window > 0 else den
-        dm = _empty(B, T, H, device=dev) if window > 0 else den
-        nq = triton.cdiv(T, BQ_Q)
-        dwf = _empty(B * H * nq, device=dev) if window > 0 else den
-        _bwd_q_kernel[(nq, B * H)](
-            q, k, v, phq, phk, phw, wq, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, dn, dd,
-            dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_Q, **_launch("bwd_q"),
-        )  # fmt: skip
-        # Per query head; with GQA in fp32, for the group sum below.
-        groups = H // HKV
-        dk = _empty(B, T, H, D, dtype=k.dtype if groups == 1 else torch.float32, device=dev)
-        dv = _empty(B, T, H, DV, dtype=v.dtype if groups == 1 else torch.float32, device=dev)
-        dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
-        par.join()
+        try:
+            if saved:
+                _, phk, phw, hkv, hz = kept
+            else:
+                # By default the features and states are recomputed rather than kept from the forward: they are the
+                # largest intermediates (`LINEARIZE_SAVE_STATES`).
+                phk, phw = _key_features(p, k, wk)
+                hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
+            flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common())
+            dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
+            # The pre-activation gradients go to the weight-gradient products in the input type.
+            dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)
+            # Per query row: the window's max score, its arg-max key and the max's gradient (window > 0 only).
+            m = _empty(B, T, H, device=dev) if window > 0 else den
+            arg = _empty(B, T, H, dtype=torch.int32, device=dev) if window > 0 else den
+            dm = _empty(B, T, H, device=dev) if window > 0 else den
+            nq = triton.cdiv(T, BQ_Q)
+            dwf = _empty(B * H * nq, device=dev) if window > 0 else den
+            _bwd_q_kernel[(nq, B * H)](
+                q, k, v, phq, phk, phw, wq, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, dn, dd,
+                dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_Q, **_launch("bwd_q"),
+            )  # fmt: skip
+            # Per query head; with GQA in fp32, for the group sum below.
+            groups = H // HKV
+            dk = _empty(B, T, H, D, dtype=k.dtype if groups == 1 else torch.float32, device=dev)
+            dv = _empty(B, T, H, DV, dtype=v.dtype if groups == 1 else torch.float32, device=dev)
+            dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
+        finally:
+            # The key side reads the state gradients; and should anything above raise, no buffer the side stream
+            # still uses is handed back before it is done.
+            par.join()
         _bwd_kv_kernel[(p.NT, B * H)](
             q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, dd, m, arg, dm,
             dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, **_launch("bwd_kv"),
