@@ -70,8 +70,8 @@ MAX_DIM = 128
 # the backward recomputing them: a faster backward (no second state pass, two feature launches fewer) for more
 # memory held until the backward (4x the size of q at F = 64, D = Dv = 128: the features twice q, the states twice).
 SAVE_STATES_ENV = "LINEARIZE_SAVE_STATES"
-# On CUDA, the backward launches the sequential state-gradient pass on a second stream, so that it runs beside the
-# recomputed state pass, which does not depend on it (`_Overlap`).
+# On CUDA, the default backward (features and states recomputed) launches the sequential state-gradient pass on a
+# second stream, so that it runs beside the recomputed state pass, which does not depend on it (`_Overlap`).
 OVERLAP = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
