@@ -390,9 +390,9 @@ def test_gpu_prefill_then_decode():
 @cuda
 @pytest.mark.parametrize("saved", ["0", "1"])
 def test_gpu_overlap_gives_the_same_result(monkeypatch, saved):
-    # On CUDA the state-gradient pass and the forward's query features run on a second stream beside the kernels
-    # that do not need them. A missing wait would let a kernel read a buffer before it is written; with every
-    # kernel on one stream the results must be the same to the bit, in both modes of the backward.
+    # On CUDA the default backward runs the state-gradient pass on a second stream beside the kernels that do not
+    # need it. A missing wait would let a kernel read a buffer before it is written; with every kernel on one stream
+    # the results must be the same to the bit (with saved states, where everything stays on one stream, too).
     from linearize.kernels.hybrid import triton_chunk
 
     monkeypatch.setenv("LINEARIZE_SAVE_STATES", saved)

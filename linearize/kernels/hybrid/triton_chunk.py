@@ -192,12 +192,19 @@ def _key_features(p: _Plan, k, wk):
     return phk, _features(p, p.win_k, wk) if p.S else phk
 
 
+def _chunk_state_buffers(p: _Plan, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffers for per-chunk states or their gradients: `[B, H, NT, 2F, DV]` in `dtype`, `[B, H, NT, 2F]` in fp32."""
+    return (
+        _empty(p.B, p.H, p.NT, 2 * p.F, p.DV, dtype=dtype, device=device),
+        _empty(p.B, p.H, p.NT, 2 * p.F, device=device),
+    )
+
+
 def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
     """Per-chunk linear states `[B, H, NT, 2F, DV]` in the input type, `[B, H, NT, 2F]` in fp32 (and the final ones,
     both fp32, if asked)."""
     dev = v.device
-    hkv = _empty(p.B, p.H, p.NT, 2 * p.F, p.DV, dtype=v.dtype, device=dev)
-    hz = _empty(p.B, p.H, p.NT, 2 * p.F, device=dev)
+    hkv, hz = _chunk_state_buffers(p, v.dtype, dev)
     kv_out = _empty(p.B, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
     z_out = _empty(p.B, p.H, 2 * p.F, device=dev) if store_final else hz
     grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H, 2)
@@ -270,9 +277,7 @@ class _HybridChunk(torch.autograd.Function):
         saved = kept[0] is not None
         par = _Overlap(dev, on=not saved)
         phq = kept[0] if saved else _features(p, q, wq)
-        hz_shape = (B, H, p.NT, 2 * F)
-        dhkv = _empty(*hz_shape, DV, dtype=q.dtype, device=dev)
-        dhz = _empty(*hz_shape, device=dev)
+        dhkv, dhz = _chunk_state_buffers(p, q.dtype, dev)
         with par.side():
             _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
                 phq, dn, dd, dhkv, dhz, T, p.NT,
