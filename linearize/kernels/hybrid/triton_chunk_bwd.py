@@ -22,6 +22,7 @@ from .triton_common import (
     _load_w,
     _mm,
     _query_block,
+    _soft_cap_grad,
     _window_scores,
 )
 
@@ -161,16 +162,13 @@ def _bwd_q_kernel(
         tl.store(dm_ptr + qrow, dm, mask=rmask)
         ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
         if SOFTCAP:
-            # s = c tanh(r / c): ds/dr = 1 - (s / c)^2.
-            sc = tl.where(win_c, s_c / softcap, 0.0)
-            ds_c = ds_c * (1.0 - sc * sc)
+            ds_c = _soft_cap_grad(ds_c, s_c, win_c, softcap)
         dqw = _mm(ds_c.to(dt), k_c, PREC)
         dg = tl.sum(tl.sum(daa_c, 1), 0)
         if LAG:
             ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
             if SOFTCAP:
-                sp = tl.where(win_p, s_p / softcap, 0.0)
-                ds_p = ds_p * (1.0 - sp * sp)
+                ds_p = _soft_cap_grad(ds_p, s_p, win_p, softcap)
             dqw += _mm(ds_p.to(dt), k_p, PREC)
             dg += tl.sum(tl.sum(daa_p, 1), 0)
         dq_acc += dqw * scale
@@ -220,8 +218,7 @@ def _bwd_kv_visit(
         pt += a
         ds = tl.where(win, dpt * a, 0.0) + tl.where(pos[:, None] == arg[None, :], dm[None, :], 0.0)
         if SOFTCAP:
-            sc = tl.where(win, st / softcap, 0.0)
-            ds = ds * (1.0 - sc * sc)
+            ds = _soft_cap_grad(ds, st, win, softcap)
         dk_acc += _mm(ds.to(dt), qq, PREC) * scale
     # p / den <= 1: no overflow in fp16.
     dv_acc += _mm((pt * rden[None, :]).to(dt), dd, PREC)

@@ -159,6 +159,14 @@ def _soft_cap(s, softcap):
 
 
 @triton.jit
+def _soft_cap_grad(ds, s, inside, softcap):
+    # Gradient through the soft-cap: s = c tanh(r / c), so ds/dr = 1 - (s / c)^2 (entries outside the window, where
+    # s is -inf, are left as they are).
+    sc = tl.where(inside, s / softcap, 0.0)
+    return ds * (1.0 - sc * sc)
+
+
+@triton.jit
 def _inv_den(den):
     # 1 / den of the output rows; a row without any key has den == EPS and sends nothing back (each of its terms has
     # a zero factor), so its 1 / den is taken as 0, which keeps dN = do / den finite in fp16.
