@@ -3,7 +3,10 @@
 Prints three tables: forward and forward+backward times at B*T = 16k tokens (H=32, D=128, F=64, bf16) for our
 hedgehog (W=0) and hybrid (W=64) kernels; the forward's achieved bandwidth against the 3.0 TB/s copy floor
 (bytes of q, k, v read and o written once); and decode-step latency against context length (B=16, 32 query heads,
-8 KV heads). Times are medians of `triton.testing.do_bench`. A script, not a test: it needs a CUDA GPU.
+8 KV heads), launched eagerly and replayed from a CUDA graph. `fla` is chunk_linear_attn with its normaliser (the
+op ours computes: outputs divided by q . the sum of keys), `fla_unnorm` the same call with normalize=False (its
+chunked kernels alone, without the normaliser fla adds in PyTorch). Times are medians of `triton.testing.do_bench`.
+A script, not a test: it needs a CUDA GPU.
 
     python benchmarks/bench_hybrid.py [--lengths 2048 8192 16384 32768] [tuning overrides: see tuning.py]
 """
@@ -77,8 +80,8 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def _fla(q, k, v):
-    return chunk_linear_attn(q, k, v, normalize=True)[0]
+def _fla(q, k, v, normalize=True):
+    return chunk_linear_attn(q, k, v, normalize=normalize)[0]
 
 
 def _progress(T, name, times):
@@ -100,12 +103,31 @@ def prefill_rows(lengths):
         if chunk_linear_attn is not None:
             # fla autotunes its kernels on the first call: that can take minutes.
             row["fla"] = _progress(T, "fla", _fwd_bwd(partial(_fla, q, k, v), [q, k, v]))
+            plain = partial(_fla, q, k, v, normalize=False)
+            row["fla_unnorm"] = _progress(T, "fla_unnorm", _fwd_bwd(plain, [q, k, v]))
         del leaves, q, k, v, bhtd
         torch.cuda.empty_cache()
         yield row
 
 
+def _graphed(fn):
+    """`fn` captured in a CUDA graph: its replay, the step without Python and launch overhead, as a decoding loop
+    run under CUDA graphs (torch.compile's "reduce-overhead", serving engines) executes it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def decode_rows(contexts, B=16, H=32, Hkv=8, D=128):
+    """Per context length: SDPA over a KV cache and our decode step, each launched eagerly and replayed from a CUDA
+    graph (ms)."""
     rows = []
     q, k, v, wq, wk, wf = _inputs(B, 1, H, Hkv, D)
     state = HybridState.zeros(B, H, Hkv, D, D, 2 * FEATURES, WINDOW, torch.bfloat16, torch.device("cuda"))
@@ -114,13 +136,17 @@ def decode_rows(contexts, B=16, H=32, Hkv=8, D=128):
     state.win_k.normal_()
     state.win_v.normal_()
     state.win_mask.fill_(True)
-    ours = _median_ms(lambda: hybrid_decode_triton(q, k, v, wq, wk, wf, WINDOW, D**-0.5, None, None, state))
+
+    def step():
+        return hybrid_decode_triton(q, k, v, wq, wk, wf, WINDOW, D**-0.5, None, None, state)
+
+    ours = (_median_ms(step), _median_ms(_graphed(step)))
     for L in contexts:
         kc = torch.randn(B, Hkv, L, D, device="cuda", dtype=torch.bfloat16)
         vc = torch.randn_like(kc)
-        sdpa = _median_ms(partial(F.scaled_dot_product_attention, q.transpose(1, 2), kc, vc, enable_gqa=True))
-        rows.append((L, sdpa, ours))
-        del kc, vc
+        sdpa = partial(F.scaled_dot_product_attention, q.transpose(1, 2), kc, vc, enable_gqa=True)
+        rows.append((L, (_median_ms(sdpa), _median_ms(_graphed(sdpa))), ours))
+        del kc, vc, sdpa
         torch.cuda.empty_cache()
     return rows
 
@@ -136,7 +162,7 @@ def main() -> None:
     settings = tuning.apply(args)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; {settings}")
     print(f"# prefill: B*T = {TOKENS} tokens, H={HEADS}, D={HEAD_DIM}, F={FEATURES}, bf16; ms, fwd / fwd+bwd")
-    names = ["hedgehog", "hybrid", "sdpa"] + (["fla"] if chunk_linear_attn is not None else [])
+    names = ["hedgehog", "hybrid", "sdpa"] + (["fla", "fla_unnorm"] if chunk_linear_attn is not None else [])
     print("| T (B) | " + " | ".join(f"{n} fwd | {n} fwd+bwd" for n in names) + " |")
     print("|---" * (1 + 2 * len(names)) + "|", flush=True)
     rows = []
@@ -152,10 +178,10 @@ def main() -> None:
         tbs = [r["bytes"] / (r[n][0] * 1e-3) / 1e12 for n in ("hedgehog", "hybrid")]
         print(f"| {r['T']} | {r['bytes'] / 1e6:.0f} | {floor:.3f} | {tbs[0]:.2f} | {tbs[1]:.2f} |")
     print(f"\n# decode step: B=16, 32 query / 8 KV heads, D=128, F={FEATURES}, W={WINDOW}; ms")
-    print("| context | SDPA with KV cache | hybrid decode (state + window) |")
-    print("|---|---|---|")
+    print("| context | SDPA with KV cache | hybrid decode (state + window) | SDPA, CUDA graph | hybrid, CUDA graph |")
+    print("|---|---|---|---|---|")
     for L, sdpa, ours in decode_rows(args.contexts):
-        print(f"| {L} | {sdpa:.3f} | {ours:.3f} |")
+        print(f"| {L} | {sdpa[0]:.3f} | {ours[0]:.3f} | {sdpa[1]:.3f} | {ours[1]:.3f} |")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ register count and spills of each Triton kernel as compiled for these shapes. A 
 CUDA GPU.
 
     python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_kv=4,fwd_out=8] [--bq-kv 16]
+    python benchmarks/profile_hybrid.py --fla unnormalized     # fla's chunk_linear_attn on the same q, k, v
 
 `--warps` overrides the warps per program of named kernels (the keys of `triton_chunk.WARPS`) and `--bq-*` the query
 rows per program or step (`triton_chunk.BQ_*`), for tuning.
@@ -60,6 +61,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     tuning.add_shape_arguments(parser)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument(
+        "--fla",
+        choices=["normalized", "unnormalized"],
+        help="profile fla's chunk_linear_attn on the same q, k, v instead of our kernels (needs fla-core)",
+    )
     tuning.add_arguments(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -69,12 +75,23 @@ def main() -> None:
     B, T, H, D, F, W = args.B, args.T, args.H, args.D, args.F, args.window
     (q, k, v, wq, wk, wf), grad = tuning.make_problem(args)
 
+    if args.fla:
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        def attend():
+            return chunk_linear_attn(q, k, v, normalize=args.fla == "normalized")[0]
+
+        settings = f"fla chunk_linear_attn, {args.fla}"
+    else:
+
+        def attend():
+            return hybrid_attention_triton(q, k, v, wq, wk, wf, W, D**-0.5)[0]
+
     def step():
         # Fresh gradients each time, so that no accumulation kernels enter the table.
         for t in (q, k, v, wq, wk, wf):
             t.grad = None
-        out = hybrid_attention_triton(q, k, v, wq, wk, wf, W, D**-0.5)[0]
-        out.backward(grad)
+        attend().backward(grad)
 
     for _ in range(3):
         step()
@@ -88,6 +105,8 @@ def main() -> None:
     # Kernels on the side stream overlap others, so their sum can exceed the time the step takes.
     wall = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
     print(f"\nforward+backward wall time: {wall:.3f} ms (median of triton.testing.do_bench)")
+    if args.fla:
+        return
 
     Bd, Hkv = 16, 8
     qd = torch.randn(Bd, 1, H, D, device=dev, dtype=dt)

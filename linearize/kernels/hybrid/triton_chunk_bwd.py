@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .triton_common import (
     NO_KEY,
+    _feature_block,
     _feature_map_bwd,
     _heads,
     _inv_den,
@@ -47,17 +48,17 @@ def _bwd_state_kernel(
     phq, dn, dd_ptr, dhkv, dhz,
     T, NT,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, PREC: tl.constexpr,
-    NITER: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, LAG: tl.constexpr,
+    PREC: tl.constexpr, NITER: tl.constexpr,
 ):  # fmt: skip
+    # Programs split the state as in `_fwd_state_kernel`.
     iv = tl.program_id(0)
     bh = tl.program_id(1)
-    half = tl.program_id(2)
+    f0 = _feature_block(tl.program_id(2), F, BF, FS)
     b, h, _ = _heads(bh, H, H)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
-    f0 = half * F
     smask = fm[:, None] & (ov[None, :] < DV)
     acc = tl.zeros([BF, BV], dtype=tl.float32)
     dz = tl.zeros([BF], dtype=tl.float32)

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .triton_common import (
     EPS,
+    _feature_block,
     _feature_map,
     _heads,
     _key_ok,
@@ -47,19 +48,20 @@ def _fwd_state_kernel(
     phk, phw, v, tm, win_v, win_m, kv0, z0, hkv, hz, kv_out, z_out,
     T, NT, S, SOUT,
     H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     PREC: tl.constexpr, NITER: tl.constexpr,
 ):  # fmt: skip
+    # Program (iv, bh, j) carries the Dv columns of block iv of the features f0 .. f0 + BF of head bh: half j // FS
+    # (BF = F / FS features each when FS > 1).
     iv = tl.program_id(0)
     bh = tl.program_id(1)
-    half = tl.program_id(2)
+    f0 = _feature_block(tl.program_id(2), F, BF, FS)
     b, h, hk = _heads(bh, H, HKV)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
     smask = fm[:, None] & (ov[None, :] < DV)
-    f0 = half * F
     st = (bh * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
     if HAS_INIT:
         kv = tl.load(kv0 + st, mask=smask, other=0.0)

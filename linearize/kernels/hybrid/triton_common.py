@@ -22,6 +22,12 @@ def _heads(bh, H: tl.constexpr, HKV: tl.constexpr):
 
 
 @triton.jit
+def _feature_block(j, F: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr):
+    # First feature of block j of a state pass: half j // FS (softmax(x W) or softmax(-x W)), block j % FS of it.
+    return (j // FS) * F + (j % FS) * BF
+
+
+@triton.jit
 def _query_block(T, H: tl.constexpr, HKV: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr):
     # Program (i, bh) of the output and query-side kernels covers the BQ query rows from i * BQ on, in chunk c, of
     # row bh; returns i, c, bh, b, h, hk, the rows, their in-sequence mask and their row index into [B, T, H] tensors.
