@@ -34,7 +34,7 @@ SPLIT_CHOICES = (1, 2, 4)
 
 def _knobs() -> list[tuple[str, tuple]]:
     # The feature split first: the warps of the split state passes count only once it is on.
-    knobs = [("FEATURE_SPLIT", SPLIT_CHOICES)]
+    knobs = [("FEATURE_SPLIT", SPLIT_CHOICES), ("STATE_SUMS_BY_DOT", (False, True))]
     knobs += [(f"warps:{n}", STATE_WARP_CHOICES if n in STATE_KERNELS else WARP_CHOICES) for n in triton_chunk.WARPS]
     knobs += [(f"stages:{name}", STAGE_CHOICES) for name in LOOP_KERNELS]
     knobs += [("BQ_OUT", ROW_CHOICES), ("BQ_Q", ROW_CHOICES), ("BQ_KV", ROW_CHOICES), ("BV_STATE", BV_CHOICES)]
@@ -64,6 +64,7 @@ def _arguments() -> str:
     return (
         f"--warps {warps} --stages {stages} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} --bq-kv {triton_chunk.BQ_KV} "
         f"--bv-state {triton_chunk.BV_STATE} --feature-split {triton_chunk.FEATURE_SPLIT}"
+        + (" --state-sums-by-dot" if triton_chunk.STATE_SUMS_BY_DOT else "")
     )
 
 

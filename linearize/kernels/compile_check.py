@@ -223,7 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", action="store_true", help="with an initial state (a carried window)")
     parser.add_argument("--softcap", type=float, default=None)
     parser.add_argument("--no-stats", action="store_true", help="skip the registers and spills (faster)")
+    parser.add_argument("--feature-split", type=int, default=None, help="set triton_chunk.FEATURE_SPLIT")
+    parser.add_argument(
+        "--state-sums-by-dot", action="store_true", help="set triton_chunk.STATE_SUMS_BY_DOT (the variant's kernels)"
+    )
     args = parser.parse_args(argv)
+    from .hybrid import triton_chunk
+
+    if args.feature_split is not None:
+        triton_chunk.FEATURE_SPLIT = args.feature_split
+    triton_chunk.STATE_SUMS_BY_DOT = triton_chunk.STATE_SUMS_BY_DOT or args.state_sums_by_dot
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: TRITON_INTERPRET is set, so there are no compiled kernels: unset it and run again")
         return 2

@@ -186,6 +186,28 @@ def test_state_blocks_match_naive(interpreter, monkeypatch, split, bv, F, fs, T,
     test_two_calls_equal_one(interpreter, 64, 70, 3, F=F)
 
 
+@interpreted
+@pytest.mark.parametrize(
+    "B,T,H,Hkv,D,F,W,pad,softcap",
+    [
+        pytest.param(2, 130, 4, 2, 32, 16, 64, 20, None, id="B2-T130-H4-Hkv2-W64-leftpad"),
+        pytest.param(2, 65, 4, 2, 60, 24, 0, 0, None, id="B2-T65-H4-Hkv2-D60-F24-W0"),
+        pytest.param(1, 100, 2, 2, 32, 16, 5, 0, 5.0, id="B1-T100-H2-W5-softcap"),
+    ],
+)
+def test_state_sums_by_dot_match_naive(interpreter, monkeypatch, B, T, H, Hkv, D, F, W, pad, softcap):
+    # The state passes' key sums (and their gradient) as products with a ones (d(den)) block: the same op, in fp32
+    # and fp16, with carried and final states, and with the feature split.
+    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
+    monkeypatch.setattr(mod, "STATE_SUMS_BY_DOT", True)
+    test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap)
+    test_two_calls_equal_one(interpreter, max(W, 2), 70, 3, F=F)
+    errors = _low_precision_errors(torch.float16, "cpu", B, T, H, Hkv, D, F, W, 0)
+    assert_within_twice_naive(errors, torch.float16, slack=torch.finfo(torch.float16).eps)
+    monkeypatch.setattr(mod, "FEATURE_SPLIT", 2)
+    test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, 32, W, pad, softcap)
+
+
 def _low_precision_errors(dtype, device, B, T, H, Hkv, D, F, W, pad):
     """Errors of the Triton kernels and of the naive op computed in `dtype` (every product and softmax in the input
     type, as a 16-bit model computes it) on the same 16-bit inputs, both against the fp32 naive op."""

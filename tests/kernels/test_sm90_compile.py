@@ -22,6 +22,9 @@ CASES = [
     pytest.param(["--masked", "--state", "--Hkv", "2"], id="bf16-W64-gqa-padding-state"),
     pytest.param(["--window", "0", "--dtype", "fp32"], id="fp32-W0"),
     pytest.param(["--window", "5", "--dtype", "fp16", "--softcap", "30", "--D", "60", "--F", "24"], id="fp16-W5-D60"),
+    # The state passes' variants: split features, and the key sums as products (16-bit and fp32 operands).
+    pytest.param(["--masked", "--state", "--feature-split", "2", "--state-sums-by-dot"], id="bf16-W64-split-sums-dot"),
+    pytest.param(["--window", "0", "--dtype", "fp32", "--state-sums-by-dot"], id="fp32-W0-sums-dot"),
 ]
 
 

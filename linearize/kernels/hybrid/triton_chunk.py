@@ -74,6 +74,10 @@ BV_STATE = 64
 # split) by default: 2 measured 1-3% faster at B = 1, H = 32, F = 64 on an H200 (docs/BENCHMARKS.md), within the
 # variation between runs at forward+backward.
 FEATURE_SPLIT = 1
+# The sequential state passes accumulate the key-feature sums of the normaliser (and their gradient) as products
+# with a ones (or d(den)) column block on the tensor cores instead of sums over rows, which reduce across warps at
+# every step; their rows to leave out load as zeros instead of being zeroed after the load. Off by default.
+STATE_SUMS_BY_DOT = False
 MAX_DIM = 128
 # With LINEARIZE_SAVE_STATES=1 the forward keeps its features and per-chunk states for the backward instead of
 # the backward recomputing them: a faster backward (no second state pass, two feature launches fewer) for more
@@ -234,7 +238,7 @@ def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
         phk, phw, v, p.tm, win_v, p.wm, kv0 if kv0 is not None else hkv, z0 if z0 is not None else hz,
         hkv, hz, kv_out, z_out, p.T, p.NT, p.S, p.SOUT,
         H=p.H, HKV=p.HKV, DV=p.DV, F=p.F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF // p.FS, FS=p.FS, LAG=p.LAG,
-        PREC=p.PREC,
+        PREC=p.PREC, SUMS_DOT=STATE_SUMS_BY_DOT,
         HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, HAS_INIT=kv0 is not None, STORE_FINAL=store_final,
         NITER=p.niter(p.NT + p.LAG), **p.state_launch("fwd_state"),
     )  # fmt: skip
@@ -305,6 +309,7 @@ class _HybridChunk(torch.autograd.Function):
             _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2 * p.FS)](
                 phq, dn, dd, dhkv, dhz, T, p.NT,
                 H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF // p.FS, FS=p.FS, LAG=p.LAG, PREC=p.PREC,
+                SUMS_DOT=STATE_SUMS_BY_DOT,
                 NITER=p.niter(p.NT + p.LAG), **p.state_launch("bwd_state"),
             )  # fmt: skip
         try:

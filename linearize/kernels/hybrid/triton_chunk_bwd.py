@@ -24,6 +24,8 @@ from .triton_common import (
     _mm,
     _query_block,
     _soft_cap_grad,
+    _store_col0,
+    _weighted_col_sums,
     _window_scores,
 )
 
@@ -49,7 +51,7 @@ def _bwd_state_kernel(
     T, NT,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, LAG: tl.constexpr,
-    PREC: tl.constexpr, NITER: tl.constexpr,
+    PREC: tl.constexpr, NITER: tl.constexpr, SUMS_DOT: tl.constexpr,
 ):  # fmt: skip
     # Programs split the state as in `_fwd_state_kernel`.
     iv = tl.program_id(0)
@@ -61,7 +63,10 @@ def _bwd_state_kernel(
     fm = of < F
     smask = fm[:, None] & (ov[None, :] < DV)
     acc = tl.zeros([BF, BV], dtype=tl.float32)
-    dz = tl.zeros([BF], dtype=tl.float32)
+    if SUMS_DOT:
+        dz = tl.zeros([BF, 16], dtype=tl.float32)
+    else:
+        dz = tl.zeros([BF], dtype=tl.float32)
     # Walk the chunks backwards; key chunk i - LAG sees the state gradients of query chunks after i.
     for j in range(NITER if NITER > 0 else NT + LAG):
         i = NT - 1 + LAG - j
@@ -69,7 +74,10 @@ def _bwd_state_kernel(
             hst = ((bh * NT + i - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
             tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
             if iv == 0:
-                tl.store(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, mask=fm)
+                if SUMS_DOT:
+                    _store_col0(dhz, (bh * NT + i - LAG) * 2 * F + f0 + of, dz, fm)
+                else:
+                    tl.store(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, mask=fm)
         # Unconditional (rows past T load as zeros when i == NT), so that the loads are pipelined across steps.
         rows = i * BT + tl.arange(0, BT)
         rmask = rows < T
@@ -77,7 +85,10 @@ def _bwd_state_kernel(
         ph = _load_phi(phq, phq, b, h, rows, T, 0, f0, H, F, BF, False)
         dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, iv * BV, DV, BV)
         acc += _mm(tl.trans(ph), dN, PREC)
-        dz += tl.sum(ph.to(tl.float32) * dD[:, None], 0)
+        if SUMS_DOT:
+            dz += _weighted_col_sums(ph, dD, BT, PREC)
+        else:
+            dz += tl.sum(ph.to(tl.float32) * dD[:, None], 0)
 
 
 @triton.jit

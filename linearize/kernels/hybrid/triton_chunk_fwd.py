@@ -18,6 +18,8 @@ from .triton_common import (
     _load_rows,
     _mm,
     _query_block,
+    _store_col0,
+    _weighted_col_sums,
     _window_scores,
 )
 
@@ -50,7 +52,7 @@ def _fwd_state_kernel(
     H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    PREC: tl.constexpr, NITER: tl.constexpr,
+    PREC: tl.constexpr, NITER: tl.constexpr, SUMS_DOT: tl.constexpr,
 ):  # fmt: skip
     # Program (iv, bh, j) carries the Dv columns of block iv of the features f0 .. f0 + BF of head bh: half j // FS
     # (BF = F / FS features each when FS > 1).
@@ -69,26 +71,41 @@ def _fwd_state_kernel(
     else:
         kv = tl.zeros([BF, BV], dtype=tl.float32)
         z = tl.zeros([BF], dtype=tl.float32)
+    if SUMS_DOT:
+        # The key sums as a [BF, 16] tile of equal columns (`_weighted_col_sums`).
+        z = tl.broadcast_to(z[:, None], [BF, 16])
+    ones = tl.full([BT], 1.0, dtype=tl.float32)
     # The interpreter of some Triton versions (3.6) cannot take a run-time loop bound: there NITER holds it.
     for i in range(NITER if NITER > 0 else NT + LAG):
         if i < NT:
             hst = ((bh * NT + i) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
             tl.store(hkv + hst, kv.to(hkv.dtype.element_ty), mask=smask)
             if iv == 0:
-                tl.store(hz + (bh * NT + i) * 2 * F + f0 + of, z, mask=fm)
+                if SUMS_DOT:
+                    _store_col0(hz, (bh * NT + i) * 2 * F + f0 + of, z, fm)
+                else:
+                    tl.store(hz + (bh * NT + i) * 2 * F + f0 + of, z, mask=fm)
         # Chunk i - LAG enters the state. Only keys older than the final window count towards the final state;
         # that bound never cuts into a chunk whose state was stored above.
         pos = (i - LAG) * BT + tl.arange(0, BT)
         ok = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, HAS_WIN) & (pos < T - SOUT)
         vv = _load_rows(v, win_v, b, hk, pos, T, S, iv * BV, HKV, DV, BV, HAS_WIN)
-        phi = _load_phi(phk, phw, b, h, pos, T, S, f0, H, F, BF, HAS_WIN)
-        phi = tl.where(ok[:, None], phi, 0.0)
+        if SUMS_DOT:
+            # Rows to leave out load as zeros (position T is past the sequence), rather than being zeroed after.
+            phi = _load_phi(phk, phw, b, h, tl.where(ok, pos, T), T, S, f0, H, F, BF, HAS_WIN)
+            z += _weighted_col_sums(phi, ones, BT, PREC)
+        else:
+            phi = _load_phi(phk, phw, b, h, pos, T, S, f0, H, F, BF, HAS_WIN)
+            phi = tl.where(ok[:, None], phi, 0.0)
+            z += tl.sum(phi.to(tl.float32), 0)
         kv += _mm(tl.trans(phi), vv, PREC)
-        z += tl.sum(phi.to(tl.float32), 0)
     if STORE_FINAL:
         tl.store(kv_out + st, kv, mask=smask)
         if iv == 0:
-            tl.store(z_out + bh * 2 * F + f0 + of, z, mask=fm)
+            if SUMS_DOT:
+                _store_col0(z_out, bh * 2 * F + f0 + of, z, fm)
+            else:
+                tl.store(z_out + bh * 2 * F + f0 + of, z, mask=fm)
 
 
 @triton.jit

@@ -45,6 +45,26 @@ def _mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _weighted_col_sums(x, w, BT: tl.constexpr, PREC: tl.constexpr):
+    # [BF, 16] tile whose every column is x^T w, for rows x [BT, BF] and row weights w [BT] (fp32), computed as a
+    # product on the tensor cores: a sum over rows would reduce across warps, with barriers, at every step of a
+    # sequential pass. For 16-bit x the weights enter as a high and a low 16-bit part (about 16 bits of mantissa).
+    wt = tl.broadcast_to(w[:, None], [BT, 16])
+    xt = tl.trans(x)
+    if PREC == "tf32x3":
+        return _mm(xt, wt, PREC)
+    hi = wt.to(x.dtype)
+    return _mm(xt, hi, PREC) + _mm(xt, (wt - hi.to(tl.float32)).to(x.dtype), PREC)
+
+
+@triton.jit
+def _store_col0(ptr, offs, tile, mask):
+    # Column 0 of a [BF, 16] tile of equal columns (`_weighted_col_sums`) at ptr + offs ([BF]).
+    oc = tl.arange(0, 16)[None, :]
+    tl.store(ptr + offs[:, None] + oc * 0, tile, mask=mask[:, None] & (oc == 0))
+
+
+@triton.jit
 def _load_w(w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
