@@ -1,5 +1,6 @@
 """Compile the hybrid op's Triton kernels for a GPU architecture on a machine without a GPU, and report what each
-compiled kernel uses: shared memory, registers per thread and spilled bytes.
+compiled kernel uses: shared memory, registers per thread and spilled bytes, and with `--loops` what one step of
+its outermost loop executes in machine code (the step of a sequential pass is its latency).
 
 Triton lowers a kernel to PTX and assembles it with the `ptxas` it ships, neither of which needs a device, so a CPU
 machine (CI) can check that every kernel compiles for Hopper and fits its shared memory, which the interpreter tests
@@ -47,12 +48,24 @@ class Launch:
 
 
 @dataclass
+class LoopStats:
+    """The instructions of a kernel's outermost loop in its machine code (SASS): what one step of a sequential pass
+    executes. Products are `HGMMA`/`HMMA`, barriers `BAR`, warp shuffles `SHFL`."""
+
+    instructions: int
+    products: int
+    barriers: int
+    shuffles: int
+
+
+@dataclass
 class Compiled:
     name: str
     shared: int
     registers: int | None
     spilled: int | None
     options: dict = field(default_factory=dict)
+    loop: LoopStats | None = None
 
 
 class _Recorder:
@@ -120,26 +133,52 @@ def _signature(launch: Launch):
     return signature, constexprs, attrs, options
 
 
-def _ptxas_stats(ptx: str, arch: int) -> tuple[int | None, int | None]:
+def _assemble(ptx: str, arch: int, loops: bool = False) -> tuple[int | None, int | None, LoopStats | None]:
+    """Registers and spilled bytes from Triton's ptxas, and with `loops` the outermost loop of the machine code."""
     from triton.backends.nvidia.compiler import get_ptxas
 
     ptxas = get_ptxas(arch).path
     with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "kernel.ptx")
+        src, cubin = os.path.join(tmp, "kernel.ptx"), os.path.join(tmp, "kernel.cubin")
         with open(src, "w") as f:
             f.write(ptx)
         suffix = "a" if arch >= 90 else ""
         out = subprocess.run(
-            [ptxas, f"-arch=sm_{arch}{suffix}", "-v", src, "-o", os.path.join(tmp, "kernel.cubin")],
-            capture_output=True,
-            text=True,
+            [ptxas, f"-arch=sm_{arch}{suffix}", "-v", src, "-o", cubin], capture_output=True, text=True
         )
+        loop = None
+        if loops:
+            cuobjdump = os.path.join(os.path.dirname(ptxas), "cuobjdump")
+            sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+            loop = outermost_loop(sass)
     regs = re.search(r"Used (\d+) registers", out.stderr)
     spills = re.search(r"(\d+) bytes spill stores", out.stderr)
-    return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None)
+    return (int(regs.group(1)) if regs else None, int(spills.group(1)) if spills else None, loop)
 
 
-def compile_launch(launch: Launch, arch: int = 90, stats: bool = True) -> Compiled:
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*)(\S*)\s*(.*)$")
+
+
+def outermost_loop(sass: str) -> LoopStats | None:
+    """Statistics of the longest backward branch's span in `cuobjdump -sass` output (None without a loop)."""
+    ops = []
+    for line in sass.splitlines():
+        m = _SASS_LINE.match(line)
+        if m:
+            ops.append((int(m.group(1), 16), m.group(2), m.group(4)))
+    spans = []
+    for addr, op, rest in ops:
+        target = re.match(r"`?\(?0x([0-9a-f]+)", rest) if op == "BRA" else None
+        if target and int(target.group(1), 16) < addr:
+            spans.append((int(target.group(1), 16), addr))
+    if not spans:
+        return None
+    start, end = max(spans, key=lambda span: span[1] - span[0])
+    body = [op for addr, op, _ in ops if start <= addr <= end]
+    return LoopStats(len(body), sum(op in ("HGMMA", "HMMA") for op in body), body.count("BAR"), body.count("SHFL"))
+
+
+def compile_launch(launch: Launch, arch: int = 90, stats: bool = True, loops: bool = False) -> Compiled:
     """Compile one recorded launch for `sm_{arch}` (CUDA); raises what Triton raises if it does not compile."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -148,8 +187,8 @@ def compile_launch(launch: Launch, arch: int = 90, stats: bool = True) -> Compil
     signature, constexprs, attrs, options = _signature(launch)
     src = ASTSource(launch.fn, signature, constexprs=constexprs, attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    regs, spilled = _ptxas_stats(kernel.asm["ptx"], arch) if stats else (None, None)
-    return Compiled(launch.name, kernel.metadata.shared, regs, spilled, options)
+    regs, spilled, loop = _assemble(kernel.asm["ptx"], arch, loops) if stats or loops else (None, None, None)
+    return Compiled(launch.name, kernel.metadata.shared, regs, spilled, options, loop)
 
 
 def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.bfloat16, masked=True,
@@ -180,7 +219,7 @@ def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.
     return launches
 
 
-def check(launches: list[Launch], arch: int = 90, stats: bool = True) -> list[Compiled]:
+def check(launches: list[Launch], arch: int = 90, stats: bool = True, loops: bool = False) -> list[Compiled]:
     """Compile each distinct launch; raises `RuntimeError` naming the kernel if one fails to compile or needs more
     shared memory than `sm_90` has."""
     done, results = set(), []
@@ -191,7 +230,7 @@ def check(launches: list[Launch], arch: int = 90, stats: bool = True) -> list[Co
             continue
         done.add(key)
         try:
-            compiled = compile_launch(launch, arch, stats)
+            compiled = compile_launch(launch, arch, stats, loops)
         except Exception as e:
             raise RuntimeError(f"{launch.name} does not compile for sm_{arch}: {type(e).__name__}: {e}") from e
         if arch == 90 and compiled.shared > SM90_SHARED_LIMIT:
@@ -223,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", action="store_true", help="with an initial state (a carried window)")
     parser.add_argument("--softcap", type=float, default=None)
     parser.add_argument("--no-stats", action="store_true", help="skip the registers and spills (faster)")
+    parser.add_argument(
+        "--loops",
+        action="store_true",
+        help="also count the instructions, products, barriers and shuffles of each kernel's outermost loop",
+    )
     parser.add_argument("--feature-split", type=int, default=None, help="set triton_chunk.FEATURE_SPLIT")
     parser.add_argument(
         "--state-sums-by-dot", action="store_true", help="set triton_chunk.STATE_SUMS_BY_DOT (the variant's kernels)"
@@ -245,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}")
         return 2
     try:
-        results = check(launches, args.arch, not args.no_stats)
+        results = check(launches, args.arch, not args.no_stats, args.loops)
     except RuntimeError as e:
         print(f"error: {e}")
         return 1
@@ -253,11 +297,20 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# sm_{args.arch}, triton {triton.__version__}; B={args.B} T={args.T} H={args.H} Hkv={args.Hkv} D={args.D} "
           f"F={args.F} W={args.window} {args.dtype}")  # fmt: skip
-    print("| kernel | warps | stages | shared bytes | registers | spill stores (bytes) |")
-    print("|---|---|---|---|---|---|")
+    loop_head = " loop instructions | products | barriers | shuffles |" if args.loops else ""
+    print("| kernel | warps | stages | shared bytes | registers | spill stores (bytes) |" + loop_head)
+    print("|---" * (6 + 4 * args.loops) + "|")
     for c in results:
         stages = c.options.get("num_stages", "default")
-        print(f"| {c.name} | {c.options.get('num_warps')} | {stages} | {c.shared} | {c.registers} | {c.spilled} |")
+        row = f"| {c.name} | {c.options.get('num_warps')} | {stages} | {c.shared} | {c.registers} | {c.spilled} |"
+        if args.loops:
+            lp = c.loop
+            row += (
+                " - | - | - | - |"
+                if lp is None
+                else f" {lp.instructions} | {lp.products} | {lp.barriers} | {lp.shuffles} |"
+            )
+        print(row)
     return 0
 
 

@@ -42,7 +42,7 @@ def test_kernels_compile_for_sm90(args):
 
 
 def test_check_refuses_a_kernel_over_the_shared_memory(monkeypatch):
-    def fake_compile(launch, arch, stats):
+    def fake_compile(launch, arch, stats, loops=False):
         return compile_check.Compiled(launch.name, compile_check.SM90_SHARED_LIMIT + 1, None, None)
 
     monkeypatch.setattr(compile_check, "compile_launch", fake_compile)
@@ -58,7 +58,7 @@ def test_check_refuses_a_kernel_over_the_shared_memory(monkeypatch):
 
 
 def test_check_names_the_kernel_that_does_not_compile(monkeypatch):
-    def failing(launch, arch, stats):
+    def failing(launch, arch, stats, loops=False):
         raise AssertionError("Loop-carried variable kv changes type")
 
     monkeypatch.setattr(compile_check, "compile_launch", failing)
@@ -66,3 +66,43 @@ def test_check_names_the_kernel_that_does_not_compile(monkeypatch):
     launch = compile_check.Launch(type("K", (), {"__name__": "_some_kernel"})(), (), {})
     with pytest.raises(RuntimeError, match="_some_kernel does not compile for sm_90: AssertionError"):
         compile_check.check([launch])
+
+
+def _loop_rows(args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "linearize.kernels.compile_check", "--loops", "--H", "4", "--T", "130", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if cells and cells[0] in ("_fwd_state_kernel", "_bwd_state_kernel"):
+            rows.setdefault(cells[0], [int(c) for c in cells[6:]])
+    return rows
+
+
+def test_state_sums_by_dot_take_the_shuffles_out_of_the_state_loops():
+    # The sequential state passes' key sums: as sums over rows they reduce across lanes (shuffles) in every step of
+    # the loop; as products with a ones / d(den) block (STATE_SUMS_BY_DOT) they do not.
+    default, dot = _loop_rows([]), _loop_rows(["--state-sums-by-dot"])
+    assert set(default) == set(dot) == {"_fwd_state_kernel", "_bwd_state_kernel"}
+    for name in default:
+        instructions, products, _, shuffles = default[name]
+        assert products >= 1 and shuffles > 0, (name, default[name])
+        assert dot[name][3] == 0 and dot[name][0] < instructions, (name, dot[name], default[name])
+
+
+def test_outermost_loop_counts_the_longest_backward_branch():
+    sass = """
+        /*0000*/                   IMAD.MOV.U32 R1, RZ, RZ, c[0x0][0x28] ;
+        /*0010*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], R24 ;
+        /*0020*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0030*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0040*/               @P0 BRA 0x20 ;
+        /*0050*/                   FADD R4, R4, R5 ;
+        /*0060*/              @!P1 BRA 0x10 ;
+        /*0070*/                   EXIT ;
+    """
+    loop = compile_check.outermost_loop(sass)
+    assert loop == compile_check.LoopStats(instructions=6, products=1, barriers=1, shuffles=1)
+    assert compile_check.outermost_loop("        /*0000*/                   EXIT ;") is None
