@@ -1,9 +1,8 @@
 """Coordinate search over the hybrid chunk kernels' tuning knobs, timing one forward+backward.
 
 For each knob in turn (warps per kernel, query rows per program or step, Dv columns and feature blocks per state
-program), every
-listed value is tried with the other knobs at the best found so far; a setting that does not compile or run (too
-much shared memory, say) is reported and skipped. Prints a line per trial and the best settings as the arguments
+program, the state passes' sums), every listed value is tried with the other knobs at the best found so far; a
+setting that does not compile or run (too much shared memory, say) is reported and skipped. Prints a line per trial and the best settings as the arguments
 that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it needs a CUDA GPU.
 
     python benchmarks/tune_hybrid.py [--T 16384] [--B 1] [--window 64] [--rounds 1] [--save-states]

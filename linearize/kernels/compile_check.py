@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.feature_split is not None:
         triton_chunk.FEATURE_SPLIT = args.feature_split
-    triton_chunk.STATE_SUMS_BY_DOT = triton_chunk.STATE_SUMS_BY_DOT or args.state_sums_by_dot
+    if args.state_sums_by_dot:
+        triton_chunk.STATE_SUMS_BY_DOT = True
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: TRITON_INTERPRET is set, so there are no compiled kernels: unset it and run again")
         return 2

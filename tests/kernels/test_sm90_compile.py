@@ -28,17 +28,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("args", CASES)
-def test_kernels_compile_for_sm90(args):
+def _compile_check(args) -> str:
+    """The table `python -m linearize.kernels.compile_check --H 4 --T 130 *args` prints (it must succeed)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "linearize.kernels.compile_check", "--no-stats", "--H", "4", "--T", "130", *args]
+    cmd = [sys.executable, "-m", "linearize.kernels.compile_check", "--H", "4", "--T", "130", *args]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("args", CASES)
+def test_kernels_compile_for_sm90(args):
+    stdout = _compile_check(["--no-stats", *args])
     # One row per distinct kernel of the forward, the backward and a decoding step.
-    names = {line.split("|")[1].strip() for line in result.stdout.splitlines() if line.startswith("| _")}
+    names = {line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| _")}
     expected = {"_phi_kernel", "_fwd_state_kernel", "_fwd_out_kernel", "_delta_kernel", "_bwd_state_kernel",
                 "_bwd_q_kernel", "_bwd_kv_kernel", "_wgrad_kernel", "_decode_kernel"}  # fmt: skip
-    assert names == expected, result.stdout
+    assert names == expected, stdout
 
 
 def test_check_refuses_a_kernel_over_the_shared_memory(monkeypatch):
@@ -69,12 +75,8 @@ def test_check_names_the_kernel_that_does_not_compile(monkeypatch):
 
 
 def _loop_rows(args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "linearize.kernels.compile_check", "--loops", "--H", "4", "--T", "130", *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {}
-    for line in result.stdout.splitlines():
+    for line in _compile_check(["--loops", *args]).splitlines():
         cells = [c.strip() for c in line.split("|")[1:-1]]
         if cells and cells[0] in ("_fwd_state_kernel", "_bwd_state_kernel"):
             rows.setdefault(cells[0], [int(c) for c in cells[6:]])

@@ -24,7 +24,7 @@ from .triton_common import (
     _mm,
     _query_block,
     _soft_cap_grad,
-    _store_col0,
+    _store_sums,
     _weighted_col_sums,
     _window_scores,
 )
@@ -74,10 +74,7 @@ def _bwd_state_kernel(
             hst = ((bh * NT + i - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
             tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
             if iv == 0:
-                if SUMS_DOT:
-                    _store_col0(dhz, (bh * NT + i - LAG) * 2 * F + f0 + of, dz, fm)
-                else:
-                    tl.store(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, mask=fm)
+                _store_sums(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, fm, SUMS_DOT)
         # Unconditional (rows past T load as zeros when i == NT), so that the loads are pipelined across steps.
         rows = i * BT + tl.arange(0, BT)
         rmask = rows < T

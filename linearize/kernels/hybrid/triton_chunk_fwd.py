@@ -18,7 +18,7 @@ from .triton_common import (
     _load_rows,
     _mm,
     _query_block,
-    _store_col0,
+    _store_sums,
     _weighted_col_sums,
     _window_scores,
 )
@@ -74,17 +74,14 @@ def _fwd_state_kernel(
     if SUMS_DOT:
         # The key sums as a [BF, 16] tile of equal columns (`_weighted_col_sums`).
         z = tl.broadcast_to(z[:, None], [BF, 16])
-    ones = tl.full([BT], 1.0, dtype=tl.float32)
+        ones = tl.full([BT], 1.0, dtype=tl.float32)
     # The interpreter of some Triton versions (3.6) cannot take a run-time loop bound: there NITER holds it.
     for i in range(NITER if NITER > 0 else NT + LAG):
         if i < NT:
             hst = ((bh * NT + i) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
             tl.store(hkv + hst, kv.to(hkv.dtype.element_ty), mask=smask)
             if iv == 0:
-                if SUMS_DOT:
-                    _store_col0(hz, (bh * NT + i) * 2 * F + f0 + of, z, fm)
-                else:
-                    tl.store(hz + (bh * NT + i) * 2 * F + f0 + of, z, mask=fm)
+                _store_sums(hz + (bh * NT + i) * 2 * F + f0 + of, z, fm, SUMS_DOT)
         # Chunk i - LAG enters the state. Only keys older than the final window count towards the final state;
         # that bound never cuts into a chunk whose state was stored above.
         pos = (i - LAG) * BT + tl.arange(0, BT)
@@ -102,10 +99,7 @@ def _fwd_state_kernel(
     if STORE_FINAL:
         tl.store(kv_out + st, kv, mask=smask)
         if iv == 0:
-            if SUMS_DOT:
-                _store_col0(z_out, bh * 2 * F + f0 + of, z, fm)
-            else:
-                tl.store(z_out + bh * 2 * F + f0 + of, z, mask=fm)
+            _store_sums(z_out + bh * 2 * F + f0 + of, z, fm, SUMS_DOT)
 
 
 @triton.jit

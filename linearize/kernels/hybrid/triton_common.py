@@ -58,10 +58,14 @@ def _weighted_col_sums(x, w, BT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _store_col0(ptr, offs, tile, mask):
-    # Column 0 of a [BF, 16] tile of equal columns (`_weighted_col_sums`) at ptr + offs ([BF]).
-    oc = tl.arange(0, 16)[None, :]
-    tl.store(ptr + offs[:, None] + oc * 0, tile, mask=mask[:, None] & (oc == 0))
+def _store_sums(ptrs, sums, mask, SUMS_DOT: tl.constexpr):
+    # Per-feature sums at the pointers `ptrs` ([BF]): a [BF] vector, or with SUMS_DOT column 0 of a [BF, 16] tile of
+    # equal columns (`_weighted_col_sums`).
+    if SUMS_DOT:
+        oc = tl.arange(0, 16)[None, :]
+        tl.store(ptrs[:, None] + oc * 0, sums, mask=mask[:, None] & (oc == 0))
+    else:
+        tl.store(ptrs, sums, mask=mask)
 
 
 @triton.jit
