@@ -71,8 +71,8 @@ BV_STATE = 64
 # carries F / 2 features of the state, so twice the programs walk the chunks with half the work per step, at the
 # warps of `WARPS["*_state_split"]`. Only where F / FEATURE_SPLIT is a power of two of at least 16 (the smallest
 # block a product takes). Under the interpreter (CPU tensors) the split is taken whenever the sizes allow it. 1 (no
-# split) by default: 2 measured 1-3% faster at B = 1, H = 32, F = 64 on an H200 (docs/BENCHMARKS.md), within the
-# variation between runs at forward+backward.
+# split) by default: at B = 1, H = 32, F = 64 on an H200 2 measured the forward 3% faster and forward+backward
+# 0.8-2.5% (docs/BENCHMARKS.md), the latter within the variation between runs.
 FEATURE_SPLIT = 1
 # The sequential state passes accumulate the key-feature sums of the normaliser (and their gradient) as products
 # with a ones (or d(den)) column block on the tensor cores instead of sums over rows, which reduce across warps at
