@@ -1,7 +1,7 @@
 """Coordinate search over the hybrid chunk kernels' tuning knobs, timing one forward+backward.
 
-For each knob in turn (warps per kernel, query rows per program or step, Dv columns and feature blocks per state
-program, the state passes' sums), every listed value is tried with the other knobs at the best found so far; a
+For each knob in turn (warps per kernel, pipelining stages, query rows per program or step, Dv columns per state
+program), every listed value is tried with the other knobs at the best found so far; a
 setting that does not compile or run (too much shared memory, say) is reported and skipped. Prints a line per trial and the best settings as the arguments
 that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it needs a CUDA GPU.
 
@@ -22,19 +22,16 @@ from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
 WARP_CHOICES = (4, 8)
 # The sequential state passes carry small tiles per program, where fewer warps have paid (docs/BENCHMARKS.md).
 STATE_WARP_CHOICES = (1, 2, 4, 8)
-STATE_KERNELS = ("fwd_state", "bwd_state", "fwd_state_split", "bwd_state_split")
+STATE_KERNELS = ("fwd_state", "bwd_state")
 ROW_CHOICES = (16, 32, 64)
 BV_CHOICES = (32, 64, 128)
 # Pipelining stages matter only for kernels with a loop; 0 is Triton's default.
 STAGE_CHOICES = (0, 1, 2)
 LOOP_KERNELS = (*STATE_KERNELS, "bwd_kv", "wgrad")
-SPLIT_CHOICES = (1, 2, 4)
 
 
 def _knobs() -> list[tuple[str, tuple]]:
-    # The feature split first: the warps of the split state passes count only once it is on.
-    knobs = [("FEATURE_SPLIT", SPLIT_CHOICES), ("STATE_SUMS_BY_DOT", (False, True))]
-    knobs += [(f"warps:{n}", STATE_WARP_CHOICES if n in STATE_KERNELS else WARP_CHOICES) for n in triton_chunk.WARPS]
+    knobs = [(f"warps:{n}", STATE_WARP_CHOICES if n in STATE_KERNELS else WARP_CHOICES) for n in triton_chunk.WARPS]
     knobs += [(f"stages:{name}", STAGE_CHOICES) for name in LOOP_KERNELS]
     knobs += [("BQ_OUT", ROW_CHOICES), ("BQ_Q", ROW_CHOICES), ("BQ_KV", ROW_CHOICES), ("BV_STATE", BV_CHOICES)]
     return knobs
@@ -62,8 +59,7 @@ def _arguments() -> str:
     stages = ",".join(f"{k}={triton_chunk.STAGES.get(k, 0)}" for k in LOOP_KERNELS)
     return (
         f"--warps {warps} --stages {stages} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} --bq-kv {triton_chunk.BQ_KV} "
-        f"--bv-state {triton_chunk.BV_STATE} --feature-split {triton_chunk.FEATURE_SPLIT}"
-        + (" --state-sums-by-dot" if triton_chunk.STATE_SUMS_BY_DOT else "")
+        f"--bv-state {triton_chunk.BV_STATE}"
     )
 
 

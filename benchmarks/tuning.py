@@ -3,8 +3,6 @@
 `--warps name=N,...` sets the warps per program of named kernels (the keys of `triton_chunk.WARPS`), `--stages
 name=N,...` their software-pipelining stages (0: Triton's default), `--bq-*` the
 query rows per program or step (`triton_chunk.BQ_*`), `--bv-state` the Dv columns per state program,
-`--feature-split` the feature blocks per half of the state passes (where B * H leaves SMs idle),
-`--state-sums-by-dot` has them sum the key features as products and
 `--save-states` keeps the forward's features and states for the backward, `--no-overlap` launches every
 kernel on one stream.
 """
@@ -48,17 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per query-side program")
     parser.add_argument("--bq-kv", type=int, default=triton_chunk.BQ_KV, help="query rows per key-side step")
     parser.add_argument("--bv-state", type=int, default=triton_chunk.BV_STATE, help="Dv columns per state program")
-    parser.add_argument(
-        "--feature-split",
-        type=int,
-        default=triton_chunk.FEATURE_SPLIT,
-        help="feature blocks per half of the state passes where B * H leaves SMs idle (triton_chunk.FEATURE_SPLIT)",
-    )
-    parser.add_argument(
-        "--state-sums-by-dot",
-        action="store_true",
-        help="state passes sum key features as products (triton_chunk.STATE_SUMS_BY_DOT)",
-    )
     parser.add_argument(
         "--stages", default="", help="name=N,... overrides of triton_chunk.STAGES (0: Triton's default)"
     )
@@ -106,15 +93,12 @@ def apply(args: argparse.Namespace) -> str:
         triton_chunk.WARPS[name] = n
     triton_chunk.BQ_OUT, triton_chunk.BQ_Q, triton_chunk.BQ_KV = args.bq_out, args.bq_q, args.bq_kv
     triton_chunk.BV_STATE = args.bv_state
-    triton_chunk.FEATURE_SPLIT = args.feature_split
-    triton_chunk.STATE_SUMS_BY_DOT = args.state_sums_by_dot
     for name, n in _per_kernel("--stages", args.stages):
         set_stages(name, n)
     apply_save_states(args)
     triton_chunk.OVERLAP = not args.no_overlap
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, "
-        f"BV_STATE {args.bv_state}, FEATURE_SPLIT {args.feature_split}, "
-        f"STATE_SUMS_BY_DOT {args.state_sums_by_dot}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}, "
+        f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}, "
         f"overlap {triton_chunk.OVERLAP}"
     )

@@ -267,17 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also count the instructions, products, barriers and shuffles of each kernel's outermost loop",
     )
-    parser.add_argument("--feature-split", type=int, default=None, help="set triton_chunk.FEATURE_SPLIT")
-    parser.add_argument(
-        "--state-sums-by-dot", action="store_true", help="set triton_chunk.STATE_SUMS_BY_DOT (the variant's kernels)"
-    )
     args = parser.parse_args(argv)
-    from .hybrid import triton_chunk
-
-    if args.feature_split is not None:
-        triton_chunk.FEATURE_SPLIT = args.feature_split
-    if args.state_sums_by_dot:
-        triton_chunk.STATE_SUMS_BY_DOT = True
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: TRITON_INTERPRET is set, so there are no compiled kernels: unset it and run again")
         return 2

@@ -164,48 +164,19 @@ def test_row_blocks_match_naive(interpreter, monkeypatch, bq, B, T, H, Hkv, D, F
 
 @interpreted
 @pytest.mark.parametrize(
-    "split,bv,F,fs,T,D,W,pad",
+    "bv,F,T,D,W,pad",
     [
-        pytest.param(2, 16, 32, 2, 130, 32, 64, 20, id="split2-BV16-F32-T130-W64-leftpad"),
-        pytest.param(4, 64, 64, 4, 65, 32, 0, 0, id="split4-BV64-F64-T65-W0"),
-        # Blocks below 16 features or of a size that is not a power of two fall back to one block per half.
-        pytest.param(4, 32, 32, 1, 63, 32, 16, 0, id="split4-F32-unsplit"),
-        pytest.param(2, 32, 24, 1, 65, 60, 8, 0, id="split2-F24-D60-unsplit"),
+        pytest.param(16, 32, 130, 32, 64, 20, id="BV16-F32-T130-W64-leftpad"),
+        pytest.param(64, 24, 65, 60, 8, 0, id="BV64-F24-D60-T65-W8"),
     ],
 )
-def test_state_blocks_match_naive(interpreter, monkeypatch, split, bv, F, fs, T, D, W, pad):
-    # The features and Dv columns per program of the state passes are tuning knobs: every split gives the same op.
+def test_state_blocks_match_naive(interpreter, monkeypatch, bv, F, T, D, W, pad):
+    # The Dv columns per program of the state passes are a tuning knob: every block gives the same op.
     mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
-    monkeypatch.setattr(mod, "FEATURE_SPLIT", split)
     monkeypatch.setattr(mod, "BV_STATE", bv)
-    B, H, Hkv = 2, 4, 2
-    q, k, v, wq = make_inputs(1, 1, H, Hkv, D, F)[0][:4]
-    assert mod._Plan(q, k, v, wq, None, None, None, W, D**-0.5, None).FS == fs
-    test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, None)
+    test_chunk_matches_naive(interpreter, 2, T, 4, 2, D, F, W, pad, None)
     # A carried state in and a final state out (the state pass's initial and final loads and stores).
     test_two_calls_equal_one(interpreter, 64, 70, 3, F=F)
-
-
-@interpreted
-@pytest.mark.parametrize(
-    "B,T,H,Hkv,D,F,W,pad,softcap",
-    [
-        pytest.param(2, 130, 4, 2, 32, 16, 64, 20, None, id="B2-T130-H4-Hkv2-W64-leftpad"),
-        pytest.param(2, 65, 4, 2, 60, 24, 0, 0, None, id="B2-T65-H4-Hkv2-D60-F24-W0"),
-        pytest.param(1, 100, 2, 2, 32, 16, 5, 0, 5.0, id="B1-T100-H2-W5-softcap"),
-    ],
-)
-def test_state_sums_by_dot_match_naive(interpreter, monkeypatch, B, T, H, Hkv, D, F, W, pad, softcap):
-    # The state passes' key sums (and their gradient) as products with a ones (d(den)) block: the same op, in fp32
-    # and fp16, with carried and final states, and with the feature split.
-    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
-    monkeypatch.setattr(mod, "STATE_SUMS_BY_DOT", True)
-    test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap)
-    test_two_calls_equal_one(interpreter, max(W, 2), 70, 3, F=F)
-    errors = _low_precision_errors(torch.float16, "cpu", B, T, H, Hkv, D, F, W, 0)
-    assert_within_twice_naive(errors, torch.float16, slack=torch.finfo(torch.float16).eps)
-    monkeypatch.setattr(mod, "FEATURE_SPLIT", 2)
-    test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, 32, W, pad, softcap)
 
 
 def _low_precision_errors(dtype, device, B, T, H, Hkv, D, F, W, pad):

@@ -22,9 +22,6 @@ CASES = [
     pytest.param(["--masked", "--state", "--Hkv", "2"], id="bf16-W64-gqa-padding-state"),
     pytest.param(["--window", "0", "--dtype", "fp32"], id="fp32-W0"),
     pytest.param(["--window", "5", "--dtype", "fp16", "--softcap", "30", "--D", "60", "--F", "24"], id="fp16-W5-D60"),
-    # The state passes' variants: split features, and the key sums as products (16-bit and fp32 operands).
-    pytest.param(["--masked", "--state", "--feature-split", "2", "--state-sums-by-dot"], id="bf16-W64-split-sums-dot"),
-    pytest.param(["--window", "0", "--dtype", "fp32", "--state-sums-by-dot"], id="fp32-W0-sums-dot"),
 ]
 
 
@@ -83,15 +80,15 @@ def _loop_rows(args):
     return rows
 
 
-def test_state_sums_by_dot_take_the_shuffles_out_of_the_state_loops():
-    # The sequential state passes' key sums: as sums over rows they reduce across lanes (shuffles) in every step of
-    # the loop; as products with a ones / d(den) block (STATE_SUMS_BY_DOT) they do not.
-    default, dot = _loop_rows([]), _loop_rows(["--state-sums-by-dot"])
-    assert set(default) == set(dot) == {"_fwd_state_kernel", "_bwd_state_kernel"}
-    for name in default:
-        instructions, products, _, shuffles = default[name]
-        assert products >= 1 and shuffles > 0, (name, default[name])
-        assert dot[name][3] == 0 and dot[name][0] < instructions, (name, dot[name], default[name])
+def test_state_loops_sum_on_the_tensor_cores_without_shuffles():
+    # The sequential state passes accumulate the normaliser's key sums (and their gradient) as products with a ones /
+    # d(den) block: sums over rows would reduce across lanes (shuffles) and warps in every step of the loop.
+    for dtype in ("bf16", "fp32"):
+        rows = _loop_rows(["--dtype", dtype])
+        assert set(rows) == {"_fwd_state_kernel", "_bwd_state_kernel"}, rows
+        for name, (instructions, products, _, shuffles) in rows.items():
+            # The state update and the sums: at least two products per step, no shuffles.
+            assert instructions > 0 and products >= 2 and shuffles == 0, (dtype, name, rows[name])
 
 
 def test_outermost_loop_counts_the_longest_backward_branch():

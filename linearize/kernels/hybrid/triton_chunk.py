@@ -9,7 +9,10 @@ the linear side (the window is at most `BLOCK_T` long), so the forward is
     1. `_fwd_state_kernel`, a sequential pass per (batch, head, half of the features, block of Dv) that stores the
        linear state H_c = kv0 + sum phi_k(k_j) v_j^T over the keys older than chunk c - 1 (older than chunk c when
        W <= 1), and the final state. The halves softmax(x W) and softmax(-x W) of the feature map are independent
-       sums, so they run as separate programs: more programs, each with half the serial work per chunk;
+       sums, so they run as separate programs: more programs, each with half the serial work per chunk. The
+       normaliser's key sums z_c accumulate as products with a block of ones on the tensor cores rather than as
+       sums over the chunk's rows, which would reduce across warps, with barriers, at every sequential step (half
+       of each step's instructions; docs/BENCHMARKS.md);
     2. `_fwd_out_kernel`, one program per (block of query rows, batch, head): phi_q . H_c plus the exact scores
        against [chunk c - 1, chunk c], each pair going to the window term or to the linear term by its distance.
 
@@ -54,8 +57,7 @@ from .triton_chunk_fwd import _fwd_out_kernel, _fwd_state_kernel, _phi_kernel
 
 BLOCK_T = 64
 # Warps per program of each kernel.
-WARPS = {"phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv": 8, "wgrad": 4, "delta": 4,
-         "fwd_state_split": 2, "bwd_state_split": 1}  # fmt: skip
+WARPS = {"phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv": 8, "wgrad": 4, "delta": 4}
 # Query rows per program of the forward's output kernel and of the query-side backward, and per step of the
 # key-side backward (divisors of BLOCK_T): fewer rows, smaller tiles beside the key chunks each one holds.
 BQ_OUT = 64
@@ -66,18 +68,6 @@ BQ_KV = 32
 STAGES = {"bwd_kv": 3}
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
-# Feature blocks per half (each of softmax(x W) and softmax(-x W)) in the sequential state passes, taken where the
-# unsplit passes would run fewer programs than the GPU has SMs (B * H <= 32 at Dv = 128): with 2, each program
-# carries F / 2 features of the state, so twice the programs walk the chunks with half the work per step, at the
-# warps of `WARPS["*_state_split"]`. Only where F / FEATURE_SPLIT is a power of two of at least 16 (the smallest
-# block a product takes). Under the interpreter (CPU tensors) the split is taken whenever the sizes allow it. 1 (no
-# split) by default: at B = 1, H = 32, F = 64 on an H200 2 measured the forward 3% faster and forward+backward
-# 0.8-2.5% (docs/BENCHMARKS.md), the latter within the variation between runs.
-FEATURE_SPLIT = 1
-# The sequential state passes accumulate the key-feature sums of the normaliser (and their gradient) as products
-# with a ones (or d(den)) column block on the tensor cores instead of sums over rows, which reduce across warps at
-# every step; their rows to leave out load as zeros instead of being zeroed after the load. Off by default.
-STATE_SUMS_BY_DOT = False
 MAX_DIM = 128
 # With LINEARIZE_SAVE_STATES=1 the forward keeps its features and per-chunk states for the backward instead of
 # the backward recomputing them: a faster backward (no second state pass, two feature launches fewer) for more
@@ -166,7 +156,6 @@ class _Plan:
         self.S = win_k.shape[1] if win_k is not None else 0
         self.BD, self.BV, self.BF = _pow2(self.D), _pow2(self.DV), _pow2(self.F)
         self.BV_STATE = min(self.BV, BV_STATE)
-        self.FS = self._feature_split(q.device)
         self.PREC = "tf32x3" if q.dtype == torch.float32 else "tf32"
         # Kernels on CPU tensors run under the interpreter, where loop bounds are passed as constants (NITER):
         # the interpreter of some Triton versions (3.6) fails on a run-time bound. Compiled kernels get 0 and
@@ -178,18 +167,6 @@ class _Plan:
         # Kernels take a pointer even where a flag turns the tensor off.
         self.win_k = win_k.contiguous() if self.S else k
         self.HAS_MASK = token_mask is not None
-
-    def _feature_split(self, device: torch.device) -> int:
-        block = self.F // FEATURE_SPLIT
-        if block * FEATURE_SPLIT != self.F or _pow2(block) != block:
-            return 1
-        if device.type != "cuda":
-            return FEATURE_SPLIT
-        programs = self.B * self.H * 2 * triton.cdiv(self.DV, self.BV_STATE)
-        return FEATURE_SPLIT if programs < torch.cuda.get_device_properties(device).multi_processor_count else 1
-
-    def state_launch(self, name: str) -> dict:
-        return _launch(f"{name}_split" if self.FS > 1 else name)
 
     def niter(self, n: int) -> int:
         return n if self.interpreted else 0
@@ -233,14 +210,13 @@ def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
     hkv, hz = _chunk_state_buffers(p, v.dtype, dev)
     kv_out = _empty(p.B, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
     z_out = _empty(p.B, p.H, 2 * p.F, device=dev) if store_final else hz
-    grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H, 2 * p.FS)
+    grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H, 2)
     _fwd_state_kernel[grid](
         phk, phw, v, p.tm, win_v, p.wm, kv0 if kv0 is not None else hkv, z0 if z0 is not None else hz,
         hkv, hz, kv_out, z_out, p.T, p.NT, p.S, p.SOUT,
-        H=p.H, HKV=p.HKV, DV=p.DV, F=p.F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF // p.FS, FS=p.FS, LAG=p.LAG,
-        PREC=p.PREC, SUMS_DOT=STATE_SUMS_BY_DOT,
+        H=p.H, HKV=p.HKV, DV=p.DV, F=p.F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
         HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, HAS_INIT=kv0 is not None, STORE_FINAL=store_final,
-        NITER=p.niter(p.NT + p.LAG), **p.state_launch("fwd_state"),
+        NITER=p.niter(p.NT + p.LAG), **_launch("fwd_state"),
     )  # fmt: skip
     return hkv, hz, kv_out, z_out
 
@@ -306,11 +282,10 @@ class _HybridChunk(torch.autograd.Function):
         phq = kept[0] if saved else _features(p, q, wq)
         dhkv, dhz = _chunk_state_buffers(p, q.dtype, dev)
         with par.side():
-            _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2 * p.FS)](
+            _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
                 phq, dn, dd, dhkv, dhz, T, p.NT,
-                H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF // p.FS, FS=p.FS, LAG=p.LAG, PREC=p.PREC,
-                SUMS_DOT=STATE_SUMS_BY_DOT,
-                NITER=p.niter(p.NT + p.LAG), **p.state_launch("bwd_state"),
+                H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
+                NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
             )  # fmt: skip
         try:
             if saved:

@@ -9,7 +9,6 @@ import triton.language as tl
 
 from .triton_common import (
     NO_KEY,
-    _feature_block,
     _feature_map_bwd,
     _heads,
     _inv_den,
@@ -50,23 +49,21 @@ def _bwd_state_kernel(
     phq, dn, dd_ptr, dhkv, dhz,
     T, NT,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, LAG: tl.constexpr,
-    PREC: tl.constexpr, NITER: tl.constexpr, SUMS_DOT: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    PREC: tl.constexpr, NITER: tl.constexpr,
 ):  # fmt: skip
     # Programs split the state as in `_fwd_state_kernel`.
     iv = tl.program_id(0)
     bh = tl.program_id(1)
-    f0 = _feature_block(tl.program_id(2), F, BF, FS)
+    f0 = tl.program_id(2) * F
     b, h, _ = _heads(bh, H, H)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
     smask = fm[:, None] & (ov[None, :] < DV)
     acc = tl.zeros([BF, BV], dtype=tl.float32)
-    if SUMS_DOT:
-        dz = tl.zeros([BF, 16], dtype=tl.float32)
-    else:
-        dz = tl.zeros([BF], dtype=tl.float32)
+    # The gradient of the key sums as a [BF, 16] tile of equal columns (`_weighted_col_sums`).
+    dz = tl.zeros([BF, 16], dtype=tl.float32)
     # Walk the chunks backwards; key chunk i - LAG sees the state gradients of query chunks after i.
     for j in range(NITER if NITER > 0 else NT + LAG):
         i = NT - 1 + LAG - j
@@ -74,7 +71,7 @@ def _bwd_state_kernel(
             hst = ((bh * NT + i - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
             tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
             if iv == 0:
-                _store_sums(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, fm, SUMS_DOT)
+                _store_sums(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, fm)
         # Unconditional (rows past T load as zeros when i == NT), so that the loads are pipelined across steps.
         rows = i * BT + tl.arange(0, BT)
         rmask = rows < T
@@ -82,10 +79,7 @@ def _bwd_state_kernel(
         ph = _load_phi(phq, phq, b, h, rows, T, 0, f0, H, F, BF, False)
         dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, iv * BV, DV, BV)
         acc += _mm(tl.trans(ph), dN, PREC)
-        if SUMS_DOT:
-            dz += _weighted_col_sums(ph, dD, BT, PREC)
-        else:
-            dz += tl.sum(ph.to(tl.float32) * dD[:, None], 0)
+        dz += _weighted_col_sums(ph, dD, BT, PREC)
 
 
 @triton.jit

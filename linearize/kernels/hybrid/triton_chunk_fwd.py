@@ -8,7 +8,7 @@ import triton.language as tl
 
 from .triton_common import (
     EPS,
-    _feature_block,
+    _col_sums,
     _feature_map,
     _heads,
     _key_ok,
@@ -19,7 +19,6 @@ from .triton_common import (
     _mm,
     _query_block,
     _store_sums,
-    _weighted_col_sums,
     _window_scores,
 )
 
@@ -50,15 +49,15 @@ def _fwd_state_kernel(
     phk, phw, v, tm, win_v, win_m, kv0, z0, hkv, hz, kv_out, z_out,
     T, NT, S, SOUT,
     H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
-    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr, LAG: tl.constexpr,
+    BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-    PREC: tl.constexpr, NITER: tl.constexpr, SUMS_DOT: tl.constexpr,
+    PREC: tl.constexpr, NITER: tl.constexpr,
 ):  # fmt: skip
-    # Program (iv, bh, j) carries the Dv columns of block iv of the features f0 .. f0 + BF of head bh: half j // FS
-    # (BF = F / FS features each when FS > 1).
+    # Program (iv, bh, j) carries the Dv columns of block iv of feature half j (softmax(x W) or softmax(-x W)) of
+    # head bh.
     iv = tl.program_id(0)
     bh = tl.program_id(1)
-    f0 = _feature_block(tl.program_id(2), F, BF, FS)
+    f0 = tl.program_id(2) * F
     b, h, hk = _heads(bh, H, HKV)
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
@@ -71,35 +70,29 @@ def _fwd_state_kernel(
     else:
         kv = tl.zeros([BF, BV], dtype=tl.float32)
         z = tl.zeros([BF], dtype=tl.float32)
-    if SUMS_DOT:
-        # The key sums as a [BF, 16] tile of equal columns (`_weighted_col_sums`).
-        z = tl.broadcast_to(z[:, None], [BF, 16])
-        ones = tl.full([BT], 1.0, dtype=tl.float32)
+    # The key sums as a [BF, 16] tile of equal columns, accumulated as products on the tensor cores (`_col_sums`):
+    # a sum over rows would reduce across warps, with barriers, at every step.
+    z = tl.broadcast_to(z[:, None], [BF, 16])
     # The interpreter of some Triton versions (3.6) cannot take a run-time loop bound: there NITER holds it.
     for i in range(NITER if NITER > 0 else NT + LAG):
         if i < NT:
             hst = ((bh * NT + i) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
             tl.store(hkv + hst, kv.to(hkv.dtype.element_ty), mask=smask)
             if iv == 0:
-                _store_sums(hz + (bh * NT + i) * 2 * F + f0 + of, z, fm, SUMS_DOT)
+                _store_sums(hz + (bh * NT + i) * 2 * F + f0 + of, z, fm)
         # Chunk i - LAG enters the state. Only keys older than the final window count towards the final state;
         # that bound never cuts into a chunk whose state was stored above.
         pos = (i - LAG) * BT + tl.arange(0, BT)
         ok = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, HAS_WIN) & (pos < T - SOUT)
         vv = _load_rows(v, win_v, b, hk, pos, T, S, iv * BV, HKV, DV, BV, HAS_WIN)
-        if SUMS_DOT:
-            # Rows to leave out load as zeros (position T is past the sequence), rather than being zeroed after.
-            phi = _load_phi(phk, phw, b, h, tl.where(ok, pos, T), T, S, f0, H, F, BF, HAS_WIN)
-            z += _weighted_col_sums(phi, ones, BT, PREC)
-        else:
-            phi = _load_phi(phk, phw, b, h, pos, T, S, f0, H, F, BF, HAS_WIN)
-            phi = tl.where(ok[:, None], phi, 0.0)
-            z += tl.sum(phi.to(tl.float32), 0)
+        # Rows to leave out load as zeros (position T is past the sequence), rather than being zeroed after the load.
+        phi = _load_phi(phk, phw, b, h, tl.where(ok, pos, T), T, S, f0, H, F, BF, HAS_WIN)
+        z += _col_sums(phi, BT, PREC)
         kv += _mm(tl.trans(phi), vv, PREC)
     if STORE_FINAL:
         tl.store(kv_out + st, kv, mask=smask)
         if iv == 0:
-            _store_sums(z_out + bh * 2 * F + f0 + of, z, fm, SUMS_DOT)
+            _store_sums(z_out + bh * 2 * F + f0 + of, z, fm)
 
 
 @triton.jit

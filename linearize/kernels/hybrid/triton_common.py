@@ -22,12 +22,6 @@ def _heads(bh, H: tl.constexpr, HKV: tl.constexpr):
 
 
 @triton.jit
-def _feature_block(j, F: tl.constexpr, BF: tl.constexpr, FS: tl.constexpr):
-    # First feature of block j of a state pass: half j // FS (softmax(x W) or softmax(-x W)), block j % FS of it.
-    return (j // FS) * F + (j % FS) * BF
-
-
-@triton.jit
 def _query_block(T, H: tl.constexpr, HKV: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr):
     # Program (i, bh) of the output and query-side kernels covers the BQ query rows from i * BQ on, in chunk c, of
     # row bh; returns i, c, bh, b, h, hk, the rows, their in-sequence mask and their row index into [B, T, H] tensors.
@@ -58,14 +52,18 @@ def _weighted_col_sums(x, w, BT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _store_sums(ptrs, sums, mask, SUMS_DOT: tl.constexpr):
-    # Per-feature sums at the pointers `ptrs` ([BF]): a [BF] vector, or with SUMS_DOT column 0 of a [BF, 16] tile of
-    # equal columns (`_weighted_col_sums`).
-    if SUMS_DOT:
-        oc = tl.arange(0, 16)[None, :]
-        tl.store(ptrs[:, None] + oc * 0, sums, mask=mask[:, None] & (oc == 0))
-    else:
-        tl.store(ptrs, sums, mask=mask)
+def _col_sums(x, BT: tl.constexpr, PREC: tl.constexpr):
+    # [BF, 16] tile whose every column is the sum of the rows x [BT, BF]: `_weighted_col_sums` with unit weights,
+    # which every type holds exactly (one product).
+    return _mm(tl.trans(x), tl.full([BT, 16], 1.0, dtype=x.dtype), PREC)
+
+
+@triton.jit
+def _store_sums(ptrs, sums, mask):
+    # Per-feature sums at the pointers `ptrs` ([BF]) from column 0 of a [BF, 16] tile of equal columns
+    # (`_weighted_col_sums`).
+    oc = tl.arange(0, 16)[None, :]
+    tl.store(ptrs[:, None] + oc * 0, sums, mask=mask[:, None] & (oc == 0))
 
 
 @triton.jit
