@@ -1,7 +1,7 @@
 """Coordinate search over the hybrid chunk kernels' tuning knobs, timing one forward+backward.
 
 For each knob in turn (warps per kernel, pipelining stages, query rows per program or step, Dv columns per state
-program), every listed value is tried with the other knobs at the best found so far; a
+program, chunks per feature program), every listed value is tried with the other knobs at the best found so far; a
 setting that does not compile or run (too much shared memory, say) is reported and skipped. Prints a line per trial and the best settings as the arguments
 that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it needs a CUDA GPU.
 
@@ -25,6 +25,7 @@ STATE_WARP_CHOICES = (1, 2, 4, 8)
 STATE_KERNELS = ("fwd_state", "bwd_state")
 ROW_CHOICES = (16, 32, 64)
 BV_CHOICES = (32, 64, 128)
+PHI_CHOICES = (1, 2, 4, 8)
 # Pipelining stages matter only for kernels with a loop; 0 is Triton's default.
 STAGE_CHOICES = (0, 1, 2)
 LOOP_KERNELS = (*STATE_KERNELS, "bwd_kv", "wgrad")
@@ -34,6 +35,7 @@ def _knobs() -> list[tuple[str, tuple]]:
     knobs = [(f"warps:{n}", STATE_WARP_CHOICES if n in STATE_KERNELS else WARP_CHOICES) for n in triton_chunk.WARPS]
     knobs += [(f"stages:{name}", STAGE_CHOICES) for name in LOOP_KERNELS]
     knobs += [("BQ_OUT", ROW_CHOICES), ("BQ_Q", ROW_CHOICES), ("BQ_KV", ROW_CHOICES), ("BV_STATE", BV_CHOICES)]
+    knobs += [("PHI_CHUNKS", PHI_CHOICES)]
     return knobs
 
 
@@ -59,7 +61,7 @@ def _arguments() -> str:
     stages = ",".join(f"{k}={triton_chunk.STAGES.get(k, 0)}" for k in LOOP_KERNELS)
     return (
         f"--warps {warps} --stages {stages} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} --bq-kv {triton_chunk.BQ_KV} "
-        f"--bv-state {triton_chunk.BV_STATE}"
+        f"--bv-state {triton_chunk.BV_STATE} --phi-chunks {triton_chunk.PHI_CHUNKS}"
     )
 
 

@@ -3,7 +3,7 @@
 `--warps name=N,...` sets the warps per program of named kernels (the keys of `triton_chunk.WARPS`), `--stages
 name=N,...` their software-pipelining stages (0: Triton's default), `--bq-*` the
 query rows per program or step (`triton_chunk.BQ_*`), `--bv-state` the Dv columns per state program,
-`--save-states` keeps the forward's features and states for the backward, `--no-overlap` launches every
+`--phi-chunks` the chunks per feature program, `--save-states` keeps the forward's features and states for the backward, `--no-overlap` launches every
 kernel on one stream.
 """
 
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per query-side program")
     parser.add_argument("--bq-kv", type=int, default=triton_chunk.BQ_KV, help="query rows per key-side step")
     parser.add_argument("--bv-state", type=int, default=triton_chunk.BV_STATE, help="Dv columns per state program")
+    parser.add_argument("--phi-chunks", type=int, default=triton_chunk.PHI_CHUNKS, help="chunks per feature program")
     parser.add_argument(
         "--stages", default="", help="name=N,... overrides of triton_chunk.STAGES (0: Triton's default)"
     )
@@ -93,12 +94,13 @@ def apply(args: argparse.Namespace) -> str:
         triton_chunk.WARPS[name] = n
     triton_chunk.BQ_OUT, triton_chunk.BQ_Q, triton_chunk.BQ_KV = args.bq_out, args.bq_q, args.bq_kv
     triton_chunk.BV_STATE = args.bv_state
+    triton_chunk.PHI_CHUNKS = args.phi_chunks
     for name, n in _per_kernel("--stages", args.stages):
         set_stages(name, n)
     apply_save_states(args)
     triton_chunk.OVERLAP = not args.no_overlap
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV {args.bq_kv}, "
-        f"BV_STATE {args.bv_state}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}, "
+        f"BV_STATE {args.bv_state}, PHI_CHUNKS {args.phi_chunks}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}, "
         f"overlap {triton_chunk.OVERLAP}"
     )

@@ -163,6 +163,17 @@ def test_row_blocks_match_naive(interpreter, monkeypatch, bq, B, T, H, Hkv, D, F
 
 
 @interpreted
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_feature_program_chunks_match_naive(interpreter, monkeypatch, chunks):
+    # The chunks per feature program are a tuning knob: any number gives the same op, also where the last program
+    # holds fewer chunks than the others or the sequence is shorter than one program's chunks.
+    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
+    monkeypatch.setattr(mod, "PHI_CHUNKS", chunks)
+    test_chunk_matches_naive(interpreter, 2, 200, 4, 2, 32, 16, 64, 20, None)
+    test_two_calls_equal_one(interpreter, 16, 40, 30)
+
+
+@interpreted
 @pytest.mark.parametrize(
     "bv,F,T,D,W,pad",
     [

@@ -4,8 +4,8 @@ The kernels live in `triton_chunk_fwd.py` and `triton_chunk_bwd.py`, their share
 The sequence is cut into chunks of `BLOCK_T` tokens. For a query in chunk c every key older than chunk c - 1 is on
 the linear side (the window is at most `BLOCK_T` long), so the forward is
 
-    0. `_phi_kernel`, one program per (chunk, batch, head): the Hedgehog features phi_q, phi_k in the input type
-       (and those of the carried window's keys), computed once and loaded by every later kernel;
+    0. `_phi_kernel`, one program per (`PHI_CHUNKS` chunks, batch, head): the Hedgehog features phi_q, phi_k in
+       the input type (and those of the carried window's keys), computed once and loaded by every later kernel;
     1. `_fwd_state_kernel`, a sequential pass per (batch, head, half of the features, block of Dv) that stores the
        linear state H_c = kv0 + sum phi_k(k_j) v_j^T over the keys older than chunk c - 1 (older than chunk c when
        W <= 1), and the final state. The halves softmax(x W) and softmax(-x W) of the feature map are independent
@@ -66,6 +66,9 @@ BQ_KV = 32
 # Software-pipelining stages of named kernels, pinned where measured (on an H200, docs/BENCHMARKS.md): the key-side
 # backward keeps three (1 and 2 ran slower; 4 spills registers).
 STAGES = {"bwd_kv": 3}
+# Chunks per program of the feature kernel, which loads and converts its head's weights once for all of them: 4
+# made the forward 4% and forward+backward 2% faster than 1 on an H200 (8 the same as 4; docs/BENCHMARKS.md).
+PHI_CHUNKS = 4
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
@@ -181,8 +184,9 @@ def _features(p: _Plan, x, w):
     B, T = x.shape[:2]
     phi = _empty(B, T, p.H, 2 * p.F, dtype=x.dtype, device=x.device)
     if T:
-        _phi_kernel[(triton.cdiv(T, BLOCK_T), B * p.H)](
-            x, w, phi, T, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BT=BLOCK_T, BD=p.BD, BF=p.BF,
+        steps = min(PHI_CHUNKS, triton.cdiv(T, BLOCK_T))
+        _phi_kernel[(triton.cdiv(T, BLOCK_T * steps), B * p.H)](
+            x, w, phi, T, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BT=BLOCK_T, BD=p.BD, BF=p.BF, STEPS=steps,
             **_launch("phi"),
         )  # fmt: skip
     return phi

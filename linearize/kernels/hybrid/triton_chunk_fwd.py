@@ -9,15 +9,17 @@ import triton.language as tl
 from .triton_common import (
     EPS,
     _col_sums,
-    _feature_map,
     _heads,
     _key_ok,
     _load_chunk_state,
     _load_phi,
     _load_phi_pair,
     _load_rows,
+    _load_w_as,
     _mm,
+    _proj_w,
     _query_block,
+    _softmax_half,
     _store_sums,
     _window_scores,
 )
@@ -25,23 +27,27 @@ from .triton_common import (
 
 @triton.jit
 def _phi_kernel(x, w, phi, T, H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):  # fmt: skip
+                BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
     # phi[b, t, h] = [softmax(x W_h), softmax(-x W_h)] for x [B, T, HX, D] (head h reads x head h // (H / HX)),
-    # in the type of x, for one chunk of one head.
+    # in the type of x, for STEPS chunks of one head (the weights loaded once).
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, hx = _heads(bh, H, HX)
-    pos = c * BT + tl.arange(0, BT)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
-    rmask = pos < T
-    xrow = (b * T + pos).to(tl.int64) * HX + hx
-    xx = tl.load(x + xrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
-    ph_p, ph_n = _feature_map(xx, w, h, D, F, BD, BF)
-    prow = (b * T + pos).to(tl.int64) * H + h
-    fmask = rmask[:, None] & (of[None, :] < F)
-    tl.store(phi + prow[:, None] * 2 * F + of[None, :], ph_p.to(phi.dtype.element_ty), mask=fmask)
-    tl.store(phi + prow[:, None] * 2 * F + F + of[None, :], ph_n.to(phi.dtype.element_ty), mask=fmask)
+    wt = _load_w_as(w, h, x.dtype.element_ty, D, F, BD, BF)
+    for s in range(STEPS):
+        pos = (c * STEPS + s) * BT + tl.arange(0, BT)
+        rmask = pos < T
+        xrow = (b * T + pos).to(tl.int64) * HX + hx
+        xx = tl.load(x + xrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+        proj = _proj_w(xx, wt)
+        prow = (b * T + pos).to(tl.int64) * H + h
+        fmask = rmask[:, None] & (of[None, :] < F)
+        ph_p = _softmax_half(proj, 1.0, F, BF)
+        tl.store(phi + prow[:, None] * 2 * F + of[None, :], ph_p.to(phi.dtype.element_ty), mask=fmask)
+        ph_n = _softmax_half(proj, -1.0, F, BF)
+        tl.store(phi + prow[:, None] * 2 * F + F + of[None, :], ph_n.to(phi.dtype.element_ty), mask=fmask)
 
 
 @triton.jit

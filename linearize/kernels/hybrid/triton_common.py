@@ -75,15 +75,18 @@ def _load_w(w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl
 
 
 @triton.jit
-def _proj(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
-    w = _load_w(w_ptr, h, D, F, BD, BF)
-    # fp32 inputs keep near-fp32 accuracy (tf32x3); 16-bit inputs use the weights in their type, as a 16-bit model
-    # would, with fp32 accumulation.
+def _load_w_as(w_ptr, h, dt: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
+    # The feature-map weights of head h in the type the projection of inputs of type dt takes (`_proj_w`).
+    return _load_w(w_ptr, h, D, F, BD, BF).to(dt)
+
+
+@triton.jit
+def _proj_w(x, w):
+    # x W for weights w from `_load_w_as`: fp32 inputs keep near-fp32 accuracy (tf32x3); 16-bit inputs use the
+    # weights in their type, as a 16-bit model would, with fp32 accumulation.
     if x.dtype == tl.float32:
-        proj = tl.dot(x, w, input_precision="tf32x3")
-    else:
-        proj = tl.dot(x, w.to(x.dtype))
-    return proj
+        return tl.dot(x, w, input_precision="tf32x3")
+    return tl.dot(x, w)
 
 
 @triton.jit
@@ -93,12 +96,6 @@ def _softmax_half(proj, sign, F: tl.constexpr, BF: tl.constexpr):
     pp = tl.where(fmask, proj * sign, float("-inf"))
     ep = tl.exp(pp - tl.max(pp, 1)[:, None])
     return ep / tl.sum(ep, 1)[:, None]
-
-
-@triton.jit
-def _feature_map(x, w_ptr, h, D: tl.constexpr, F: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr):
-    proj = _proj(x, w_ptr, h, D, F, BD, BF)
-    return _softmax_half(proj, 1.0, F, BF), _softmax_half(proj, -1.0, F, BF)
 
 
 @triton.jit
