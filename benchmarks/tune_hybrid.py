@@ -2,8 +2,9 @@
 
 For each knob in turn (warps per kernel, pipelining stages, query rows per program or step, Dv columns per state
 program, chunks per feature program), every listed value is tried with the other knobs at the best found so far; a
-setting that does not compile or run (too much shared memory, say) is reported and skipped. Prints a line per trial and the best settings as the arguments
-that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it needs a CUDA GPU.
+setting that does not compile or run (too much shared memory, say) is reported and skipped. Prints a line per trial
+and the best settings as the arguments that `bench_hybrid.py` and `profile_hybrid.py` take. A script, not a test: it
+needs a CUDA GPU.
 
     python benchmarks/tune_hybrid.py [--T 16384] [--B 1] [--window 64] [--rounds 1] [--save-states]
 """

@@ -1,10 +1,10 @@
 """Command-line overrides of the hybrid chunk kernels' tuning knobs, shared by the benchmark scripts.
 
 `--warps name=N,...` sets the warps per program of named kernels (the keys of `triton_chunk.WARPS`), `--stages
-name=N,...` their software-pipelining stages (0: Triton's default), `--bq-*` the
-query rows per program or step (`triton_chunk.BQ_*`), `--bv-state` the Dv columns per state program,
-`--phi-chunks` the chunks per feature program, `--save-states` keeps the forward's features and states for the backward, `--no-overlap` launches every
-kernel on one stream.
+name=N,...` their software-pipelining stages (0: Triton's default), `--bq-*` the query rows per program or step
+(`triton_chunk.BQ_*`), `--bv-state` the Dv columns per state program, `--phi-chunks` the chunks per feature program,
+`--save-states` keeps the forward's features and states for the backward, `--no-overlap` launches every kernel on
+one stream.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from .triton_common import (
     _load_phi,
     _load_phi_pair,
     _load_rows,
-    _load_w,
+    _load_w_as,
     _mm,
     _query_block,
     _soft_cap_grad,
@@ -131,7 +131,7 @@ def _bwd_q_kernel(
         dpq + qrow[:, None] * F + of[None, :], gq.to(dpq.dtype.element_ty), mask=rmask[:, None] & (of[None, :] < F)
     )
     # Back through the projection: dq += g wq^T.
-    dq_acc = _mm(gq.to(dt), tl.trans(_load_w(wq, h, D, F, BD, BF).to(dt)), PREC)
+    dq_acc = _mm(gq.to(dt), tl.trans(_load_w_as(wq, h, dt, D, F, BD, BF)), PREC)
 
     if W > 0:
         qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
@@ -287,7 +287,7 @@ def _bwd_kv_kernel(
     tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
              mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
     # Back through the projection: dk += g wk^T.
-    dk_acc += _mm(gk.to(dt), tl.trans(_load_w(wk, h, D, F, BD, BF).to(dt)), PREC)
+    dk_acc += _mm(gk.to(dt), tl.trans(_load_w_as(wk, h, dt, D, F, BD, BF)), PREC)
     tl.store(dk + krow[:, None] * D + od[None, :], dk_acc.to(dk.dtype.element_ty),
              mask=kmask[:, None] & (od[None, :] < D))  # fmt: skip
     tl.store(dv + krow[:, None] * DV + ov[None, :], dv_acc.to(dv.dtype.element_ty),

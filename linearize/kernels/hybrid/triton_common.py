@@ -61,7 +61,7 @@ def _col_sums(x, BT: tl.constexpr, PREC: tl.constexpr):
 @triton.jit
 def _store_sums(ptrs, sums, mask):
     # Per-feature sums at the pointers `ptrs` ([BF]) from column 0 of a [BF, 16] tile of equal columns
-    # (`_weighted_col_sums`).
+    # (`_col_sums`, `_weighted_col_sums`).
     oc = tl.arange(0, 16)[None, :]
     tl.store(ptrs[:, None] + oc * 0, sums, mask=mask[:, None] & (oc == 0))
 
