@@ -6,9 +6,11 @@ hedgehog (W=0) and hybrid (W=64) kernels; the forward's achieved bandwidth again
 8 KV heads), launched eagerly and replayed from a CUDA graph. `fla` is chunk_linear_attn with its normaliser (the
 op ours computes: outputs divided by q . the sum of keys), `fla_unnorm` the same call with normalize=False (its
 chunked kernels alone, without the normaliser fla adds in PyTorch). Times are medians of `triton.testing.do_bench`.
-A script, not a test: it needs a CUDA GPU.
+`--kv-heads 8` times grouped-query attention (32 query heads sharing 8 key/value heads, as Llama 3 8B): SDPA runs
+with `enable_gqa`, and fla, which has no grouped form, on the keys and values repeated to 32 heads. A script, not a
+test: it needs a CUDA GPU.
 
-    python benchmarks/bench_hybrid.py [--lengths 2048 8192 16384 32768] [tuning overrides: see tuning.py]
+    python benchmarks/bench_hybrid.py [--lengths 2048 8192 16384 32768] [--kv-heads 8] [tuning overrides: tuning.py]
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def _ours(q, k, v, wq, wk, wf, window):
 
 
 def _sdpa(q, k, v):
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _fla(q, k, v, normalize=True):
@@ -89,18 +91,21 @@ def _progress(T, name, times):
     return times
 
 
-def prefill_rows(lengths):
+def prefill_rows(lengths, kv_heads=HEADS):
     """Yield one row per sequence length, so a long run still shows what it measured so far."""
     for T in lengths:
         B = max(TOKENS // T, 1)
-        leaves = _inputs(B, T, HEADS, HEADS, HEAD_DIM)
+        leaves = _inputs(B, T, HEADS, kv_heads, HEAD_DIM)
         q, k, v = leaves[:3]
-        row = {"T": T, "B": B, "bytes": 4 * q.numel() * q.element_size()}
+        # q, k, v read and o (the size of q) written once.
+        row = {"T": T, "B": B, "bytes": (2 * q.numel() + k.numel() + v.numel()) * q.element_size()}
         for name, window in (("hedgehog", 0), ("hybrid", WINDOW)):
             row[name] = _progress(T, name, _fwd_bwd(partial(_ours, *leaves, window), leaves))
         bhtd = [x.transpose(1, 2).contiguous() for x in (q, k, v)]
         row["sdpa"] = _progress(T, "sdpa", _fwd_bwd(partial(_sdpa, *bhtd), bhtd))
         if chunk_linear_attn is not None:
+            # fla has no grouped-query form: its call gets the keys and values repeated to every query head.
+            k, v = (x.repeat_interleave(HEADS // kv_heads, dim=2) for x in (k, v))
             # fla autotunes its kernels on the first call: that can take minutes.
             row["fla"] = _progress(T, "fla", _fwd_bwd(partial(_fla, q, k, v), [q, k, v]))
             plain = partial(_fla, q, k, v, normalize=False)
@@ -155,18 +160,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--kv-heads", type=int, default=HEADS, help=f"key/value heads of the prefill (a divisor of {HEADS})")
     tuning.add_arguments(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_hybrid.py needs a CUDA GPU")
+    if args.kv_heads < 1 or HEADS % args.kv_heads:
+        raise SystemExit(f"--kv-heads must divide the {HEADS} query heads, got {args.kv_heads}")
     settings = tuning.apply(args)
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; {settings}")
-    print(f"# prefill: B*T = {TOKENS} tokens, H={HEADS}, D={HEAD_DIM}, F={FEATURES}, bf16; ms, fwd / fwd+bwd")
+    print(f"# prefill: B*T = {TOKENS} tokens, H={HEADS}, Hkv={args.kv_heads}, D={HEAD_DIM}, F={FEATURES}, bf16; ms")
     names = ["hedgehog", "hybrid", "sdpa"] + (["fla", "fla_unnorm"] if chunk_linear_attn is not None else [])
     print("| T (B) | " + " | ".join(f"{n} fwd | {n} fwd+bwd" for n in names) + " |")
     print("|---" * (1 + 2 * len(names)) + "|", flush=True)
     rows = []
-    for r in prefill_rows(args.lengths):
+    for r in prefill_rows(args.lengths, args.kv_heads):
         rows.append(r)
         cells = " | ".join(f"{r[n][0]:.2f} | {r[n][1]:.2f}" for n in names)
         print(f"| {r['T']} ({r['B']}) | {cells} |", flush=True)

@@ -100,7 +100,7 @@ def main() -> None:
         for _ in range(args.iters):
             step()
         torch.cuda.synchronize()
-    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16; {settings}")
+    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} Hkv={k.shape[2]} D={D} F={F} W={W}, bf16; {settings}")
     _table(prof, args.iters, "forward+backward")
     # Kernels on the side stream overlap others, so their sum can exceed the time the step takes.
     wall = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")

@@ -22,17 +22,21 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--T", type=int, default=16384)
     parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--H", type=int, default=32)
+    parser.add_argument("--Hkv", type=int, default=None, help="key/value heads, a divisor of H (default: H)")
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--F", type=int, default=64)
     parser.add_argument("--window", type=int, default=64)
 
 
 def make_problem(args: argparse.Namespace):
-    """Random bf16 q, k, v `[B, T, H, D]` and fp32 feature weights and window logits (all requiring grad), and an
-    output gradient, on the GPU."""
+    """Random bf16 q `[B, T, H, D]`, k, v `[B, T, Hkv, D]` and fp32 feature weights and window logits (all
+    requiring grad), and an output gradient, on the GPU."""
     dev, dt = "cuda", torch.bfloat16
     B, T, H, D, F = args.B, args.T, args.H, args.D, args.F
-    q, k, v = (torch.randn(B, T, H, D, device=dev).to(dt).requires_grad_() for _ in range(3))
+    hkv = args.Hkv or H
+    if H % hkv:
+        raise SystemExit(f"--Hkv must divide --H ({H}), got {hkv}")
+    q, k, v = (torch.randn(B, T, n, D, device=dev).to(dt).requires_grad_() for n in (H, hkv, hkv))
     wq = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
     wk = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
     wf = torch.full((H,), -2.197, device=dev, requires_grad=True)
