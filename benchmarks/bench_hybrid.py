@@ -160,7 +160,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 16384, 32768])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
-    parser.add_argument("--kv-heads", type=int, default=HEADS, help=f"key/value heads of the prefill (a divisor of {HEADS})")
+    parser.add_argument(
+        "--kv-heads", type=int, default=HEADS, help=f"key/value heads of the prefill (a divisor of {HEADS})"
+    )
     tuning.add_arguments(parser)
     args = parser.parse_args()
     if not torch.cuda.is_available():
