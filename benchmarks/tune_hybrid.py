@@ -93,7 +93,8 @@ def main() -> None:
             print(f"#   failed: {str(err).splitlines()[0][:120]}", flush=True)
             return float("inf")
 
-    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} D={D} F={F} W={W}, bf16, fwd+bwd ms", flush=True)
+    shape = f"B={B} T={T} H={H} Hkv={k.shape[2]} D={D} F={F} W={W}"
+    print(f"# {torch.cuda.get_device_name()}; {shape}, bf16, fwd+bwd ms", flush=True)
     best = measure()
     print(f"start: {best:.3f} ms with {_arguments()}", flush=True)
     for _ in range(args.rounds):
