@@ -1,8 +1,9 @@
 """Where the time of the hybrid kernels goes: per-kernel CUDA time of one forward+backward and one decode step.
 
-Runs `torch.profiler` over a few iterations and prints, per kernel, the mean CUDA time per iteration, then the
-register count and spills of each Triton kernel as compiled for these shapes. A script, not a test: it needs a
-CUDA GPU.
+Runs `torch.profiler` over a few iterations and prints, per kernel, the mean CUDA time per iteration with the
+bytes the kernel moves (each tensor it reads or writes counted once: `kernel_bytes`, `fla_kernel_bytes`) and the
+rate that makes, then the device's copy rate and the register count and spills of each Triton kernel as compiled
+for these shapes. A script, not a test: it needs a CUDA GPU.
 
     python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_kv=4,fwd_out=8] [--bq-kv 16]
     python benchmarks/profile_hybrid.py --fla unnormalized     # fla's chunk_linear_attn on the same q, k, v
@@ -26,19 +27,87 @@ from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
 from linearize.kernels.hybrid.triton_recurrent import hybrid_decode_triton
 
 
-def _table(prof, iters: int, title: str) -> None:
+def kernel_bytes(B, T, H, Hkv, D, F, W, saved: bool, elt: int = 2) -> dict[str, int]:
+    """Bytes each of our kernels (summed over its launches in one forward+backward) reads and writes in device
+    memory, counting every tensor it touches once: rows that several programs read (the previous chunk's keys, a
+    key/value head shared by a GQA group) are taken as cache hits. `saved` is `LINEARIZE_SAVE_STATES=1`."""
+    n, nt = B * T, -(-T // 64)
+    q, k, v, o = n * H * D * elt, n * Hkv * D * elt, n * Hkv * D * elt, n * H * D * elt
+    phi = n * H * 2 * F * elt
+    states = B * H * nt * 2 * F * D * elt + B * H * nt * 2 * F * 4
+    row = n * H * 4  # one fp32 (or int32) per query row: den, d(den), the window's max, arg-max, max gradient
+    win = 3 * row if W else 0
+    pre = n * H * F * elt  # feature-map pre-activation gradients
+    per_head = n * H * 2 * D * elt  # the key side's dk, dv per query head
+    passes = 1 if saved else 2  # the forward's features and state pass, recomputed by the default backward
+    out = {
+        "_phi_kernel": passes * (q + k + 2 * phi),
+        "_fwd_state_kernel": passes * (phi + v + states),
+        "_fwd_out_kernel": q + k + v + 2 * phi + states + o + row,
+        "_delta_kernel": 2 * o + o + 2 * row,
+        "_bwd_state_kernel": phi + o + row + states,
+        "_bwd_q_kernel": q + k + v + 2 * phi + states + o + row + q + pre + win,
+        "_bwd_kv_kernel": q + k + v + 2 * phi + states + o + 2 * row + win + per_head + pre,
+        "_wgrad_kernel": q + k + 2 * pre,
+    }
+    if H != Hkv:
+        out["group sums"] = per_head + k + v
+    return out
+
+
+def fla_kernel_bytes(B, T, H, D, elt: int = 2) -> dict[str, int]:
+    """The same count for fla's `chunk_linear_attn(normalize=False)` (fla-core 0.6.0: per-chunk states and their
+    gradients in the input type, states recomputed by the backward), by kernel name."""
+    x = B * T * H * D * elt  # q, k, v, o and their gradients
+    states = B * H * -(-T // 64) * D * D * elt
+    return {
+        "chunk_fwd_kernel_h": 2 * (2 * x + states),
+        "chunk_fwd_kernel_o": 4 * x + states,
+        "chunk_bwd_kernel_dh": 2 * x + states,
+        "chunk_bwd_kernel_dqkwg": 6 * x + 2 * states,
+        "chunk_bwd_kernel_dv": 4 * x + states,
+    }
+
+
+def copy_rate() -> float:
+    """Device-memory copy rate in bytes per second: a 1 GiB copy (read and write) timed by `do_bench`."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=5, rep=50, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def _table(prof, iters: int, title: str, nbytes: dict[str, int] | None = None) -> None:
     times: dict[str, float] = defaultdict(float)
     calls: dict[str, int] = defaultdict(int)
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
-            times[ev.name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
-            calls[ev.name] += 1
+            name = ev.name
+            if nbytes:
+                if "reduce_kernel" in name and "ReduceOp<float" not in name and "group sums" in nbytes:
+                    name = "group sums"
+                name = next((key for key in nbytes if key in name), name)
+            times[name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+            calls[name] += 1
     total = sum(times.values())
     print(f"\n# {title}: {total / iters / 1e3:.3f} ms of kernels per iteration")
-    print("| kernel | ms / iter | launches / iter | share |")
-    print("|---|---|---|---|")
+    if nbytes:
+        print("| kernel | ms / iter | launches / iter | share | MB (each tensor once) | TB/s |")
+        print("|---|---|---|---|---|---|")
+    else:
+        print("| kernel | ms / iter | launches / iter | share |")
+        print("|---|---|---|---|")
     for name, t in sorted(times.items(), key=lambda kv: -kv[1])[:15]:
-        print(f"| {name[:70]} | {t / iters / 1e3:.3f} | {calls[name] / iters:.0f} | {t / total:.0%} |")
+        cells = f"| {name[:70]} | {t / iters / 1e3:.3f} | {calls[name] / iters:.0f} | {t / total:.0%} |"
+        if nbytes:
+            mb = nbytes.get(name)
+            cells += f" {mb / 1e6:.0f} | {mb / (t / iters * 1e-6) / 1e12:.2f} |" if mb else " - | - |"
+        print(cells)
+    if nbytes:
+        moved = sum(nbytes.values())
+        print(
+            f"\nbytes moved (each tensor once per kernel): {moved / 1e9:.2f} GB, {moved / (total / iters * 1e-6) / 1e12:.2f} TB/s over the kernels' time"
+        )
 
 
 def _compiled_stats() -> None:
@@ -100,18 +169,27 @@ def main() -> None:
         for _ in range(args.iters):
             step()
         torch.cuda.synchronize()
-    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} Hkv={k.shape[2]} D={D} F={F} W={W}, bf16; {settings}")
-    _table(prof, args.iters, "forward+backward")
+    Hkv = k.shape[2]
+    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} Hkv={Hkv} D={D} F={F} W={W}, bf16; {settings}")
+    if args.fla:
+        nbytes = fla_kernel_bytes(B, T, H, D) if args.fla == "unnormalized" and Hkv == H else None
+    else:
+        nbytes = kernel_bytes(B, T, H, Hkv, D, F, W, triton_chunk.save_states())
+    _table(prof, args.iters, "forward+backward", nbytes)
     # Kernels on the side stream overlap others, so their sum can exceed the time the step takes.
     wall = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")
     print(f"\nforward+backward wall time: {wall:.3f} ms (median of triton.testing.do_bench)")
+    rate = copy_rate()
+    print(f"device-memory copy rate: {rate / 1e12:.2f} TB/s (a 1 GiB copy)")
+    if nbytes:
+        print(f"those bytes at the copy rate: {sum(nbytes.values()) / rate * 1e3:.3f} ms")
     if args.fla:
         return
 
-    Bd, Hkv = 16, 8
+    Bd, Hd = 16, 8
     qd = torch.randn(Bd, 1, H, D, device=dev, dtype=dt)
-    kd, vd = (torch.randn(Bd, 1, Hkv, D, device=dev, dtype=dt) for _ in range(2))
-    state = HybridState.zeros(Bd, H, Hkv, D, D, 2 * F, W, dt, torch.device(dev))
+    kd, vd = (torch.randn(Bd, 1, Hd, D, device=dev, dtype=dt) for _ in range(2))
+    state = HybridState.zeros(Bd, H, Hd, D, D, 2 * F, W, dt, torch.device(dev))
     state.win_mask.fill_(True)
     with torch.no_grad():
         for _ in range(3):
@@ -121,7 +199,7 @@ def main() -> None:
             for _ in range(20):
                 hybrid_decode_triton(qd, kd, vd, wq, wk, wf, W, D**-0.5, None, None, state)
             torch.cuda.synchronize()
-    _table(prof, 20, f"decode step, B={Bd}, {H} query / {Hkv} KV heads")
+    _table(prof, 20, f"decode step, B={Bd}, {H} query / {Hd} KV heads")
     _compiled_stats()
 
 
