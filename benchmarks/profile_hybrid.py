@@ -5,7 +5,7 @@ bytes the kernel moves (each tensor it reads or writes counted once: `kernel_byt
 rate that makes, then the device's copy rate and the register count and spills of each Triton kernel as compiled
 for these shapes. A script, not a test: it needs a CUDA GPU.
 
-    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_kv=4,fwd_out=8] [--bq-kv 16]
+    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_kv_window=8] [--bq-kv-linear 32]
     python benchmarks/profile_hybrid.py --fla unnormalized     # fla's chunk_linear_attn on the same q, k, v
 
 `--warps` overrides the warps per program of named kernels (the keys of `triton_chunk.WARPS`) and `--bq-*` the query
@@ -47,9 +47,12 @@ def kernel_bytes(B, T, H, Hkv, D, F, W, saved: bool, elt: int = 2) -> dict[str, 
         "_delta_kernel": 2 * o + o + 2 * row,
         "_bwd_state_kernel": phi + o + row + states,
         "_bwd_q_kernel": q + k + v + 2 * phi + states + o + row + q + pre + win,
-        "_bwd_kv_kernel": q + k + v + 2 * phi + states + o + 2 * row + win + per_head + pre,
+        # The window's dk, dv per query head are written by one key-side kernel and read back by the other.
+        "_bwd_kv_linear_kernel": 2 * phi + v + states + o + 2 * row + (2 if W else 1) * per_head + pre,
         "_wgrad_kernel": q + k + 2 * pre,
     }
+    if W:
+        out["_bwd_kv_window_kernel"] = q + k + v + o + 2 * row + win + per_head
     if H != Hkv:
         out["group sums"] = per_head + k + v
     return out

@@ -29,13 +29,14 @@ BV_CHOICES = (32, 64, 128)
 PHI_CHOICES = (1, 2, 4, 8)
 # Pipelining stages matter only for kernels with a loop; 0 is Triton's default.
 STAGE_CHOICES = (0, 1, 2)
-LOOP_KERNELS = (*STATE_KERNELS, "bwd_kv", "wgrad")
+LOOP_KERNELS = (*STATE_KERNELS, "bwd_kv_window", "bwd_kv_linear", "wgrad")
 
 
 def _knobs() -> list[tuple[str, tuple]]:
     knobs = [(f"warps:{n}", STATE_WARP_CHOICES if n in STATE_KERNELS else WARP_CHOICES) for n in triton_chunk.WARPS]
     knobs += [(f"stages:{name}", STAGE_CHOICES) for name in LOOP_KERNELS]
-    knobs += [("BQ_OUT", ROW_CHOICES), ("BQ_Q", ROW_CHOICES), ("BQ_KV", ROW_CHOICES), ("BV_STATE", BV_CHOICES)]
+    knobs += [(name, ROW_CHOICES) for name in ("BQ_OUT", "BQ_Q", "BQ_KV_WINDOW", "BQ_KV_LINEAR")]
+    knobs += [("BV_STATE", BV_CHOICES)]
     knobs += [("PHI_CHUNKS", PHI_CHOICES)]
     return knobs
 
@@ -61,7 +62,8 @@ def _arguments() -> str:
     warps = ",".join(f"{k}={v}" for k, v in triton_chunk.WARPS.items())
     stages = ",".join(f"{k}={triton_chunk.STAGES.get(k, 0)}" for k in LOOP_KERNELS)
     return (
-        f"--warps {warps} --stages {stages} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} --bq-kv {triton_chunk.BQ_KV} "
+        f"--warps {warps} --stages {stages} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} "
+        f"--bq-kv-window {triton_chunk.BQ_KV_WINDOW} --bq-kv-linear {triton_chunk.BQ_KV_LINEAR} "
         f"--bv-state {triton_chunk.BV_STATE} --phi-chunks {triton_chunk.PHI_CHUNKS}"
     )
 

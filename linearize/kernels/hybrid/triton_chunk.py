@@ -32,12 +32,15 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
        feature-map pre-activation, with the projection back through wq folded in. It also stores, per query row,
        the window's row maximum, its arg-max key and the maximum's gradient, and per program the window factor's
        partial gradient;
-    4. `_bwd_kv_kernel`, one program per (key chunk, batch, head): it visits the (at most two) query chunks that
-       see the key chunk through the window or intra-chunk terms (reusing the row maxima of step 3) with its tiles
-       key-major, so that every product has the chunk's keys as rows (Hopper's wgmma needs 64), adds the
-       state gradient, and writes dk, dv (with the projection back through wk folded in) and the gradient of the k
-       feature-map pre-activation. Each program owns its outputs, so nothing is written twice and no partial
-       buffers are added afterwards (with GQA one torch sum over the group remains);
+    4. the key side, in two kernels of one program per (key chunk, batch, head) that visit the (at most two) query
+       chunks that see the key chunk, with their tiles key-major, so that every product has the chunk's keys as
+       rows (Hopper's wgmma needs 64). `_bwd_kv_window_kernel` (W > 0) takes the window pairs, reusing the row
+       maxima of step 3, and stores its part of dk, dv (in the input type); `_bwd_kv_linear_kernel` takes the linear pairs and the
+       state gradient, adds the window's part, and writes dk, dv (with the projection back through wk folded in)
+       and the gradient of the k feature-map pre-activation. Apart, each kernel holds half the accumulators of the
+       joint kernel they replace, so two 4-warp programs fit an SM where it ran one of 8 warps: the key side went
+       from 1.40 to 1.01 ms at 16k tokens on an H200 (docs/BENCHMARKS.md). Each program owns its rows, so nothing
+       is written twice by concurrent programs (with GQA one torch sum over the group remains);
     5. `_wgrad_kernel`: the feature-map weight gradients x^T g as split-K partial products, summed by one torch op.
 
 Keys of the window carried in `initial_state` sit at the negative positions -S..-1, in front of the new tokens.
@@ -52,20 +55,32 @@ import torch
 import triton
 
 from .torch_chunked import HybridState
-from .triton_chunk_bwd import _bwd_kv_kernel, _bwd_q_kernel, _bwd_state_kernel, _delta_kernel, _wgrad_kernel
+from .triton_chunk_bwd import (
+    _bwd_kv_linear_kernel,
+    _bwd_kv_window_kernel,
+    _bwd_q_kernel,
+    _bwd_state_kernel,
+    _delta_kernel,
+    _wgrad_kernel,
+)
 from .triton_chunk_fwd import _fwd_out_kernel, _fwd_state_kernel, _phi_kernel
 
 BLOCK_T = 64
 # Warps per program of each kernel.
-WARPS = {"phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv": 8, "wgrad": 4, "delta": 4}
-# Query rows per program of the forward's output kernel and of the query-side backward, and per step of the
-# key-side backward (divisors of BLOCK_T): fewer rows, smaller tiles beside the key chunks each one holds.
+WARPS = {
+    "phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv_window": 4, "bwd_kv_linear": 4,
+    "wgrad": 4, "delta": 4,
+}  # fmt: skip
+# Query rows per program of the forward's output kernel and of the query-side backward, and per step of the two
+# key-side kernels (divisors of BLOCK_T): fewer rows, smaller tiles beside the key chunks each one holds.
 BQ_OUT = 64
 BQ_Q = 64
-BQ_KV = 32
+BQ_KV_WINDOW = 32
+BQ_KV_LINEAR = 16
 # Software-pipelining stages of named kernels, pinned where measured (on an H200, docs/BENCHMARKS.md): the key-side
-# backward keeps three (1 and 2 ran slower; 4 spills registers).
-STAGES = {"bwd_kv": 3}
+# kernels keep three (1 and 2 ran slower). At 4 warps and 3 stages each fits two programs per SM (255 registers,
+# under 90 KB of shared memory).
+STAGES = {"bwd_kv_window": 3, "bwd_kv_linear": 3}
 # Chunks per program of the feature kernel, which loads and converts its head's weights once for all of them: 4
 # made the forward 4% and forward+backward 2% faster than 1 on an H200 (8 the same as 4; docs/BENCHMARKS.md).
 PHI_CHUNKS = 4
@@ -299,7 +314,8 @@ class _HybridChunk(torch.autograd.Function):
                 # largest intermediates (`LINEARIZE_SAVE_STATES`).
                 phk, phw = _key_features(p, k, wk)
                 hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
-            flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common())
+            lin_flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, **p.common())
+            flags = dict(HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **lin_flags)
             dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
             # The pre-activation gradients go to the weight-gradient products in the input type.
             dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)
@@ -324,9 +340,15 @@ class _HybridChunk(torch.autograd.Function):
             # The key side reads the state gradients; and should anything above raise, no buffer the side stream
             # still uses is handed back before it is done.
             par.join()
-        _bwd_kv_kernel[(p.NT, B * H)](
-            q, k, v, phq, phk, wk, wf, p.tm, p.wm, dhkv, dhz, do, den, dd, m, arg, dm,
-            dk, dv, dpk, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_KV, **_launch("bwd_kv"),
+        if window > 0:
+            # The window's part of dk, dv first, into dk, dv, which the linear side then adds to.
+            _bwd_kv_window_kernel[(p.NT, B * H)](
+                q, k, v, wf, p.tm, p.wm, do, den, dd, m, arg, dm, dk, dv, T, p.NT, p.S, p.scale, p.softcap,
+                **flags, BQ=BQ_KV_WINDOW, **_launch("bwd_kv_window"),
+            )  # fmt: skip
+        _bwd_kv_linear_kernel[(p.NT, B * H)](
+            phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dk, dv, dpk, T, p.NT, p.S,
+            **lin_flags, BQ=BQ_KV_LINEAR, **_launch("bwd_kv_linear"),
         )  # fmt: skip
         if groups > 1:
             dk = dk.view(B, T, HKV, groups, D).sum(3)

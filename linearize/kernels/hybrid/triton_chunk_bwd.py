@@ -181,65 +181,120 @@ def _bwd_q_kernel(
 
 
 @triton.jit
-def _bwd_kv_visit(
-    q, phq, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr,
-    dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, g, T, scale, softcap,
-    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BQ: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-    LIN: tl.constexpr,
+def _bwd_kv_window_visit(
+    q, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk_acc, dv_acc, k_j, v_j, ok_j, pos, r0, b, h, g, T, scale,
+    softcap,
+    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr,
+    BV: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # Adds what the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k (both halves), dk
-    # and dv. Rows past T load as zeros and send nothing. LIN is False where no pair of the visit can be on the
-    # linear side (the key chunk's own rows under a window as long as the chunk).
+    # Adds what the window pairs of the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dk and
+    # dv. Rows past T load as zeros and send nothing.
     # Every tile is key-major ([keys, rows]: scores, probabilities and their gradients transposed), so that each
     # product has the chunk's keys as its rows and only loaded tiles are transposed, never computed ones.
     rows = r0 + tl.arange(0, BQ)
     rmask = rows < T
     qrow = (b * T + rows).to(tl.int64) * H + h
     dt = v_j.dtype
-    # dN = do / den with the 1 / den applied to the products' columns: this kernel runs faster on the raw do
-    # than on the stored dN (fewer registers spilled, docs/BENCHMARKS.md).
+    # dN = do / den with the 1 / den applied to the products' columns (fewer registers than loading the stored dN).
     dd, rden, dD = _load_do_scaled(do, den_ptr, dd_ptr, qrow, rmask, DV, BV)
     dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
-    if LIN:
-        phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
-        lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
-        pt = tl.where(lin, _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC), 0.0)
-        dlt = tl.where(lin, dpt, 0.0).to(dt)
-        dph_p += _mm(dlt, phq_p, PREC)
-        dph_n += _mm(dlt, phq_n, PREC)
-    else:
-        pt = tl.zeros_like(dpt)
-    if W > 0:
-        od = tl.arange(0, BD)
-        qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
-        st, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC, True)
-        m = tl.load(m_ptr + qrow, mask=rmask, other=0.0)
-        arg = tl.load(arg_ptr + qrow, mask=rmask, other=NO_KEY)
-        dm = tl.load(dm_ptr + qrow, mask=rmask, other=0.0)
-        a = tl.where(win, g * tl.exp(st - m[None, :]), 0.0)
-        pt += a
-        ds = tl.where(win, dpt * a, 0.0) + tl.where(pos[:, None] == arg[None, :], dm[None, :], 0.0)
-        if SOFTCAP:
-            ds = _soft_cap_grad(ds, st, win, softcap)
-        dk_acc += _mm(ds.to(dt), qq, PREC) * scale
-    # p / den <= 1: no overflow in fp16.
-    dv_acc += _mm((pt * rden[None, :]).to(dt), dd, PREC)
-    return dph_p, dph_n, dk_acc, dv_acc
+    od = tl.arange(0, BD)
+    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
+    st, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC, True)
+    m = tl.load(m_ptr + qrow, mask=rmask, other=0.0)
+    arg = tl.load(arg_ptr + qrow, mask=rmask, other=NO_KEY)
+    dm = tl.load(dm_ptr + qrow, mask=rmask, other=0.0)
+    a = tl.where(win, g * tl.exp(st - m[None, :]), 0.0)
+    ds = tl.where(win, dpt * a, 0.0) + tl.where(pos[:, None] == arg[None, :], dm[None, :], 0.0)
+    if SOFTCAP:
+        ds = _soft_cap_grad(ds, st, win, softcap)
+    dk_acc += _mm(ds.to(dt), qq, PREC) * scale
+    # a / den <= 1: no overflow in fp16.
+    dv_acc += _mm((a * rden[None, :]).to(dt), dd, PREC)
+    return dk_acc, dv_acc
 
 
 @triton.jit
-def _bwd_kv_kernel(
-    q, k, v, phq, phk, wk, wf, tm, win_m, dhkv, dhz, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr,
-    dk, dv, dpk,
+def _bwd_kv_linear_visit(
+    phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, T,
+    H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BV: tl.constexpr,
+    BF: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Adds what the linear pairs of the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k
+    # (both halves) and dv. Key-major tiles as in `_bwd_kv_window_visit`.
+    rows = r0 + tl.arange(0, BQ)
+    rmask = rows < T
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    dt = v_j.dtype
+    dd, rden, dD = _load_do_scaled(do, den_ptr, dd_ptr, qrow, rmask, DV, BV)
+    dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
+    phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
+    lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
+    pt = tl.where(lin, _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC), 0.0)
+    dlt = tl.where(lin, dpt, 0.0).to(dt)
+    dph_p += _mm(dlt, phq_p, PREC)
+    dph_n += _mm(dlt, phq_n, PREC)
+    # p / den <= 1: no overflow in fp16.
+    dv_acc += _mm((pt * rden[None, :]).to(dt), dd, PREC)
+    return dph_p, dph_n, dv_acc
+
+
+@triton.jit
+def _bwd_kv_window_kernel(
+    q, k, v, wf, tm, win_m, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk, dv,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr,
 ):  # fmt: skip
-    # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
-    # feature-map pre-activation of key chunk j. Its keys are seen exactly by query chunks j and (when LAG) j + 1,
-    # and through the states by all later ones, whose summed gradient is dH, dz.
+    # Key side, window pairs (W > 0): what the query chunks j and (when LAG) j + 1 send through the exact window
+    # to dk, dv of key chunk j (query head h), reusing the row maxima of the query side. Stored in dk, dv for
+    # `_bwd_kv_linear_kernel` to add: apart, each kernel holds half the accumulators, so two 4-warp programs fit
+    # an SM where the joint kernel ran one 8-warp program (docs/BENCHMARKS.md).
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h, hk = _heads(bh, H, HKV)
+    pos = j * BT + tl.arange(0, BT)
+    kmask = pos < T
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
+    k_j = _load_rows(k, k, b, hk, pos, T, S, 0, HKV, D, BD, False)
+    ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
+    g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+    dk_acc = tl.zeros([BT, BD], dtype=tl.float32)
+    dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
+    # The query chunks j and (when LAG) j + 1, in blocks of BQ rows: smaller temporaries beside the accumulators.
+    for sub in range(BT // BQ):
+        dk_acc, dv_acc = _bwd_kv_window_visit(
+            q, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk_acc, dv_acc, k_j, v_j, ok_j, pos, j * BT + sub * BQ,
+            b, h, g, T, scale, softcap, H, D, DV, W, BQ, BD, BV, SOFTCAP, PREC,
+        )  # fmt: skip
+    if LAG:
+        for sub in range(BT // BQ):
+            dk_acc, dv_acc = _bwd_kv_window_visit(
+                q, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk_acc, dv_acc, k_j, v_j, ok_j, pos,
+                (j + 1) * BT + sub * BQ, b, h, g, T, scale, softcap, H, D, DV, W, BQ, BD, BV, SOFTCAP, PREC,
+            )  # fmt: skip
+    krow = (b * T + pos).to(tl.int64) * H + h
+    tl.store(dk + krow[:, None] * D + od[None, :], dk_acc.to(dk.dtype.element_ty),
+             mask=kmask[:, None] & (od[None, :] < D))  # fmt: skip
+    tl.store(dv + krow[:, None] * DV + ov[None, :], dv_acc.to(dv.dtype.element_ty),
+             mask=kmask[:, None] & (ov[None, :] < DV))  # fmt: skip
+
+
+@triton.jit
+def _bwd_kv_linear_kernel(
+    phq, phk, v, wk, tm, win_m, dhkv, dhz, do, den_ptr, dd_ptr, dk, dv, dpk,
+    T, NT, S,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr,
+):  # fmt: skip
+    # Key side, linear pairs: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of
+    # the k feature-map pre-activation of key chunk j. Its keys are seen on the linear side by query chunks j (when
+    # W < BT) and j + 1 (when LAG), and through the states by all later ones, whose summed gradient is dH, dz. With
+    # a window, the window's part of dk, dv is already in dk, dv (`_bwd_kv_window_kernel`) and is added here.
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, hk = _heads(bh, H, HKV)
@@ -250,16 +305,7 @@ def _bwd_kv_kernel(
     of = tl.arange(0, BF)
     v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
     dt = v_j.dtype
-    if W > 0:
-        k_j = _load_rows(k, k, b, hk, pos, T, S, 0, HKV, D, BD, False)
-    else:
-        k_j = v_j
     ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
-    dk_acc = tl.zeros([BT, BD], dtype=tl.float32)
-    dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
-    g = 0.0
-    if W > 0:
-        g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
     pk_p, pk_n = _load_phi_pair(phk, phk, b, h, pos, T, 0, H, F, BF, False)
     pk_p = tl.where(ok_j[:, None], pk_p, 0.0)
     pk_n = tl.where(ok_j[:, None], pk_n, 0.0)
@@ -267,31 +313,35 @@ def _bwd_kv_kernel(
     # dphi_k is summed over the state and the (at most two) visits, and mapped back through the feature map once.
     dph_p = _mm(v_j, tl.trans(dh_p), PREC) + dz_p[None, :]
     dph_n = _mm(v_j, tl.trans(dh_n), PREC) + dz_n[None, :]
-    dv_acc += _mm(pk_p, dh_p, PREC) + _mm(pk_n, dh_n, PREC)
-    # The query chunks j and (when LAG) j + 1, in blocks of BQ rows: smaller temporaries beside the accumulators.
-    for sub in range(BT // BQ):
-        dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
-            q, phq, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr,
-            dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, g, T,
-            scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC, W < BT,
-        )  # fmt: skip
+    dv_acc = _mm(pk_p, dh_p, PREC) + _mm(pk_n, dh_n, PREC)
+    if W < BT:
+        # (A window as long as the chunk leaves no linear pair within it.)
+        for sub in range(BT // BQ):
+            dph_p, dph_n, dv_acc = _bwd_kv_linear_visit(
+                phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ,
+                b, h, T, H, DV, F, W, BQ, BV, BF, PREC,
+            )  # fmt: skip
     if LAG:
         for sub in range(BT // BQ):
-            dph_p, dph_n, dk_acc, dv_acc = _bwd_kv_visit(
-                q, phq, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr,
-                dph_p, dph_n, dk_acc, dv_acc, k_j, v_j, pk_p, pk_n, ok_j, pos, (j + 1) * BT + sub * BQ, b, h, g, T,
-                scale, softcap, H, D, DV, F, W, BQ, BD, BV, BF, SOFTCAP, PREC, True,
+            dph_p, dph_n, dv_acc = _bwd_kv_linear_visit(
+                phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, (j + 1) * BT + sub * BQ,
+                b, h, T, H, DV, F, W, BQ, BV, BF, PREC,
             )  # fmt: skip
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
     krow = (b * T + pos).to(tl.int64) * H + h
     tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
              mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
-    # Back through the projection: dk += g wk^T.
-    dk_acc += _mm(gk.to(dt), tl.trans(_load_w_as(wk, h, dt, D, F, BD, BF)), PREC)
-    tl.store(dk + krow[:, None] * D + od[None, :], dk_acc.to(dk.dtype.element_ty),
-             mask=kmask[:, None] & (od[None, :] < D))  # fmt: skip
-    tl.store(dv + krow[:, None] * DV + ov[None, :], dv_acc.to(dv.dtype.element_ty),
-             mask=kmask[:, None] & (ov[None, :] < DV))  # fmt: skip
+    # Back through the projection: dk = g wk^T (plus the window's part).
+    dk_acc = _mm(gk.to(dt), tl.trans(_load_w_as(wk, h, dt, D, F, BD, BF)), PREC)
+    kd = krow[:, None] * D + od[None, :]
+    kv = krow[:, None] * DV + ov[None, :]
+    dmask = kmask[:, None] & (od[None, :] < D)
+    vmask = kmask[:, None] & (ov[None, :] < DV)
+    if W > 0:
+        dk_acc += tl.load(dk + kd, mask=dmask, other=0.0).to(tl.float32)
+        dv_acc += tl.load(dv + kv, mask=vmask, other=0.0).to(tl.float32)
+    tl.store(dk + kd, dk_acc.to(dk.dtype.element_ty), mask=dmask)
+    tl.store(dv + kv, dv_acc.to(dv.dtype.element_ty), mask=vmask)
 
 
 @triton.jit
