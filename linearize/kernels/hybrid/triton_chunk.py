@@ -35,12 +35,13 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
     4. the key side, in two kernels of one program per (key chunk, batch, head) that visit the (at most two) query
        chunks that see the key chunk, with their tiles key-major, so that every product has the chunk's keys as
        rows (Hopper's wgmma needs 64). `_bwd_kv_window_kernel` (W > 0) takes the window pairs, reusing the row
-       maxima of step 3, and stores its part of dk, dv (in the input type); `_bwd_kv_linear_kernel` takes the linear pairs and the
-       state gradient, adds the window's part, and writes dk, dv (with the projection back through wk folded in)
-       and the gradient of the k feature-map pre-activation. Apart, each kernel holds half the accumulators of the
-       joint kernel they replace, so two 4-warp programs fit an SM where it ran one of 8 warps: the key side went
-       from 1.40 to 1.01 ms at 16k tokens on an H200 (docs/BENCHMARKS.md). Each program owns its rows, so nothing
-       is written twice by concurrent programs (with GQA one torch sum over the group remains);
+       maxima of step 3, and stores its part of dk, dv in the input type; `_bwd_kv_linear_kernel` takes the linear
+       pairs and the state gradient, adds the window's part, and writes dk, dv (with the projection back through
+       wk folded in) and the gradient of the k feature-map pre-activation. Apart, each kernel holds half the
+       accumulators of the joint kernel they replace, so two 4-warp programs fit an SM where it ran one of 8
+       warps: the key side went from 1.40 to 1.01 ms at 16k tokens on an H200 (docs/BENCHMARKS.md). Each program
+       owns its rows, so nothing is written twice by concurrent programs (with GQA one torch sum over the group
+       remains);
     5. `_wgrad_kernel`: the feature-map weight gradients x^T g as split-K partial products, summed by one torch op.
 
 Keys of the window carried in `initial_state` sit at the negative positions -S..-1, in front of the new tokens.
