@@ -181,6 +181,33 @@ def _bwd_q_kernel(
 
 
 @triton.jit
+def _key_chunk(v, T, S, H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
+    # Program (j, bh) of the key-side kernels covers key chunk j of row bh; returns j, bh, b, h, hk, the chunk's
+    # positions, their in-sequence mask, their row index into [B, T, H] tensors and the chunk's values.
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h, hk = _heads(bh, H, HKV)
+    pos = j * BT + tl.arange(0, BT)
+    krow = (b * T + pos).to(tl.int64) * H + h
+    v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
+    return j, bh, b, h, hk, pos, pos < T, krow, v_j
+
+
+@triton.jit
+def _visit_rows(do, den_ptr, dd_ptr, v_j, r0, b, h, T, H: tl.constexpr, DV: tl.constexpr, BQ: tl.constexpr,
+                BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    # The BQ query rows from r0 on (head h) that a key-side program visits: their in-sequence mask, row index, raw
+    # do, 1 / den, and the key-major dp = v_j (do / den)^T + d(den). The 1 / den is applied to the products'
+    # columns instead of loading the stored dN (fewer registers).
+    rows = r0 + tl.arange(0, BQ)
+    rmask = rows < T
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    dd, rden, dD = _load_do_scaled(do, den_ptr, dd_ptr, qrow, rmask, DV, BV)
+    dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
+    return rows, rmask, qrow, dd, rden, dpt
+
+
+@triton.jit
 def _bwd_kv_window_visit(
     q, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk_acc, dv_acc, k_j, v_j, ok_j, pos, r0, b, h, g, T, scale,
     softcap,
@@ -191,13 +218,8 @@ def _bwd_kv_window_visit(
     # dv. Rows past T load as zeros and send nothing.
     # Every tile is key-major ([keys, rows]: scores, probabilities and their gradients transposed), so that each
     # product has the chunk's keys as its rows and only loaded tiles are transposed, never computed ones.
-    rows = r0 + tl.arange(0, BQ)
-    rmask = rows < T
-    qrow = (b * T + rows).to(tl.int64) * H + h
+    rows, rmask, qrow, dd, rden, dpt = _visit_rows(do, den_ptr, dd_ptr, v_j, r0, b, h, T, H, DV, BQ, BV, PREC)
     dt = v_j.dtype
-    # dN = do / den with the 1 / den applied to the products' columns (fewer registers than loading the stored dN).
-    dd, rden, dD = _load_do_scaled(do, den_ptr, dd_ptr, qrow, rmask, DV, BV)
-    dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
     od = tl.arange(0, BD)
     qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
     st, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC, True)
@@ -222,12 +244,8 @@ def _bwd_kv_linear_visit(
 ):  # fmt: skip
     # Adds what the linear pairs of the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k
     # (both halves) and dv. Key-major tiles as in `_bwd_kv_window_visit`.
-    rows = r0 + tl.arange(0, BQ)
-    rmask = rows < T
-    qrow = (b * T + rows).to(tl.int64) * H + h
+    rows, _, _, dd, rden, dpt = _visit_rows(do, den_ptr, dd_ptr, v_j, r0, b, h, T, H, DV, BQ, BV, PREC)
     dt = v_j.dtype
-    dd, rden, dD = _load_do_scaled(do, den_ptr, dd_ptr, qrow, rmask, DV, BV)
-    dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
     pt = tl.where(lin, _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC), 0.0)
@@ -251,14 +269,9 @@ def _bwd_kv_window_kernel(
     # to dk, dv of key chunk j (query head h), reusing the row maxima of the query side. Stored in dk, dv for
     # `_bwd_kv_linear_kernel` to add: apart, each kernel holds half the accumulators, so two 4-warp programs fit
     # an SM where the joint kernel ran one 8-warp program (docs/BENCHMARKS.md).
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h, hk = _heads(bh, H, HKV)
-    pos = j * BT + tl.arange(0, BT)
-    kmask = pos < T
+    j, bh, b, h, hk, pos, kmask, krow, v_j = _key_chunk(v, T, S, H, HKV, DV, BT, BV)
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
-    v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
     k_j = _load_rows(k, k, b, hk, pos, T, S, 0, HKV, D, BD, False)
     ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
     g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
@@ -276,7 +289,6 @@ def _bwd_kv_window_kernel(
                 q, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk_acc, dv_acc, k_j, v_j, ok_j, pos,
                 (j + 1) * BT + sub * BQ, b, h, g, T, scale, softcap, H, D, DV, W, BQ, BD, BV, SOFTCAP, PREC,
             )  # fmt: skip
-    krow = (b * T + pos).to(tl.int64) * H + h
     tl.store(dk + krow[:, None] * D + od[None, :], dk_acc.to(dk.dtype.element_ty),
              mask=kmask[:, None] & (od[None, :] < D))  # fmt: skip
     tl.store(dv + krow[:, None] * DV + ov[None, :], dv_acc.to(dv.dtype.element_ty),
@@ -295,15 +307,10 @@ def _bwd_kv_linear_kernel(
     # the k feature-map pre-activation of key chunk j. Its keys are seen on the linear side by query chunks j (when
     # W < BT) and j + 1 (when LAG), and through the states by all later ones, whose summed gradient is dH, dz. With
     # a window, the window's part of dk, dv is already in dk, dv (`_bwd_kv_window_kernel`) and is added here.
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h, hk = _heads(bh, H, HKV)
-    pos = j * BT + tl.arange(0, BT)
-    kmask = pos < T
+    j, bh, b, h, hk, pos, kmask, krow, v_j = _key_chunk(v, T, S, H, HKV, DV, BT, BV)
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     of = tl.arange(0, BF)
-    v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
     dt = v_j.dtype
     ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
     pk_p, pk_n = _load_phi_pair(phk, phk, b, h, pos, T, 0, H, F, BF, False)
@@ -328,7 +335,6 @@ def _bwd_kv_linear_kernel(
                 b, h, T, H, DV, F, W, BQ, BV, BF, PREC,
             )  # fmt: skip
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
-    krow = (b * T + pos).to(tl.int64) * H + h
     tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
              mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
     # Back through the projection: dk = g wk^T (plus the window's part).
