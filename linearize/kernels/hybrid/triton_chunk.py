@@ -79,8 +79,8 @@ BQ_Q = 64
 BQ_KV_WINDOW = 32
 BQ_KV_LINEAR = 16
 # Software-pipelining stages of named kernels, pinned where measured (on an H200, docs/BENCHMARKS.md): the key-side
-# kernels keep three (1 and 2 ran slower). At 4 warps and 3 stages each fits two programs per SM (255 registers,
-# under 90 KB of shared memory).
+# kernels keep three (two ran slower for both, one for the linear side). At 4 warps and 3 stages each fits two
+# programs per SM (255 registers, 84 and 90 KB of shared memory).
 STAGES = {"bwd_kv_window": 3, "bwd_kv_linear": 3}
 # Chunks per program of the feature kernel, which loads and converts its head's weights once for all of them: 4
 # made the forward 4% and forward+backward 2% faster than 1 on an H200 (8 the same as 4; docs/BENCHMARKS.md).
