@@ -5,7 +5,7 @@ bytes the kernel moves (each tensor it reads or writes counted once: `kernel_byt
 rate that makes, then the device's copy rate and the register count and spills of each Triton kernel as compiled
 for these shapes. A script, not a test: it needs a CUDA GPU.
 
-    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_kv_window=8] [--bq-kv-linear 32]
+    python benchmarks/profile_hybrid.py [--T 16384] [--B 1] [--window 64] [--warps bwd_q_window=8] [--bq-kv-linear 32]
     python benchmarks/profile_hybrid.py --fla unnormalized     # fla's chunk_linear_attn on the same q, k, v
 
 `--warps` overrides the warps per program of named kernels (the keys of `triton_chunk.WARPS`) and `--bq-*` the query
@@ -35,8 +35,7 @@ def kernel_bytes(B, T, H, Hkv, D, F, W, saved: bool, elt: int = 2) -> dict[str, 
     q, k, v, o = n * H * D * elt, n * Hkv * D * elt, n * Hkv * D * elt, n * H * D * elt
     phi = n * H * 2 * F * elt
     states = B * H * nt * 2 * F * D * elt + B * H * nt * 2 * F * 4
-    row = n * H * 4  # one fp32 (or int32) per query row: den, d(den), the window's max, arg-max, max gradient
-    win = 3 * row if W else 0
+    row = n * H * 4  # one fp32 per query row: den, d(den)
     pre = n * H * F * elt  # feature-map pre-activation gradients
     per_head = n * H * 2 * D * elt  # the key side's dk, dv per query head
     passes = 1 if saved else 2  # the forward's features and state pass, recomputed by the default backward
@@ -46,13 +45,15 @@ def kernel_bytes(B, T, H, Hkv, D, F, W, saved: bool, elt: int = 2) -> dict[str, 
         "_fwd_out_kernel": q + k + v + 2 * phi + states + o + row,
         "_delta_kernel": 2 * o + o + 2 * row,
         "_bwd_state_kernel": phi + o + row + states,
-        "_bwd_q_kernel": q + k + v + 2 * phi + states + o + row + q + pre + win,
-        # The window's dk, dv per query head are written by one key-side kernel and read back by the other.
-        "_bwd_kv_linear_kernel": 2 * phi + v + states + o + 2 * row + (2 if W else 1) * per_head + pre,
+        # With a window, the window's dq is written by one query-side kernel and read back by the other.
+        "_bwd_q_linear_kernel": v + 2 * phi + states + o + row + (2 if W else 1) * q + pre,
+        # The window's dk, dv per query head (two parts each) are written by the query side's window kernel and
+        # read back by the key side.
+        "_bwd_kv_linear_kernel": 2 * phi + v + states + o + 2 * row + (3 if W else 1) * per_head + pre,
         "_wgrad_kernel": q + k + 2 * pre,
     }
     if W:
-        out["_bwd_kv_window_kernel"] = q + k + v + o + 2 * row + win + per_head
+        out["_bwd_q_window_kernel"] = q + k + v + o + row + q + 2 * per_head
     if H != Hkv:
         out["group sums"] = per_head + k + v
     return out

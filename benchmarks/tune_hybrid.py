@@ -29,13 +29,13 @@ BV_CHOICES = (32, 64, 128)
 PHI_CHOICES = (1, 2, 4, 8)
 # Pipelining stages matter only for kernels with a loop; 0 is Triton's default.
 STAGE_CHOICES = (0, 1, 2)
-LOOP_KERNELS = (*STATE_KERNELS, "bwd_kv_window", "bwd_kv_linear", "wgrad")
+LOOP_KERNELS = (*STATE_KERNELS, "bwd_kv_linear", "wgrad")
 
 
 def _knobs() -> list[tuple[str, tuple]]:
     knobs = [(f"warps:{n}", STATE_WARP_CHOICES if n in STATE_KERNELS else WARP_CHOICES) for n in triton_chunk.WARPS]
     knobs += [(f"stages:{name}", STAGE_CHOICES) for name in LOOP_KERNELS]
-    knobs += [(name, ROW_CHOICES) for name in ("BQ_OUT", "BQ_Q", "BQ_KV_WINDOW", "BQ_KV_LINEAR")]
+    knobs += [(name, ROW_CHOICES) for name in ("BQ_OUT", "BQ_Q", "BQ_KV_LINEAR")]
     knobs += [("BV_STATE", BV_CHOICES)]
     knobs += [("PHI_CHUNKS", PHI_CHOICES)]
     return knobs
@@ -63,7 +63,7 @@ def _arguments() -> str:
     stages = ",".join(f"{k}={triton_chunk.STAGES.get(k, 0)}" for k in LOOP_KERNELS)
     return (
         f"--warps {warps} --stages {stages} --bq-out {triton_chunk.BQ_OUT} --bq-q {triton_chunk.BQ_Q} "
-        f"--bq-kv-window {triton_chunk.BQ_KV_WINDOW} --bq-kv-linear {triton_chunk.BQ_KV_LINEAR} "
+        f"--bq-kv-linear {triton_chunk.BQ_KV_LINEAR} "
         f"--bv-state {triton_chunk.BV_STATE} --phi-chunks {triton_chunk.PHI_CHUNKS}"
     )
 

@@ -47,12 +47,11 @@ def make_problem(args: argparse.Namespace):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warps", default="", help="name=N,... overrides of triton_chunk.WARPS")
     parser.add_argument("--bq-out", type=int, default=triton_chunk.BQ_OUT, help="query rows per forward program")
-    parser.add_argument("--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per query-side program")
     parser.add_argument(
-        "--bq-kv-window", type=int, default=triton_chunk.BQ_KV_WINDOW, help="query rows per step, key side's window"
+        "--bq-q", type=int, default=triton_chunk.BQ_Q, help="query rows per program, query side's linear kernel"
     )
     parser.add_argument(
-        "--bq-kv-linear", type=int, default=triton_chunk.BQ_KV_LINEAR, help="query rows per step, key side's linear"
+        "--bq-kv-linear", type=int, default=triton_chunk.BQ_KV_LINEAR, help="query rows per key-side step"
     )
     parser.add_argument("--bv-state", type=int, default=triton_chunk.BV_STATE, help="Dv columns per state program")
     parser.add_argument("--phi-chunks", type=int, default=triton_chunk.PHI_CHUNKS, help="chunks per feature program")
@@ -102,7 +101,7 @@ def apply(args: argparse.Namespace) -> str:
     for name, n in _per_kernel("--warps", args.warps):
         triton_chunk.WARPS[name] = n
     triton_chunk.BQ_OUT, triton_chunk.BQ_Q = args.bq_out, args.bq_q
-    triton_chunk.BQ_KV_WINDOW, triton_chunk.BQ_KV_LINEAR = args.bq_kv_window, args.bq_kv_linear
+    triton_chunk.BQ_KV_LINEAR = args.bq_kv_linear
     triton_chunk.BV_STATE = args.bv_state
     triton_chunk.PHI_CHUNKS = args.phi_chunks
     for name, n in _per_kernel("--stages", args.stages):
@@ -110,8 +109,7 @@ def apply(args: argparse.Namespace) -> str:
     apply_save_states(args)
     triton_chunk.OVERLAP = not args.no_overlap
     return (
-        f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV_WINDOW {args.bq_kv_window}, "
-        f"BQ_KV_LINEAR {args.bq_kv_linear}, "
+        f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV_LINEAR {args.bq_kv_linear}, "
         f"BV_STATE {args.bv_state}, PHI_CHUNKS {args.phi_chunks}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}, "
         f"overlap {triton_chunk.OVERLAP}"
     )

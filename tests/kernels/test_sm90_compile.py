@@ -40,10 +40,10 @@ def test_kernels_compile_for_sm90(args):
     # One row per distinct kernel of the forward, the backward and a decoding step.
     names = {line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| _")}
     expected = {"_phi_kernel", "_fwd_state_kernel", "_fwd_out_kernel", "_delta_kernel", "_bwd_state_kernel",
-                "_bwd_q_kernel", "_bwd_kv_linear_kernel", "_wgrad_kernel", "_decode_kernel"}  # fmt: skip
+                "_bwd_q_linear_kernel", "_bwd_kv_linear_kernel", "_wgrad_kernel", "_decode_kernel"}  # fmt: skip
     if "--window" not in args or args[args.index("--window") + 1] != "0":
-        # The key side's window pairs run as their own kernel where there is a window.
-        expected.add("_bwd_kv_window_kernel")
+        # The window pairs run as their own kernel where there is a window.
+        expected.add("_bwd_q_window_kernel")
     assert names == expected, stdout
 
 

@@ -28,20 +28,21 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
        chunk (one program per half of the features and block of Dv). Both sequential passes keep few programs busy
        for their whole length, so on CUDA the reverse pass runs on a second stream beside the recomputation
        (`_Overlap`);
-    3. `_bwd_q_kernel`, one program per (block of query rows, batch, head): dq and the gradient of the q
-       feature-map pre-activation, with the projection back through wq folded in. It also stores, per query row,
-       the window's row maximum, its arg-max key and the maximum's gradient, and per program the window factor's
-       partial gradient;
-    4. the key side, in two kernels of one program per (key chunk, batch, head) that visit the (at most two) query
-       chunks that see the key chunk, with their tiles key-major, so that every product has the chunk's keys as
-       rows (Hopper's wgmma needs 64). `_bwd_kv_window_kernel` (W > 0) takes the window pairs, reusing the row
-       maxima of step 3, and stores its part of dk, dv in the input type; `_bwd_kv_linear_kernel` takes the linear
-       pairs and the state gradient, adds the window's part, and writes dk, dv (with the projection back through
-       wk folded in) and the gradient of the k feature-map pre-activation. Apart, each kernel holds half the
-       accumulators of the joint kernel they replace, so two 4-warp programs fit an SM where it ran one of 8
-       warps: the key side went from 1.40 to 1.01 ms at 16k tokens on an H200 (docs/BENCHMARKS.md). Each program
-       owns its rows, so nothing is written twice by concurrent programs (with GQA one torch sum over the group
-       remains);
+    3. with a window, `_bwd_q_window_kernel`, one program per (query chunk c, batch, head), takes the window pairs
+       from both sides at once: the scores, their row maximum (and its arg-max key, where the maximum's gradient
+       goes) and their gradient are computed once, for the window's part of dq, for what they send to key chunk c
+       (dk, dv) and to key chunk c - 1 (dk_next, dv_next, per query head in the input type, so that no two
+       programs write the same rows), and for the window factor's partial gradient. Against computing the pairs
+       once from the query side and again from the key side, it does the score products once and drops the row
+       maxima kept between the two (docs/BENCHMARKS.md);
+    4. `_bwd_q_linear_kernel`, one program per (block of query rows, batch, head): the gradient of the q
+       feature-map pre-activation from the states and the linear pairs, and dq back through wq, plus the window's
+       part; then the key side, `_bwd_kv_linear_kernel`, one program per (key chunk, batch, head) that visits the
+       (at most two) query chunks that see the key chunk on the linear side, with its tiles key-major, so that every
+       product has the chunk's keys as rows (Hopper's wgmma needs 64): the linear pairs and the state gradient,
+       the window's parts added, written as dk, dv (with the projection back through wk folded in) and the gradient
+       of the k feature-map pre-activation. Each program owns its rows, so nothing is written twice by concurrent
+       programs (with GQA one torch sum over the group remains);
     5. `_wgrad_kernel`: the feature-map weight gradients x^T g as split-K partial products, summed by one torch op.
 
 Keys of the window carried in `initial_state` sit at the negative positions -S..-1, in front of the new tokens.
@@ -58,8 +59,8 @@ import triton
 from .torch_chunked import HybridState
 from .triton_chunk_bwd import (
     _bwd_kv_linear_kernel,
-    _bwd_kv_window_kernel,
-    _bwd_q_kernel,
+    _bwd_q_linear_kernel,
+    _bwd_q_window_kernel,
     _bwd_state_kernel,
     _delta_kernel,
     _wgrad_kernel,
@@ -69,19 +70,19 @@ from .triton_chunk_fwd import _fwd_out_kernel, _fwd_state_kernel, _phi_kernel
 BLOCK_T = 64
 # Warps per program of each kernel.
 WARPS = {
-    "phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q": 4, "bwd_kv_window": 4, "bwd_kv_linear": 4,
+    "phi": 4, "fwd_state": 4, "fwd_out": 4, "bwd_state": 4, "bwd_q_window": 4, "bwd_q_linear": 4, "bwd_kv_linear": 4,
     "wgrad": 4, "delta": 4,
 }  # fmt: skip
-# Query rows per program of the forward's output kernel and of the query-side backward, and per step of the two
-# key-side kernels (divisors of BLOCK_T): fewer rows, smaller tiles beside the key chunks each one holds.
+# Query rows per program of the forward's output kernel and of the query side's linear kernel, and per step of the
+# key-side kernel (divisors of BLOCK_T): fewer rows, smaller tiles beside the key chunks each one holds. The query
+# side's window kernel takes a whole chunk per program (the key chunks it writes to are whole).
 BQ_OUT = 64
 BQ_Q = 64
-BQ_KV_WINDOW = 32
 BQ_KV_LINEAR = 16
 # Software-pipelining stages of named kernels, pinned where measured (on an H200, docs/BENCHMARKS.md): the key-side
-# kernels keep three (two ran slower for both, one for the linear side). At 4 warps and 3 stages each fits two
-# programs per SM (255 registers, 84 and 90 KB of shared memory).
-STAGES = {"bwd_kv_window": 3, "bwd_kv_linear": 3}
+# kernel keeps three (two and one ran slower). At 4 warps and 3 stages it fits two programs per SM (255 registers,
+# 90 KB of shared memory).
+STAGES = {"bwd_kv_linear": 3}
 # Chunks per program of the feature kernel, which loads and converts its head's weights once for all of them: 4
 # made the forward 4% and forward+backward 2% faster than 1 on an H200 (8 the same as 4; docs/BENCHMARKS.md).
 PHI_CHUNKS = 4
@@ -316,39 +317,37 @@ class _HybridChunk(torch.autograd.Function):
                 phk, phw = _key_features(p, k, wk)
                 hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
             lin_flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, **p.common())
-            flags = dict(HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **lin_flags)
             dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
-            # The pre-activation gradients go to the weight-gradient products in the input type.
-            dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)
-            # Per query row: the window's max score, its arg-max key and the max's gradient (window > 0 only).
-            m = _empty(B, T, H, device=dev) if window > 0 else den
-            arg = _empty(B, T, H, dtype=torch.int32, device=dev) if window > 0 else den
-            dm = _empty(B, T, H, device=dev) if window > 0 else den
-            nq = triton.cdiv(T, BQ_Q)
-            dwf = _empty(B * H * nq, device=dev) if window > 0 else den
-            _bwd_q_kernel[(nq, B * H)](
-                q, k, v, phq, phk, phw, wq, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, dn, dd,
-                dq, dpq, m, arg, dm, dwf, T, p.NT, p.S, p.scale, p.softcap, **flags, BQ=BQ_Q, **_launch("bwd_q"),
-            )  # fmt: skip
             # Per query head, in the input type; with GQA the torch sum below adds each group in fp32 and writes the
             # input type. Partials in fp32 ran 4% slower at 32 query / 8 key-value heads on an H200, and the key side
             # walking a group's heads itself spilled its accumulators and ran 14% slower (docs/BENCHMARKS.md).
             groups = H // HKV
             dk = _empty(B, T, H, D, dtype=k.dtype, device=dev)
             dv = _empty(B, T, H, DV, dtype=v.dtype, device=dev)
+            # What each query chunk sends through the window to the key chunk before its own.
+            dk_next = _empty(B, T, H, D, dtype=k.dtype, device=dev) if window > 0 and p.LAG else dk
+            dv_next = _empty(B, T, H, DV, dtype=v.dtype, device=dev) if window > 0 and p.LAG else dv
+            dwf = _empty(B * H * p.NT, device=dev) if window > 0 else den
+            if window > 0:
+                # The window's part of dq, dk, dv first, which the linear kernels then add to.
+                _bwd_q_window_kernel[(p.NT, B * H)](
+                    q, k, v, wf, p.tm, p.win_k, win_v, p.wm, dn, dd, dq, dk, dv, dk_next, dv_next, dwf,
+                    T, p.NT, p.S, p.scale, p.softcap,
+                    HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **lin_flags, **_launch("bwd_q_window"),
+                )  # fmt: skip
+            # The pre-activation gradients go to the weight-gradient products in the input type.
+            dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)
+            _bwd_q_linear_kernel[(triton.cdiv(T, BQ_Q), B * H)](
+                v, phq, phk, phw, wq, p.tm, win_v, p.wm, hkv, hz, dn, dd, dq, dpq, T, p.NT, p.S,
+                HAS_WIN=p.S > 0, **lin_flags, BQ=BQ_Q, **_launch("bwd_q_linear"),
+            )  # fmt: skip
             dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
         finally:
             # The key side reads the state gradients; and should anything above raise, no buffer the side stream
             # still uses is handed back before it is done.
             par.join()
-        if window > 0:
-            # The window's part of dk, dv first, into dk, dv, which the linear side then adds to.
-            _bwd_kv_window_kernel[(p.NT, B * H)](
-                q, k, v, wf, p.tm, p.wm, do, den, dd, m, arg, dm, dk, dv, T, p.NT, p.S, p.scale, p.softcap,
-                **flags, BQ=BQ_KV_WINDOW, **_launch("bwd_kv_window"),
-            )  # fmt: skip
         _bwd_kv_linear_kernel[(p.NT, B * H)](
-            phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dk, dv, dpk, T, p.NT, p.S,
+            phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dk, dv, dk_next, dv_next, dpk, T, p.NT, p.S,
             **lin_flags, BQ=BQ_KV_LINEAR, **_launch("bwd_kv_linear"),
         )  # fmt: skip
         if groups > 1:
@@ -356,7 +355,7 @@ class _HybridChunk(torch.autograd.Function):
             dv = dv.view(B, T, HKV, groups, DV).sum(3)
         dwq = _weight_grad(p, q, dpq)
         dwk = _weight_grad(p, k, dpk)
-        dwf_out = dwf.view(B, H, nq).sum((0, 2)).to(wf.dtype) if window > 0 and ctx.needs_input_grad[5] else None
+        dwf_out = dwf.view(B, H, p.NT).sum((0, 2)).to(wf.dtype) if window > 0 and ctx.needs_input_grad[5] else None
         return (
             dq, dk, dv, dwq.to(wq.dtype), dwk.to(wk.dtype), dwf_out,
             None, None, None, None, None, None, None, None, None, None,

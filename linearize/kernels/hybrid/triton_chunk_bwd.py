@@ -83,15 +83,98 @@ def _bwd_state_kernel(
 
 
 @triton.jit
-def _bwd_q_kernel(
-    q, k, v, phq, phk, phw, wq, wf, tm, win_k, win_v, win_m, hkv, hz, dn, dd_ptr,
-    dq, dpq, m_ptr, arg_ptr, dm_ptr, dwf,
+def _bwd_q_window_kernel(
+    q, k, v, wf, tm, win_k, win_v, win_m, dn, dd_ptr,
+    dq, dk, dv, dk_next, dv_next, dwf,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    # Query side: dq and the gradient of the q feature-map pre-activation for query chunk c.
+    # The window pairs (W > 0) of query chunk c, from both sides: the window's part of dq, stored in dq for
+    # `_bwd_q_linear_kernel` to add; what they send to key chunk c (dk, dv) and to key chunk c - 1 (dk_next,
+    # dv_next), per query head in the input type, for `_bwd_kv_linear_kernel` to add; and the window factor's
+    # partial gradient. It reads neither features nor states.
+    i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BT)
+    od = tl.arange(0, BD)
+    ov = tl.arange(0, BV)
+    dmask = rmask[:, None] & (od[None, :] < D)
+    dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, 0, DV, BV)
+    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
+    dt = qq.dtype
+    g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
+    pos_c = c * BT + tl.arange(0, BT)
+    ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
+    k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
+    s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC, False)
+    m = tl.max(s_c, 1)
+    if LAG:
+        pos_p = pos_c - BT
+        ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
+        k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
+        s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC, False)
+        m = tl.maximum(m, tl.max(s_p, 1))
+    m = tl.where(m == float("-inf"), 0.0, m)
+    # The row max m enters as exp(s - m), so its gradient goes to the arg-max key: the latest of any ties (one valid
+    # subgradient). Carried window keys have negative positions, so NO_KEY marks a row without window keys.
+    arg = tl.max(tl.where(win_c & (s_c == m[:, None]), pos_c[None, :], NO_KEY), 1)
+    if LAG:
+        arg = tl.maximum(arg, tl.max(tl.where(win_p & (s_p == m[:, None]), pos_p[None, :], NO_KEY), 1))
+    # Key chunk c (and c - 1 below, but not the carried window's keys in front of chunk 0: they take no gradient).
+    krow_c = (b * T + pos_c).to(tl.int64) * H + h
+    krow_p = krow_c - BT * H
+    kmask_c = pos_c < T
+    v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
+    a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
+    # da/ds = a.
+    daa_c = tl.where(win_c, (_mm(dN, tl.trans(v_c), PREC) + dD[:, None]) * a_c, 0.0)
+    # dv = (a / den)^T do = a^T dN (a <= 1: no overflow in fp16), stored as soon as a is known, which frees it.
+    tl.store(dv + krow_c[:, None] * DV + ov[None, :], _mm(tl.trans(a_c.to(dt)), dN, PREC).to(dv.dtype.element_ty),
+             mask=kmask_c[:, None] & (ov[None, :] < DV))  # fmt: skip
+    dm = -tl.sum(daa_c, 1)
+    if LAG:
+        v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
+        a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
+        daa_p = tl.where(win_p, (_mm(dN, tl.trans(v_p), PREC) + dD[:, None]) * a_p, 0.0)
+        if c > 0:
+            tl.store(dv_next + krow_p[:, None] * DV + ov[None, :],
+                     _mm(tl.trans(a_p.to(dt)), dN, PREC).to(dv_next.dtype.element_ty),
+                     mask=(ov[None, :] < DV))  # fmt: skip
+        dm -= tl.sum(daa_p, 1)
+    ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
+    if SOFTCAP:
+        ds_c = _soft_cap_grad(ds_c, s_c, win_c, softcap)
+    ds_c = ds_c.to(dt)
+    dqw = _mm(ds_c, k_c, PREC)
+    # dk = ds^T q.
+    tl.store(dk + krow_c[:, None] * D + od[None, :], (_mm(tl.trans(ds_c), qq, PREC) * scale).to(dk.dtype.element_ty),
+             mask=kmask_c[:, None] & (od[None, :] < D))  # fmt: skip
+    if LAG:
+        ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
+        if SOFTCAP:
+            ds_p = _soft_cap_grad(ds_p, s_p, win_p, softcap)
+        ds_p = ds_p.to(dt)
+        dqw += _mm(ds_p, k_p, PREC)
+        if c > 0:
+            tl.store(dk_next + krow_p[:, None] * D + od[None, :],
+                     (_mm(tl.trans(ds_p), qq, PREC) * scale).to(dk_next.dtype.element_ty),
+                     mask=(od[None, :] < D))  # fmt: skip
+    # a = sigmoid(wf) e: d wf = sum dA a (1 - g), where the sum of dA a over the program's pairs is -sum(dm).
+    tl.store(dwf + bh * tl.num_programs(0) + i, -tl.sum(dm, 0) * (1.0 - g))
+    tl.store(dq + qrow[:, None] * D + od[None, :], (dqw * scale).to(dq.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _bwd_q_linear_kernel(
+    v, phq, phk, phw, wq, tm, win_v, win_m, hkv, hz, dn, dd_ptr,
+    dq, dpq,
+    T, NT, S,
+    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
+    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # Query side, linear pairs and the states: the gradient of the q feature-map pre-activation for query chunk c
+    # and dq back through wq, plus (W > 0) the window's part that `_bwd_q_window_kernel` stored in dq.
     i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BQ)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
@@ -99,19 +182,16 @@ def _bwd_q_kernel(
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     dt = phq_p.dtype
     dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, 0, DV, BV)
-
     h_p, h_n, z_p, z_n = _load_chunk_state(hkv, hz, bh, c, NT, DV, F, BF, BV, dt)
     dphq_p = _mm(dN, tl.trans(h_p), PREC) + dD[:, None] * z_p[None, :]
     dphq_n = _mm(dN, tl.trans(h_n), PREC) + dD[:, None] * z_n[None, :]
-
     pos_c = c * BT + tl.arange(0, BT)
-    v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
-    ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
-    lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
-    dp_c = _mm(dN, tl.trans(v_c), PREC) + dD[:, None]
     if W < BT:
         # (A window as long as the chunk leaves no linear term within it.)
-        dl_c = tl.where(lin_c, dp_c, 0.0).to(dt)
+        v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
+        ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
+        lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
+        dl_c = tl.where(lin_c, _mm(dN, tl.trans(v_c), PREC) + dD[:, None], 0.0).to(dt)
         pk_p, pk_n = _load_phi_pair(phk, phw, b, h, pos_c, T, S, H, F, BF, HAS_WIN)
         dphq_p += _mm(dl_c, pk_p, PREC)
         dphq_n += _mm(dl_c, pk_n, PREC)
@@ -121,8 +201,7 @@ def _bwd_q_kernel(
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
-        dp_p = _mm(dN, tl.trans(v_p), PREC) + dD[:, None]
-        dl_p = tl.where(lin_p, dp_p, 0.0).to(dt)
+        dl_p = tl.where(lin_p, _mm(dN, tl.trans(v_p), PREC) + dD[:, None], 0.0).to(dt)
         pkp_p, pkp_n = _load_phi_pair(phk, phw, b, h, pos_p, T, S, H, F, BF, HAS_WIN)
         dphq_p += _mm(dl_p, pkp_p, PREC)
         dphq_n += _mm(dl_p, pkp_n, PREC)
@@ -130,54 +209,12 @@ def _bwd_q_kernel(
     tl.store(
         dpq + qrow[:, None] * F + of[None, :], gq.to(dpq.dtype.element_ty), mask=rmask[:, None] & (of[None, :] < F)
     )
-    # Back through the projection: dq += g wq^T.
+    # Back through the projection: dq = g wq^T (plus the window's part).
     dq_acc = _mm(gq.to(dt), tl.trans(_load_w_as(wq, h, dt, D, F, BD, BF)), PREC)
-
+    qd = qrow[:, None] * D + od[None, :]
     if W > 0:
-        qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
-        k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
-        if LAG:
-            k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
-        g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
-        s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC, False)
-        m = tl.max(s_c, 1)
-        if LAG:
-            s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC, False)
-            m = tl.maximum(m, tl.max(s_p, 1))
-        m = tl.where(m == float("-inf"), 0.0, m)
-        # The row max m enters as exp(s - m), so its gradient goes to the arg-max key: the latest of any ties
-        # (one valid subgradient). Carried window keys have negative positions, so NO_KEY marks a row without
-        # window keys.
-        arg = tl.max(tl.where(win_c & (s_c == m[:, None]), pos_c[None, :], NO_KEY), 1)
-        if LAG:
-            arg = tl.maximum(arg, tl.max(tl.where(win_p & (s_p == m[:, None]), pos_p[None, :], NO_KEY), 1))
-        a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
-        # da/ds = a.
-        daa_c = tl.where(win_c, dp_c * a_c, 0.0)
-        dm = -tl.sum(daa_c, 1)
-        if LAG:
-            a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
-            daa_p = tl.where(win_p, dp_p * a_p, 0.0)
-            dm -= tl.sum(daa_p, 1)
-        # The key side reuses the row max, the arg-max and its gradient instead of recomputing both chunks.
-        tl.store(m_ptr + qrow, m, mask=rmask)
-        tl.store(arg_ptr + qrow, arg, mask=rmask)
-        tl.store(dm_ptr + qrow, dm, mask=rmask)
-        ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
-        if SOFTCAP:
-            ds_c = _soft_cap_grad(ds_c, s_c, win_c, softcap)
-        dqw = _mm(ds_c.to(dt), k_c, PREC)
-        dg = tl.sum(tl.sum(daa_c, 1), 0)
-        if LAG:
-            ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
-            if SOFTCAP:
-                ds_p = _soft_cap_grad(ds_p, s_p, win_p, softcap)
-            dqw += _mm(ds_p.to(dt), k_p, PREC)
-            dg += tl.sum(tl.sum(daa_p, 1), 0)
-        dq_acc += dqw * scale
-        # a = sigmoid(wf) e: d wf = sum dA a (1 - g).
-        tl.store(dwf + bh * tl.num_programs(0) + i, dg * (1.0 - g))
-    tl.store(dq + qrow[:, None] * D + od[None, :], dq_acc.to(dq.dtype.element_ty), mask=dmask)
+        dq_acc += tl.load(dq + qd, mask=dmask, other=0.0).to(tl.float32)
+    tl.store(dq + qd, dq_acc.to(dq.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
@@ -208,42 +245,14 @@ def _visit_rows(do, den_ptr, dd_ptr, v_j, r0, b, h, T, H: tl.constexpr, DV: tl.c
 
 
 @triton.jit
-def _bwd_kv_window_visit(
-    q, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk_acc, dv_acc, k_j, v_j, ok_j, pos, r0, b, h, g, T, scale,
-    softcap,
-    H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
-):  # fmt: skip
-    # Adds what the window pairs of the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dk and
-    # dv. Rows past T load as zeros and send nothing.
-    # Every tile is key-major ([keys, rows]: scores, probabilities and their gradients transposed), so that each
-    # product has the chunk's keys as its rows and only loaded tiles are transposed, never computed ones.
-    rows, rmask, qrow, dd, rden, dpt = _visit_rows(do, den_ptr, dd_ptr, v_j, r0, b, h, T, H, DV, BQ, BV, PREC)
-    dt = v_j.dtype
-    od = tl.arange(0, BD)
-    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=rmask[:, None] & (od[None, :] < D), other=0.0)
-    st, win = _window_scores(qq, k_j, rows, pos, ok_j, scale, softcap, W, SOFTCAP, PREC, True)
-    m = tl.load(m_ptr + qrow, mask=rmask, other=0.0)
-    arg = tl.load(arg_ptr + qrow, mask=rmask, other=NO_KEY)
-    dm = tl.load(dm_ptr + qrow, mask=rmask, other=0.0)
-    a = tl.where(win, g * tl.exp(st - m[None, :]), 0.0)
-    ds = tl.where(win, dpt * a, 0.0) + tl.where(pos[:, None] == arg[None, :], dm[None, :], 0.0)
-    if SOFTCAP:
-        ds = _soft_cap_grad(ds, st, win, softcap)
-    dk_acc += _mm(ds.to(dt), qq, PREC) * scale
-    # a / den <= 1: no overflow in fp16.
-    dv_acc += _mm((a * rden[None, :]).to(dt), dd, PREC)
-    return dk_acc, dv_acc
-
-
-@triton.jit
 def _bwd_kv_linear_visit(
     phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, T,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BV: tl.constexpr,
     BF: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # Adds what the linear pairs of the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k
-    # (both halves) and dv. Key-major tiles as in `_bwd_kv_window_visit`.
+    # (both halves) and dv. Every tile is key-major ([keys, rows]: scores and their gradients transposed), so that
+    # each product has the chunk's keys as its rows and only loaded tiles are transposed, never computed ones.
     rows, _, _, dd, rden, dpt = _visit_rows(do, den_ptr, dd_ptr, v_j, r0, b, h, T, H, DV, BQ, BV, PREC)
     dt = v_j.dtype
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
@@ -258,55 +267,18 @@ def _bwd_kv_linear_visit(
 
 
 @triton.jit
-def _bwd_kv_window_kernel(
-    q, k, v, wf, tm, win_m, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk, dv,
-    T, NT, S, scale, softcap,
-    H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
-    BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr,
-):  # fmt: skip
-    # Key side, window pairs (W > 0): what the query chunks j and (when LAG) j + 1 send through the exact window
-    # to dk, dv of key chunk j (query head h), reusing the row maxima of the query side. Stored in dk, dv for
-    # `_bwd_kv_linear_kernel` to add: apart, each kernel holds half the accumulators, so two 4-warp programs fit
-    # an SM where the joint kernel ran one 8-warp program (docs/BENCHMARKS.md).
-    j, bh, b, h, hk, pos, kmask, krow, v_j = _key_chunk(v, T, S, H, HKV, DV, BT, BV)
-    od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
-    k_j = _load_rows(k, k, b, hk, pos, T, S, 0, HKV, D, BD, False)
-    ok_j = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, False)
-    g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
-    dk_acc = tl.zeros([BT, BD], dtype=tl.float32)
-    dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
-    # The query chunks j and (when LAG) j + 1, in blocks of BQ rows: smaller temporaries beside the accumulators.
-    for sub in range(BT // BQ):
-        dk_acc, dv_acc = _bwd_kv_window_visit(
-            q, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk_acc, dv_acc, k_j, v_j, ok_j, pos, j * BT + sub * BQ,
-            b, h, g, T, scale, softcap, H, D, DV, W, BQ, BD, BV, SOFTCAP, PREC,
-        )  # fmt: skip
-    if LAG:
-        for sub in range(BT // BQ):
-            dk_acc, dv_acc = _bwd_kv_window_visit(
-                q, do, den_ptr, dd_ptr, m_ptr, arg_ptr, dm_ptr, dk_acc, dv_acc, k_j, v_j, ok_j, pos,
-                (j + 1) * BT + sub * BQ, b, h, g, T, scale, softcap, H, D, DV, W, BQ, BD, BV, SOFTCAP, PREC,
-            )  # fmt: skip
-    tl.store(dk + krow[:, None] * D + od[None, :], dk_acc.to(dk.dtype.element_ty),
-             mask=kmask[:, None] & (od[None, :] < D))  # fmt: skip
-    tl.store(dv + krow[:, None] * DV + ov[None, :], dv_acc.to(dv.dtype.element_ty),
-             mask=kmask[:, None] & (ov[None, :] < DV))  # fmt: skip
-
-
-@triton.jit
 def _bwd_kv_linear_kernel(
-    phq, phk, v, wk, tm, win_m, dhkv, dhz, do, den_ptr, dd_ptr, dk, dv, dpk,
+    phq, phk, v, wk, tm, win_m, dhkv, dhz, do, den_ptr, dd_ptr, dk, dv, dk_next, dv_next, dpk,
     T, NT, S,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr,
 ):  # fmt: skip
-    # Key side, linear pairs: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of
-    # the k feature-map pre-activation of key chunk j. Its keys are seen on the linear side by query chunks j (when
+    # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
+    # feature-map pre-activation of key chunk j. Its keys are seen on the linear side by query chunks j (when
     # W < BT) and j + 1 (when LAG), and through the states by all later ones, whose summed gradient is dH, dz. With
-    # a window, the window's part of dk, dv is already in dk, dv (`_bwd_kv_window_kernel`) and is added here.
+    # a window, what query chunks j and j + 1 sent through it is already in dk, dv and dk_next, dv_next
+    # (`_bwd_q_window_kernel`) and is added here.
     j, bh, b, h, hk, pos, kmask, krow, v_j = _key_chunk(v, T, S, H, HKV, DV, BT, BV)
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
@@ -337,7 +309,7 @@ def _bwd_kv_linear_kernel(
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
     tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
              mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
-    # Back through the projection: dk = g wk^T (plus the window's part).
+    # Back through the projection: dk = g wk^T (plus the window's parts).
     dk_acc = _mm(gk.to(dt), tl.trans(_load_w_as(wk, h, dt, D, F, BD, BF)), PREC)
     kd = krow[:, None] * D + od[None, :]
     kv = krow[:, None] * DV + ov[None, :]
@@ -346,6 +318,11 @@ def _bwd_kv_linear_kernel(
     if W > 0:
         dk_acc += tl.load(dk + kd, mask=dmask, other=0.0).to(tl.float32)
         dv_acc += tl.load(dv + kv, mask=vmask, other=0.0).to(tl.float32)
+        if LAG:
+            # What query chunk j + 1 sent through the window (none past the last chunk).
+            nmask = ((j + 1) * BT + 0 * pos < T)[:, None]
+            dk_acc += tl.load(dk_next + kd, mask=dmask & nmask, other=0.0).to(tl.float32)
+            dv_acc += tl.load(dv_next + kv, mask=vmask & nmask, other=0.0).to(tl.float32)
     tl.store(dk + kd, dk_acc.to(dk.dtype.element_ty), mask=dmask)
     tl.store(dv + kv, dv_acc.to(dv.dtype.element_ty), mask=vmask)
 
