@@ -219,7 +219,7 @@ def _bwd_q_linear_kernel(
 
 @triton.jit
 def _key_chunk(v, T, S, H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    # Program (j, bh) of the key-side kernels covers key chunk j of row bh; returns j, bh, b, h, hk, the chunk's
+    # Program (j, bh) of the key-side kernel covers key chunk j of row bh; returns j, bh, b, h, hk, the chunk's
     # positions, their in-sequence mask, their row index into [B, T, H] tensors and the chunk's values.
     j = tl.program_id(0)
     bh = tl.program_id(1)
