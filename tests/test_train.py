@@ -162,6 +162,40 @@ def test_full_pipeline_exports_a_model_that_reloads_fresh_and_generates(tmp_path
     assert int(run.stdout.strip().splitlines()[-1]) == 3 + 6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_pipeline_on_triton_kernels_exports_a_model_that_decodes_as_it_prefills(tmp_path, tiny_dir, corpus):
+    # On a GPU the pipeline trains in bf16 through the Triton kernels (forced, so a fallback to the PyTorch path
+    # fails the run) and the export reloads in a fresh process on the GPU, where greedy decoding runs the recurrent
+    # step: its logits at every new token match a full forward over the same tokens (the chunked kernels).
+    out = tmp_path / "run"
+    sets = _sets(corpus, ["report.enabled=false", "run.dtype=bfloat16"])
+    proc = _cli(["--model", str(tiny_dir), "--recipe", "lolcats", "--out", str(out), *sets],
+                env={"LINEARIZE_KERNELS": "triton"})  # fmt: skip
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    transfer = [r["loss"] for r in lines if r["stage"] == "transfer" and "loss" in r]
+    assert len(transfer) > 2 and transfer[-1] < transfer[0], transfer
+    code = (
+        "import torch; from transformers import AutoModelForCausalLM as A, AutoTokenizer as T;"
+        f"d = {str(out)!r}; tok = T.from_pretrained(d, trust_remote_code=True);"
+        "m = A.from_pretrained(d, trust_remote_code=True, dtype=torch.float32).cuda().eval();"
+        "ids = tok('the city of', return_tensors='pt').to('cuda');"
+        "g = m.generate(**ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True,"
+        " return_dict_in_generate=True);"
+        "n = ids['input_ids'].shape[1];"
+        "full = m(g.sequences, use_cache=False).logits[0, n - 1 : -1].float();"
+        "step = torch.stack(g.logits, 1)[0].float();"
+        "print(g.sequences.shape[1], (full - step).abs().max().item() / full.abs().max().item())"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "LINEARIZE_KERNELS": "triton"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    length, err = run.stdout.strip().splitlines()[-1].split()
+    assert int(length) == 3 + 6
+    assert float(err) < 1e-3, err
+
+
 def test_every_bundled_recipe_loads():
     from linearize.config import bundled_recipes
 
