@@ -34,7 +34,8 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
        (dk, dv) and to key chunk c - 1 (dk_next, dv_next, per query head in the input type, so that no two
        programs write the same rows), and for the window factor's partial gradient. Against computing the pairs
        once from the query side and again from the key side, it does the score products once and drops the row
-       maxima kept between the two (docs/BENCHMARKS.md);
+       maxima kept between the two: 4-6% faster forward+backward on an H200, for two more buffers the size of q
+       held during the backward (docs/BENCHMARKS.md);
     4. `_bwd_q_linear_kernel`, one program per (block of query rows, batch, head): the gradient of the q
        feature-map pre-activation from the states and the linear pairs, and dq back through wq, plus the window's
        part; then the key side, `_bwd_kv_linear_kernel`, one program per (key chunk, batch, head) that visits the
