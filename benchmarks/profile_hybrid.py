@@ -130,6 +130,19 @@ def _compiled_stats() -> None:
                     print(f"| {name} | {getattr(compiled, 'n_regs', '?')} | {getattr(compiled, 'n_spills', '?')} |")
 
 
+def peak_bytes(step, leaves) -> int:
+    """Device memory `step()` (one forward+backward) allocates at its peak, above what is allocated before it with
+    the leaves' gradients cleared."""
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     tuning.add_shape_arguments(parser)
@@ -187,6 +200,9 @@ def main() -> None:
     print(f"device-memory copy rate: {rate / 1e12:.2f} TB/s (a 1 GiB copy)")
     if nbytes:
         print(f"those bytes at the copy rate: {sum(nbytes.values()) / rate * 1e3:.3f} ms")
+    print(
+        f"peak memory of one forward+backward above what its inputs hold: {peak_bytes(step, (q, k, v, wq, wk, wf)) / 1e9:.2f} GB"
+    )
     if args.fla:
         return
 
