@@ -103,7 +103,7 @@ def _bwd_q_window_kernel(
     qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
     dt = qq.dtype
     g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
-    pos_c = c * BT + tl.arange(0, BT)
+    pos_c = rows
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
     k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
     s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC, False)
@@ -120,17 +120,16 @@ def _bwd_q_window_kernel(
     arg = tl.max(tl.where(win_c & (s_c == m[:, None]), pos_c[None, :], NO_KEY), 1)
     if LAG:
         arg = tl.maximum(arg, tl.max(tl.where(win_p & (s_p == m[:, None]), pos_p[None, :], NO_KEY), 1))
-    # Key chunk c (and c - 1 below, but not the carried window's keys in front of chunk 0: they take no gradient).
-    krow_c = (b * T + pos_c).to(tl.int64) * H + h
-    krow_p = krow_c - BT * H
-    kmask_c = pos_c < T
+    # Key chunk c is the program's own rows (qrow, rmask); key chunk c - 1 the chunk before (below, but not the
+    # carried window's keys in front of chunk 0: they take no gradient).
+    krow_p = qrow - BT * H
     v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
     a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
     # da/ds = a.
     daa_c = tl.where(win_c, (_mm(dN, tl.trans(v_c), PREC) + dD[:, None]) * a_c, 0.0)
     # dv = (a / den)^T do = a^T dN (a <= 1: no overflow in fp16), stored as soon as a is known, which frees it.
-    tl.store(dv + krow_c[:, None] * DV + ov[None, :], _mm(tl.trans(a_c.to(dt)), dN, PREC).to(dv.dtype.element_ty),
-             mask=kmask_c[:, None] & (ov[None, :] < DV))  # fmt: skip
+    tl.store(dv + qrow[:, None] * DV + ov[None, :], _mm(tl.trans(a_c.to(dt)), dN, PREC).to(dv.dtype.element_ty),
+             mask=rmask[:, None] & (ov[None, :] < DV))  # fmt: skip
     dm = -tl.sum(daa_c, 1)
     if LAG:
         v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
@@ -147,8 +146,8 @@ def _bwd_q_window_kernel(
     ds_c = ds_c.to(dt)
     dqw = _mm(ds_c, k_c, PREC)
     # dk = ds^T q.
-    tl.store(dk + krow_c[:, None] * D + od[None, :], (_mm(tl.trans(ds_c), qq, PREC) * scale).to(dk.dtype.element_ty),
-             mask=kmask_c[:, None] & (od[None, :] < D))  # fmt: skip
+    tl.store(dk + qrow[:, None] * D + od[None, :], (_mm(tl.trans(ds_c), qq, PREC) * scale).to(dk.dtype.element_ty),
+             mask=dmask)  # fmt: skip
     if LAG:
         ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
         if SOFTCAP:
@@ -218,33 +217,6 @@ def _bwd_q_linear_kernel(
 
 
 @triton.jit
-def _key_chunk(v, T, S, H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr):
-    # Program (j, bh) of the key-side kernel covers key chunk j of row bh; returns j, bh, b, h, hk, the chunk's
-    # positions, their in-sequence mask, their row index into [B, T, H] tensors and the chunk's values.
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h, hk = _heads(bh, H, HKV)
-    pos = j * BT + tl.arange(0, BT)
-    krow = (b * T + pos).to(tl.int64) * H + h
-    v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
-    return j, bh, b, h, hk, pos, pos < T, krow, v_j
-
-
-@triton.jit
-def _visit_rows(do, den_ptr, dd_ptr, v_j, r0, b, h, T, H: tl.constexpr, DV: tl.constexpr, BQ: tl.constexpr,
-                BV: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
-    # The BQ query rows from r0 on (head h) that a key-side program visits: their in-sequence mask, row index, raw
-    # do, 1 / den, and the key-major dp = v_j (do / den)^T + d(den). The 1 / den is applied to the products'
-    # columns instead of loading the stored dN (fewer registers).
-    rows = r0 + tl.arange(0, BQ)
-    rmask = rows < T
-    qrow = (b * T + rows).to(tl.int64) * H + h
-    dd, rden, dD = _load_do_scaled(do, den_ptr, dd_ptr, qrow, rmask, DV, BV)
-    dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
-    return rows, rmask, qrow, dd, rden, dpt
-
-
-@triton.jit
 def _bwd_kv_linear_visit(
     phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, T,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BV: tl.constexpr,
@@ -253,7 +225,12 @@ def _bwd_kv_linear_visit(
     # Adds what the linear pairs of the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k
     # (both halves) and dv. Every tile is key-major ([keys, rows]: scores and their gradients transposed), so that
     # each product has the chunk's keys as its rows and only loaded tiles are transposed, never computed ones.
-    rows, _, _, dd, rden, dpt = _visit_rows(do, den_ptr, dd_ptr, v_j, r0, b, h, T, H, DV, BQ, BV, PREC)
+    rows = r0 + tl.arange(0, BQ)
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    # dp = v_j (do / den)^T + d(den), key-major, with the 1 / den applied to the products' columns instead of
+    # loading the stored dN (fewer registers). Rows past T load as zeros and send nothing.
+    dd, rden, dD = _load_do_scaled(do, den_ptr, dd_ptr, qrow, rows < T, DV, BV)
+    dpt = _mm(v_j, tl.trans(dd), PREC) * rden[None, :] + dD[None, :]
     dt = v_j.dtype
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
@@ -279,7 +256,13 @@ def _bwd_kv_linear_kernel(
     # W < BT) and j + 1 (when LAG), and through the states by all later ones, whose summed gradient is dH, dz. With
     # a window, what query chunks j and j + 1 sent through it is already in dk, dv and dk_next, dv_next
     # (`_bwd_q_window_kernel`) and is added here.
-    j, bh, b, h, hk, pos, kmask, krow, v_j = _key_chunk(v, T, S, H, HKV, DV, BT, BV)
+    j = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h, hk = _heads(bh, H, HKV)
+    pos = j * BT + tl.arange(0, BT)
+    kmask = pos < T
+    krow = (b * T + pos).to(tl.int64) * H + h
+    v_j = _load_rows(v, v, b, hk, pos, T, S, 0, HKV, DV, BV, False)
     od = tl.arange(0, BD)
     ov = tl.arange(0, BV)
     of = tl.arange(0, BF)
