@@ -107,7 +107,7 @@ def record_launches(*modules):
 def _signature(launch: Launch):
     fn = launch.fn
     kwargs = dict(launch.kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
     values = dict(zip(fn.arg_names, launch.args, strict=False))
     values.update(kwargs)
     signature, constexprs, attrs = {}, {}, {}

@@ -47,6 +47,23 @@ def test_kernels_compile_for_sm90(args):
     assert names == expected, stdout
 
 
+def test_every_launch_asks_for_fused_multiply_adds():
+    # Triton 3.10 turns fused multiply-adds off unless a launch asks for them (3.9 warns): every kernel asks, so the
+    # compiled code, its speed and its rounding do not change with the Triton version.
+    code = (
+        "from linearize.kernels.compile_check import hybrid_launches\n"
+        "for args in ({}, {'window': 0, 'with_state': False}):\n"
+        "    for launch in hybrid_launches(**args):\n"
+        "        print(launch.name, launch.kwargs.get('enable_fp_fusion'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert len(rows) >= 10 and {name for name, _ in rows} >= {"_phi_kernel", "_bwd_q_window_kernel", "_decode_kernel"}
+    assert [name for name, flag in rows if flag != "True"] == []
+
+
 def test_check_refuses_a_kernel_over_the_shared_memory(monkeypatch):
     def fake_compile(launch, arch, stats, loops=False):
         return compile_check.Compiled(launch.name, compile_check.SM90_SHARED_LIMIT + 1, None, None)

@@ -67,6 +67,7 @@ from .triton_chunk_bwd import (
     _wgrad_kernel,
 )
 from .triton_chunk_fwd import _fwd_out_kernel, _fwd_state_kernel, _phi_kernel
+from .triton_common import FP_FUSION
 
 BLOCK_T = 64
 # Warps per program of each kernel.
@@ -150,8 +151,9 @@ class _Overlap:
 
 
 def _launch(name: str) -> dict:
-    """Launch options of a named kernel: its warps and, where set, its pipelining stages."""
-    return {"num_warps": WARPS[name], **({"num_stages": STAGES[name]} if name in STAGES else {})}
+    """Launch options of a named kernel: its warps, where set its pipelining stages, and fused multiply-adds on
+    (`FP_FUSION`)."""
+    return {"num_warps": WARPS[name], **FP_FUSION, **({"num_stages": STAGES[name]} if name in STAGES else {})}
 
 
 def _empty(*shape, dtype=torch.float32, device=None) -> torch.Tensor:

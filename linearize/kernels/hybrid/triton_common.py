@@ -12,6 +12,9 @@ from .naive import EPS as _EPS_VALUE
 # Kernels read globals only as constexpr.
 EPS = tl.constexpr(_EPS_VALUE)
 NO_KEY = tl.constexpr(-(2**30))
+# Launch option of every kernel: contract multiplies and adds into fused multiply-adds. Triton 3.9 warns when it is
+# left unset and 3.10 turns it off by default; set here, the kernels compile the same on every version.
+FP_FUSION = {"enable_fp_fusion": True}
 
 
 @triton.jit

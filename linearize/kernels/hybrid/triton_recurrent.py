@@ -18,7 +18,7 @@ import triton.language as tl
 
 from .naive import EPS as _EPS_VALUE
 from .torch_chunked import HybridState
-from .triton_common import _heads, _soft_cap
+from .triton_common import FP_FUSION, _heads, _soft_cap
 
 # Kernels read globals only as constexpr.
 EPS = tl.constexpr(_EPS_VALUE)
@@ -238,5 +238,6 @@ def hybrid_decode_triton(
         state.kv.contiguous(), state.ksum.contiguous(), o, kv_new, ksum_new, *window_args,
         float(scale), float(softcap or 0.0),
         H, Hkv, D, Dv, F, window, BD, BV, BF, BS, token_mask is not None, bool(softcap), num_warps=NUM_WARPS,
+        **FP_FUSION,
     )  # fmt: skip
     return o, HybridState(kv_new, ksum_new, new_k, new_v, new_m)
