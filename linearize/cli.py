@@ -413,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        from .kernels.hybrid import kernel_choice
+
+        # A bad LINEARIZE_KERNELS stops the run before any work, rather than at the first attention call.
+        kernel_choice()
         return args.func(args)
     except LinearizeError as exc:
         print(f"linearize: error: {exc}", file=sys.stderr)

@@ -53,6 +53,15 @@ def test_convert_errors_are_one_line(tmp_path, tiny_folder, capsys, extra, messa
     assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())
 
 
+def test_bad_kernel_choice_stops_before_any_work(tmp_path, tiny_folder, capsys, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "cuda")
+    out = tmp_path / "out"
+    code, err = _run(["--model", str(tiny_folder), "--recipe", "lolcats", "--out", str(out)], capsys)
+    assert code == 2
+    assert len(err) == 1 and "LINEARIZE_KERNELS='cuda' is not one of ['auto', 'torch', 'triton']" in err[0], err
+    assert not out.exists()
+
+
 def test_unsupported_architecture_names_supported_ones(tmp_path, gpt2_folder, capsys):
     out = tmp_path / "out"
     code, err = _run(["convert", "--model", str(gpt2_folder), "--out", str(out)], capsys)

@@ -10,6 +10,7 @@ import importlib
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 triton = pytest.importorskip("triton")
 
+from linearize.errors import LinearizeError  # noqa: E402
 from linearize.kernels import hybrid  # noqa: E402
 from linearize.kernels.hybrid import (  # noqa: E402
     HybridState,
@@ -380,12 +382,36 @@ def test_dispatch_names(monkeypatch):
     assert kernel_name(q, 64) == "torch"
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     assert kernel_name(q, 64) == "torch"
+    monkeypatch.setattr(hybrid, "triton_version", lambda: (3, 6))
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
     assert kernel_name(q, 64) == "triton"
     monkeypatch.setenv("LINEARIZE_KERNELS", "cuda")
-    with pytest.raises(ValueError, match=r"\['auto', 'torch', 'triton'\]"):
+    with pytest.raises(LinearizeError, match=r"\['auto', 'torch', 'triton'\]"):
         hybrid_attention(q, q, q, torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), None, 0, 1.0)
     assert hybrid.hybrid_attention_chunked is hybrid_attention_chunked
+
+
+def test_dispatch_on_cuda_needs_a_triton_the_kernels_run_on(monkeypatch, caplog):
+    # Under Triton 3.0 and 3.1 (which torch 2.4 and 2.5 ship) the kernels leave outputs unwritten: `auto` takes the
+    # PyTorch path with a warning, and a forced `triton` stops with what to install.
+    on_cuda = SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    for version, window, want in (((3, 2), 64, "triton"), ((4, 0), 64, "triton"), ((3, 9), 65, "torch"),
+                                  (None, 64, "torch"), ((3, 1), 64, "torch")):  # fmt: skip
+        monkeypatch.setattr(hybrid, "triton_version", lambda v=version: v)
+        assert kernel_name(on_cuda, window) == want, (version, window)
+    assert "Triton 3.1 is older than 3.2" in caplog.text and "pip install 'triton>=3.2,<4'" in caplog.text
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    with pytest.raises(LinearizeError, match=r"needs Triton >= 3.2, found 3.1: pip install 'triton>=3.2,<4'"):
+        kernel_name(on_cuda, 64)
+    monkeypatch.setattr(hybrid, "triton_version", lambda: None)
+    with pytest.raises(LinearizeError, match=r"Triton is not installed: pip install 'linearize\[gpu\]'"):
+        kernel_name(on_cuda, 64)
+
+
+def test_triton_version_reads_the_installed_one():
+    hybrid.triton_version.cache_clear()
+    assert hybrid.triton_version() == tuple(int(x) for x in triton.__version__.split(".")[:2])
 
 
 @cuda

@@ -9,12 +9,16 @@ when a Triton path is taken, so that `TRITON_INTERPRET` can still be set before 
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
+import re
 
 import torch
 
+from ...errors import LinearizeError
 from .naive import hedgehog_feature_map, hybrid_attention_naive, hybrid_attention_weights
 from .torch_chunked import HybridState, hybrid_attention_chunked
 from .varlen import hybrid_attention_varlen
@@ -24,6 +28,8 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "LINEARIZE_KERNELS"
 # Longest window the Triton chunk kernel takes (its chunk length); kept here so dispatch needs no triton import.
 TRITON_MAX_WINDOW = 64
+# Oldest Triton the kernels run on (the `gpu` extra's pin): under 3.0 and 3.1 they leave outputs unwritten.
+TRITON_MIN = (3, 2)
 
 
 def _triton(q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_mask=None, initial_state=None,
@@ -46,8 +52,66 @@ def _triton(q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_m
 KERNELS = {"torch": hybrid_attention_chunked, "triton": _triton}
 
 
+@functools.cache
+def triton_version() -> tuple[int, int] | None:
+    """(major, minor) of the installed Triton, None without one. Read from the package's metadata where there is
+    any (`triton`, or `pytorch-triton` for PyTorch's nightly builds), so that Triton is not imported for it."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    for dist in ("triton", "pytorch-triton"):
+        try:
+            text = importlib.metadata.version(dist)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    else:
+        import triton
+
+        text = triton.__version__
+    found = re.match(r"(\d+)\.(\d+)", text)
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def _version_text(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
+
+
+@functools.cache
+def _warn_old_triton(version: tuple[int, int]) -> None:
+    logger.warning(
+        "Triton %s is older than %s, which the hybrid attention kernels need: running the PyTorch path instead "
+        "(pip install 'triton>=%s,<4' for the kernels)",
+        _version_text(version), _version_text(TRITON_MIN), _version_text(TRITON_MIN),
+    )  # fmt: skip
+
+
+def kernel_choice() -> str:
+    """`LINEARIZE_KERNELS` checked: `auto`, `torch` or `triton`. Raises `LinearizeError`, saying what to do, for any
+    other value and for `triton` without a Triton the kernels run on; the CLI checks it before any work starts."""
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if name != "auto" and name not in KERNELS:
+        raise LinearizeError(f"{ENV_VAR}={name!r} is not one of {sorted([*KERNELS, 'auto'])}: set one, or unset it")
+    if name == "triton":
+        version = triton_version()
+        if version is None:
+            raise LinearizeError(
+                f"{ENV_VAR}=triton but Triton is not installed: pip install 'linearize[gpu]', or unset {ENV_VAR}"
+            )
+        if version < TRITON_MIN:
+            need = _version_text(TRITON_MIN)
+            raise LinearizeError(
+                f"{ENV_VAR}=triton needs Triton >= {need}, found {_version_text(version)}: pip install "
+                f"'triton>={need},<4', or unset {ENV_VAR}"
+            )
+    return name
+
+
 def _auto_name(q: torch.Tensor, window: int) -> str:
-    if not q.is_cuda or importlib.util.find_spec("triton") is None:
+    version = triton_version() if q.is_cuda else None
+    if version is None:
+        return "torch"
+    if version < TRITON_MIN:
+        _warn_old_triton(version)
         return "torch"
     if window > TRITON_MAX_WINDOW:
         logger.debug("window %d exceeds the Triton kernel's %d: using the PyTorch path", window, TRITON_MAX_WINDOW)
@@ -56,13 +120,9 @@ def _auto_name(q: torch.Tensor, window: int) -> str:
 
 
 def kernel_name(q: torch.Tensor, window: int) -> str:
-    """Which implementation `hybrid_attention` runs for these inputs; raises on an unknown `LINEARIZE_KERNELS`."""
-    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if name == "auto":
-        return _auto_name(q, window)
-    if name not in KERNELS:
-        raise ValueError(f"{ENV_VAR}={name!r} is not one of {sorted([*KERNELS, 'auto'])}")
-    return name
+    """Which implementation `hybrid_attention` runs for these inputs (see `kernel_choice` for what it raises)."""
+    name = kernel_choice()
+    return _auto_name(q, window) if name == "auto" else name
 
 
 def hybrid_attention(
@@ -118,5 +178,7 @@ __all__ = [
     "hybrid_attention_naive",
     "hybrid_attention_varlen",
     "hybrid_attention_weights",
+    "kernel_choice",
     "kernel_name",
+    "triton_version",
 ]
