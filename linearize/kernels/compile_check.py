@@ -20,7 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .hybrid import triton_version
+
 # The largest shared memory one program may use on sm_90 (H100, H200): 227 KB.
+# Oldest Triton whose compiler API this module drives (3.2 and 3.3 take other arguments; checked up to 3.9).
+COMPILE_CHECK_TRITON = (3, 4)
 SM90_SHARED_LIMIT = 232448
 
 _TYPES = {
@@ -268,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         help="also count the instructions, products, barriers and shuffles of each kernel's outermost loop",
     )
     args = parser.parse_args(argv)
+    version = triton_version()
+    if version is None or version < COMPILE_CHECK_TRITON:
+        need = ".".join(map(str, COMPILE_CHECK_TRITON))
+        found = "none installed" if version is None else "found " + ".".join(map(str, version))
+        print(f"error: compile_check needs Triton {need} or newer ({found}): pip install 'triton>={need},<4'")
+        return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("error: TRITON_INTERPRET is set, so there are no compiled kernels: unset it and run again")
         return 2

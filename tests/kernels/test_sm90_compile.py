@@ -64,6 +64,14 @@ def test_every_launch_asks_for_fused_multiply_adds():
     assert [name for name, flag in rows if flag != "True"] == []
 
 
+@pytest.mark.parametrize("version, found", [((3, 3), "found 3.3"), (None, "none installed")])
+def test_compile_check_names_the_triton_it_needs(monkeypatch, capsys, version, found):
+    monkeypatch.setattr(compile_check, "triton_version", lambda: version)
+    assert compile_check.main(["--no-stats"]) == 2
+    out = capsys.readouterr().out
+    assert f"compile_check needs Triton 3.4 or newer ({found}): pip install 'triton>=3.4,<4'" in out
+
+
 def test_check_refuses_a_kernel_over_the_shared_memory(monkeypatch):
     def fake_compile(launch, arch, stats, loops=False):
         return compile_check.Compiled(launch.name, compile_check.SM90_SHARED_LIMIT + 1, None, None)
