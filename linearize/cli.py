@@ -413,10 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from .kernels.hybrid import kernel_choice
+        from .kernels.hybrid import check_settings
 
-        # A bad LINEARIZE_KERNELS stops the run before any work, rather than at the first attention call.
-        kernel_choice()
+        # A bad LINEARIZE_KERNELS or LINEARIZE_SAVE_STATES stops the run before any work, not at the first attention.
+        check_settings()
         return args.func(args)
     except LinearizeError as exc:
         print(f"linearize: error: {exc}", file=sys.stderr)

@@ -53,12 +53,19 @@ def test_convert_errors_are_one_line(tmp_path, tiny_folder, capsys, extra, messa
     assert not any(p.name.startswith(".out.partial") for p in tmp_path.iterdir())
 
 
-def test_bad_kernel_choice_stops_before_any_work(tmp_path, tiny_folder, capsys, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_KERNELS", "cuda")
+@pytest.mark.parametrize(
+    "var, value, message",
+    [
+        ("LINEARIZE_KERNELS", "cuda", "LINEARIZE_KERNELS='cuda' is not one of ['auto', 'torch', 'triton']"),
+        ("LINEARIZE_SAVE_STATES", "maybe", "LINEARIZE_SAVE_STATES='maybe' is not 0 or 1"),
+    ],
+)
+def test_bad_kernel_setting_stops_before_any_work(tmp_path, tiny_folder, capsys, monkeypatch, var, value, message):
+    monkeypatch.setenv(var, value)
     out = tmp_path / "out"
     code, err = _run(["--model", str(tiny_folder), "--recipe", "lolcats", "--out", str(out)], capsys)
     assert code == 2
-    assert len(err) == 1 and "LINEARIZE_KERNELS='cuda' is not one of ['auto', 'torch', 'triton']" in err[0], err
+    assert len(err) == 1 and message in err[0], err
     assert not out.exists()
 
 

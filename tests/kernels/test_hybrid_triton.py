@@ -289,7 +289,7 @@ def test_save_states_rejects_bad_value(monkeypatch):
     from linearize.kernels.hybrid import triton_chunk
 
     monkeypatch.setenv("LINEARIZE_SAVE_STATES", "maybe")
-    with pytest.raises(ValueError, match="LINEARIZE_SAVE_STATES='maybe' is not 0 or 1"):
+    with pytest.raises(LinearizeError, match="LINEARIZE_SAVE_STATES='maybe' is not 0 or 1"):
         triton_chunk.save_states()
     monkeypatch.setenv("LINEARIZE_SAVE_STATES", "1")
     assert triton_chunk.save_states()

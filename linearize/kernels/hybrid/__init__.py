@@ -28,6 +28,10 @@ logger = logging.getLogger(__name__)
 ENV_VAR = "LINEARIZE_KERNELS"
 # Longest window the Triton chunk kernel takes (its chunk length); kept here so dispatch needs no triton import.
 TRITON_MAX_WINDOW = 64
+# With LINEARIZE_SAVE_STATES=1 the Triton forward keeps its features and per-chunk states for the backward instead of
+# the backward recomputing them: a faster backward (no second state pass, two feature launches fewer) for more
+# memory held until the backward (4x the size of q at F = 64, D = Dv = 128: the features twice q, the states twice).
+SAVE_STATES_ENV = "LINEARIZE_SAVE_STATES"
 # Oldest Triton the kernels run on (the `gpu` extra's pin): under 3.0 and 3.1 they leave outputs unwritten.
 TRITON_MIN = (3, 2)
 
@@ -106,6 +110,27 @@ def kernel_choice() -> str:
     return name
 
 
+def save_states() -> bool:
+    """Whether the Triton forward keeps its features and states for the backward (`LINEARIZE_SAVE_STATES`, default
+    0); raises `LinearizeError` for a value that is not 0 or 1."""
+    value = os.environ.get(SAVE_STATES_ENV, "0").strip().lower()
+    if value in ("", "0", "false", "no"):
+        return False
+    if value in ("1", "true", "yes"):
+        return True
+    raise LinearizeError(
+        f"{SAVE_STATES_ENV}={value!r} is not 0 or 1: set 1 to keep the forward's features and states for the "
+        "backward (faster, more memory), 0 to recompute them"
+    )
+
+
+def check_settings() -> None:
+    """Checks the kernels' environment variables (`kernel_choice`, `save_states`), so that a bad value stops a run
+    before it starts rather than at its first attention call."""
+    kernel_choice()
+    save_states()
+
+
 def _auto_name(q: torch.Tensor, window: int) -> str:
     version = triton_version() if q.is_cuda else None
     if version is None:
@@ -172,6 +197,7 @@ def hybrid_attention(
 
 __all__ = [
     "HybridState",
+    "check_settings",
     "hedgehog_feature_map",
     "hybrid_attention",
     "hybrid_attention_chunked",
@@ -180,5 +206,6 @@ __all__ = [
     "hybrid_attention_weights",
     "kernel_choice",
     "kernel_name",
+    "save_states",
     "triton_version",
 ]

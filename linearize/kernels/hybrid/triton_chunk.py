@@ -52,11 +52,11 @@ Keys of the window carried in `initial_state` sit at the negative positions -S..
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 
+from . import SAVE_STATES_ENV, save_states  # noqa: F401 (SAVE_STATES_ENV: the benchmarks set it by this name)
 from .torch_chunked import HybridState
 from .triton_chunk_bwd import (
     _bwd_kv_linear_kernel,
@@ -91,27 +91,10 @@ PHI_CHUNKS = 4
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
-# With LINEARIZE_SAVE_STATES=1 the forward keeps its features and per-chunk states for the backward instead of
-# the backward recomputing them: a faster backward (no second state pass, two feature launches fewer) for more
-# memory held until the backward (4x the size of q at F = 64, D = Dv = 128: the features twice q, the states twice).
-SAVE_STATES_ENV = "LINEARIZE_SAVE_STATES"
 # On CUDA, the default backward (features and states recomputed) launches the sequential state-gradient pass on a
 # second stream, so that it runs beside the recomputed state pass, which does not depend on it (`_Overlap`).
 OVERLAP = True
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def save_states() -> bool:
-    """Whether the forward keeps its features and states for the backward (`LINEARIZE_SAVE_STATES`, default 0)."""
-    value = os.environ.get(SAVE_STATES_ENV, "0").strip().lower()
-    if value in ("", "0", "false", "no"):
-        return False
-    if value in ("1", "true", "yes"):
-        return True
-    raise ValueError(
-        f"{SAVE_STATES_ENV}={value!r} is not 0 or 1: set 1 to keep the forward's features and states for the "
-        "backward (faster, more memory), 0 to recompute them"
-    )
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:
