@@ -396,6 +396,7 @@ def test_dispatch_on_cuda_needs_a_triton_the_kernels_run_on(monkeypatch, caplog)
     # PyTorch path with a warning, and a forced `triton` stops with what to install.
     on_cuda = SimpleNamespace(is_cuda=True)
     monkeypatch.delenv("LINEARIZE_KERNELS", raising=False)
+    hybrid._warn_old_triton.cache_clear()  # it warns once per version
     for version, window, want in (((3, 2), 64, "triton"), ((4, 0), 64, "triton"), ((3, 9), 65, "torch"),
                                   (None, 64, "torch"), ((3, 1), 64, "torch")):  # fmt: skip
         monkeypatch.setattr(hybrid, "triton_version", lambda v=version: v)
