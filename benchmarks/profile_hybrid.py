@@ -187,7 +187,8 @@ def main() -> None:
             step()
         torch.cuda.synchronize()
     Hkv = k.shape[2]
-    print(f"# {torch.cuda.get_device_name()}; B={B} T={T} H={H} Hkv={Hkv} D={D} F={F} W={W}, bf16; {settings}")
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; B={B} T={T} H={H} "
+          f"Hkv={Hkv} D={D} F={F} W={W}, bf16; {settings}")  # fmt: skip
     if args.fla:
         nbytes = fla_kernel_bytes(B, T, H, D) if args.fla == "unnormalized" and Hkv == H else None
     else:
