@@ -22,7 +22,7 @@ import triton
 import tuning
 from torch.profiler import ProfilerActivity, profile
 
-from linearize.kernels.hybrid import HybridState, triton_chunk, triton_recurrent
+from linearize.kernels.hybrid import HybridState, save_states, triton_chunk, triton_recurrent
 from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
 from linearize.kernels.hybrid.triton_recurrent import hybrid_decode_triton
 
@@ -192,7 +192,7 @@ def main() -> None:
     if args.fla:
         nbytes = fla_kernel_bytes(B, T, H, D) if args.fla == "unnormalized" and Hkv == H else None
     else:
-        nbytes = kernel_bytes(B, T, H, Hkv, D, F, W, triton_chunk.save_states())
+        nbytes = kernel_bytes(B, T, H, Hkv, D, F, W, save_states())
     _table(prof, args.iters, "forward+backward", nbytes)
     # Kernels on the side stream overlap others, so their sum can exceed the time the step takes.
     wall = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")

@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from linearize.kernels import hybrid
 from linearize.kernels.hybrid import triton_chunk
 
 
@@ -74,7 +75,7 @@ def add_save_states_argument(parser: argparse.ArgumentParser) -> None:
 
 def apply_save_states(args: argparse.Namespace) -> None:
     if args.save_states:
-        os.environ[triton_chunk.SAVE_STATES_ENV] = "1"
+        os.environ[hybrid.SAVE_STATES_ENV] = "1"
 
 
 def _per_kernel(flag: str, text: str) -> list[tuple[str, int]]:
@@ -110,6 +111,6 @@ def apply(args: argparse.Namespace) -> str:
     triton_chunk.OVERLAP = not args.no_overlap
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV_LINEAR {args.bq_kv_linear}, "
-        f"BV_STATE {args.bv_state}, PHI_CHUNKS {args.phi_chunks}, stages {triton_chunk.STAGES}, saved states {triton_chunk.save_states()}, "
+        f"BV_STATE {args.bv_state}, PHI_CHUNKS {args.phi_chunks}, stages {triton_chunk.STAGES}, saved states {hybrid.save_states()}, "
         f"overlap {triton_chunk.OVERLAP}"
     )

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .hybrid import triton_version
+from .hybrid import _version_text, triton_version
 
-# The largest shared memory one program may use on sm_90 (H100, H200): 227 KB.
 # Oldest Triton whose compiler API this module drives (3.2 and 3.3 take other arguments; checked up to 3.9).
 COMPILE_CHECK_TRITON = (3, 4)
+# The largest shared memory one program may use on sm_90 (H100, H200): 227 KB.
 SM90_SHARED_LIMIT = 232448
 
 _TYPES = {
@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     version = triton_version()
     if version is None or version < COMPILE_CHECK_TRITON:
-        need = ".".join(map(str, COMPILE_CHECK_TRITON))
-        found = "none installed" if version is None else "found " + ".".join(map(str, version))
+        need = _version_text(COMPILE_CHECK_TRITON)
+        found = "none installed" if version is None else "found " + _version_text(version)
         print(f"error: compile_check needs Triton {need} or newer ({found}): pip install 'triton>={need},<4'")
         return 2
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

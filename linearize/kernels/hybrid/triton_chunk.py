@@ -56,7 +56,7 @@ import contextlib
 import torch
 import triton
 
-from . import SAVE_STATES_ENV, save_states  # noqa: F401 (SAVE_STATES_ENV: the benchmarks set it by this name)
+from . import save_states
 from .torch_chunked import HybridState
 from .triton_chunk_bwd import (
     _bwd_kv_linear_kernel,
