@@ -4,7 +4,7 @@
 name=N,...` their software-pipelining stages (0: Triton's default), `--bq-*` the query rows per program or step
 (`triton_chunk.BQ_*`), `--bv-state` the Dv columns per state program, `--phi-chunks` the chunks per feature program,
 `--save-states` keeps the forward's features and states for the backward, `--no-overlap` launches every kernel on
-one stream.
+one stream, `--no-tma` keeps the window kernel on pointer loads instead of TMA descriptors.
 """
 
 from __future__ import annotations
@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-overlap", action="store_true", help="launch every kernel on one stream (triton_chunk.OVERLAP off)"
     )
+    parser.add_argument(
+        "--no-tma", action="store_true", help="pointer loads in the window kernel (triton_chunk.TMA off)"
+    )
     add_save_states_argument(parser)
 
 
@@ -109,8 +112,9 @@ def apply(args: argparse.Namespace) -> str:
         set_stages(name, n)
     apply_save_states(args)
     triton_chunk.OVERLAP = not args.no_overlap
+    triton_chunk.TMA = False if args.no_tma else None
     return (
         f"warps {triton_chunk.WARPS}, BQ_OUT {args.bq_out}, BQ_Q {args.bq_q}, BQ_KV_LINEAR {args.bq_kv_linear}, "
         f"BV_STATE {args.bv_state}, PHI_CHUNKS {args.phi_chunks}, stages {triton_chunk.STAGES}, saved states {hybrid.save_states()}, "
-        f"overlap {triton_chunk.OVERLAP}"
+        f"overlap {triton_chunk.OVERLAP}, TMA {'off' if args.no_tma else 'where the device has it'}"
     )

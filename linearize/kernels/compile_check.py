@@ -84,9 +84,10 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def record_launches(*modules):
+def record_launches(*modules, tma: bool = True):
     """Within the block, every Triton kernel referenced by `modules` is recorded instead of launched, and the host
-    code takes the compiled path (loop bounds read at run time). Yields the list of `Launch`es."""
+    code takes the compiled path (loop bounds read at run time) and, with `tma`, the TMA descriptors of a device
+    that has them (`triton_chunk.TMA`). Yields the list of `Launch`es."""
     import triton
 
     from .hybrid import triton_chunk
@@ -98,14 +99,21 @@ def record_launches(*modules):
             if isinstance(obj, triton.runtime.JITFunction):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _Recorder(obj, launches))
-    niter = triton_chunk._Plan.niter
+    niter, use_tma = triton_chunk._Plan.niter, triton_chunk.TMA
     triton_chunk._Plan.niter = lambda self, n: 0
+    triton_chunk.TMA = tma
     try:
         yield launches
     finally:
-        triton_chunk._Plan.niter = niter
+        triton_chunk._Plan.niter, triton_chunk.TMA = niter, use_tma
         for mod, name, obj in saved:
             setattr(mod, name, obj)
+
+
+def _is_descriptor(value) -> bool:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return isinstance(value, TensorDescriptor)
 
 
 def _signature(launch: Launch):
@@ -120,6 +128,9 @@ def _signature(launch: Launch):
         if param.is_constexpr or value is None:
             signature[name] = "constexpr"
             constexprs[(i,)] = value
+        elif _is_descriptor(value):
+            # A host-side TMA descriptor: its element type and block shape are part of the kernel's type.
+            signature[name] = f"tensordesc<{_TYPES[value.base.dtype]}[{','.join(map(str, value.block_shape))}]>"
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _TYPES[value.dtype]
             # Device allocations are 16-byte aligned, which Triton specialises on.
@@ -196,8 +207,9 @@ def compile_launch(launch: Launch, arch: int = 90, stats: bool = True, loops: bo
 
 
 def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.bfloat16, masked=True,
-                    with_state=True, softcap=None) -> list[Launch]:  # fmt: skip
-    """The launches of one forward+backward of the chunked hybrid op and of one decoding step, on these sizes."""
+                    with_state=True, softcap=None, tma=True) -> list[Launch]:  # fmt: skip
+    """The launches of one forward+backward of the chunked hybrid op and of one decoding step, on these sizes (with
+    `tma`, as on a device with TMA descriptors)."""
     from .hybrid import triton_chunk, triton_recurrent
     from .hybrid.torch_chunked import HybridState
 
@@ -213,7 +225,7 @@ def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.
         t.requires_grad_()
     mask = torch.ones(B, T, dtype=torch.bool) if masked else None
     state = HybridState.zeros(B, H, Hkv, D, D, 2 * F, window, dtype, torch.device("cpu"))
-    with record_launches(triton_chunk, triton_recurrent) as launches:
+    with record_launches(triton_chunk, triton_recurrent, tma=tma) as launches:
         out, _ = triton_chunk.hybrid_attention_triton(q, k, v, wq, wk, wf, window, D**-0.5, softcap, mask,
                                                       state if with_state else None, output_final_state=True)  # fmt: skip
         out.backward(torch.ones_like(out))
@@ -267,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--softcap", type=float, default=None)
     parser.add_argument("--no-stats", action="store_true", help="skip the registers and spills (faster)")
     parser.add_argument(
+        "--no-tma", action="store_true", help="the pointer loads a device without TMA descriptors runs (below sm_90)"
+    )
+    parser.add_argument(
         "--loops",
         action="store_true",
         help="also count the instructions, products, barriers and shuffles of each kernel's outermost loop",
@@ -285,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args.Hkv = args.Hkv or args.H
     try:
         launches = hybrid_launches(args.B, args.T, args.H, args.Hkv, args.D, args.F, args.window, dtype, args.masked,
-                                   args.state, args.softcap)  # fmt: skip
+                                   args.state, args.softcap, tma=args.arch >= 90 and not args.no_tma)  # fmt: skip
     except ValueError as e:
         print(f"error: {e}")
         return 2

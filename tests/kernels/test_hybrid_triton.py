@@ -165,6 +165,61 @@ def test_row_blocks_match_naive(interpreter, monkeypatch, bq, B, T, H, Hkv, D, F
 
 
 @interpreted
+@pytest.mark.parametrize(
+    "B,T,H,Hkv,D,F,W,pad,softcap",
+    [
+        pytest.param(2, 63, 4, 4, 32, 16, 16, 0, None, id="B2-T63-H4-D32-W16"),
+        pytest.param(2, 130, 4, 2, 60, 24, 64, 20, None, id="B2-T130-H4-Hkv2-D60-F24-W64-leftpad"),
+        pytest.param(1, 100, 2, 2, 32, 16, 2, 0, 5.0, id="B1-T100-H2-D32-W2-softcap"),
+        pytest.param(1, 200, 2, 1, 16, 8, 64, 0, None, id="B1-T200-H2-Hkv1-D16-F8-W64"),
+    ],
+)
+def test_window_descriptors_match_pointer_loads(interpreter, monkeypatch, B, T, H, Hkv, D, F, W, pad, softcap):
+    # The query side's window kernel reads and writes through TMA descriptors on a device that has them: the same
+    # op as its pointer loads, to the bit, and against the naive op (columns past D = 60 padded by the descriptors,
+    # rows past T left out of their stores).
+    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
+    made = []
+    block_descriptor = mod._block_descriptor
+    monkeypatch.setattr(mod, "_block_descriptor", lambda t, cols: made.append(cols) or block_descriptor(t, cols))
+    leaves, mask = make_inputs(B, T, H, Hkv, D, F, Dv=D + 8, pad=pad, seed=T + W)
+    dout = torch.randn(B, T, H, D + 8, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for tma in (False, True):
+        monkeypatch.setattr(mod, "TMA", tma)
+        made.clear()
+        xs = [t.clone().requires_grad_() for t in leaves]
+        out, _ = hybrid_attention(*xs, W, D**-0.5, softcap, mask)
+        results[tma] = [out, *grads(out, xs, dout)]
+        # q, k, dq, dk, dk_next in blocks of D columns, v, dn, dv, dv_next of Dv (each rounded up to a power of two).
+        bd, bv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(D + 8))
+        assert sorted(made) == (sorted([bd] * 5 + [bv] * 4) if tma else [])
+    names = ["output", "dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
+    for name, a, b in zip(names, results[True], results[False], strict=True):
+        assert not torch.isnan(a).any(), name
+        assert torch.equal(a, b), name
+    # And against the naive op, with the descriptors (TMA is still on).
+    test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap)
+
+
+def test_window_descriptors_only_where_the_device_and_tensors_allow(monkeypatch):
+    from linearize.kernels.hybrid import triton_chunk
+
+    monkeypatch.setattr(triton_chunk, "TMA", None)
+    assert not triton_chunk._tma_device(torch.device("cpu"))
+    monkeypatch.setattr(triton_chunk, "TMA", True)
+    assert triton_chunk._tma_device(torch.device("cpu"))
+    monkeypatch.setattr(triton_chunk, "TMA", False)
+    assert not triton_chunk._tma_device(torch.device("cpu"))
+    x = torch.zeros(2, 64, 4, 128, dtype=torch.bfloat16)
+    assert triton_chunk._addressable(x, x[:, 1:].contiguous())
+    # A base 2 bytes past an aligned one; rows of 60 bf16 (120 bytes, not a multiple of 16); a strided last dim.
+    assert not triton_chunk._addressable(x.view(-1)[1:].view(-1)[: 2 * 64 * 4 * 127].view(2, 64, 4, 127))
+    assert not triton_chunk._addressable(torch.zeros(2, 64, 4, 60, dtype=torch.bfloat16))
+    assert not triton_chunk._addressable(x[..., ::2])
+
+
+@interpreted
 @pytest.mark.parametrize("chunks", [1, 3])
 def test_feature_program_chunks_match_naive(interpreter, monkeypatch, chunks):
     # The chunks per feature program are a tuning knob: any number gives the same op, also where the last program
@@ -469,6 +524,37 @@ def test_gpu_overlap_gives_the_same_result(monkeypatch, saved):
     for name, a, b in zip(names, results[False], results[True], strict=True):
         assert not torch.isnan(a).any(), name
         assert torch.equal(a, b), name
+
+
+@cuda
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs TMA (sm_90 or newer)"
+)
+def test_gpu_window_descriptors_match_pointer_loads(monkeypatch):
+    # On Hopper the window kernel takes TMA descriptors by default: the same results as its pointer loads, and the
+    # descriptors really made (rows past T, here 1000, left out of their stores).
+    from linearize.kernels.hybrid import triton_chunk
+
+    made = []
+    block_descriptor = triton_chunk._block_descriptor
+    monkeypatch.setattr(
+        triton_chunk, "_block_descriptor", lambda t, cols: made.append(cols) or block_descriptor(t, cols)
+    )
+    B, T, H, Hkv, D, F, W = 2, 1000, 8, 2, 128, 64, 64
+    leaves, mask = make_inputs(B, T, H, Hkv, D, F, dtype=torch.bfloat16, device="cuda", pad=3, seed=5)
+    dout = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
+    results = {}
+    for tma in (False, None):
+        monkeypatch.setattr(triton_chunk, "TMA", tma)
+        made.clear()
+        xs = [t.detach().clone().requires_grad_() for t in leaves]
+        out, _ = hybrid_attention(*xs, W, D**-0.5, None, mask)
+        results[tma] = [out, *grads(out, xs, dout)]
+        assert len(made) == (9 if tma is None else 0)
+    names = ["output", "dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
+    for name, a, b in zip(names, results[None], results[False], strict=True):
+        assert not torch.isnan(a).any(), name
+        assert_rel(a.float(), b.float(), 1e-6, name)
 
 
 def _varlen_against_separate_calls(lens, W, with_state, Hkv=2):

@@ -22,6 +22,8 @@ CASES = [
     pytest.param(["--masked", "--state", "--Hkv", "2"], id="bf16-W64-gqa-padding-state"),
     pytest.param(["--window", "0", "--dtype", "fp32"], id="fp32-W0"),
     pytest.param(["--window", "5", "--dtype", "fp16", "--softcap", "30", "--D", "60", "--F", "24"], id="fp16-W5-D60"),
+    # The window kernel's pointer loads, which a device without TMA descriptors runs (the others take them).
+    pytest.param(["--no-tma"], id="bf16-W64-pointer-loads"),
 ]
 
 

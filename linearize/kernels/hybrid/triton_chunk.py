@@ -35,7 +35,8 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
        programs write the same rows), and for the window factor's partial gradient. Against computing the pairs
        once from the query side and again from the key side, it does the score products once and drops the row
        maxima kept between the two: 4-6% faster forward+backward on an H200, for two more buffers the size of q
-       held during the backward (docs/BENCHMARKS.md);
+       held during the backward (docs/BENCHMARKS.md). On Hopper it moves its tiles through TMA descriptors
+       (`TMA`), which keeps newer Tritons from spilling its registers;
     4. `_bwd_q_linear_kernel`, one program per (block of query rows, batch, head): the gradient of the q
        feature-map pre-activation from the states and the linear pairs, and dq back through wq, plus the window's
        part; then the key side, `_bwd_kv_linear_kernel`, one program per (key chunk, batch, head) that visits the
@@ -56,7 +57,7 @@ import contextlib
 import torch
 import triton
 
-from . import save_states
+from . import save_states, triton_version
 from .torch_chunked import HybridState
 from .triton_chunk_bwd import (
     _bwd_kv_linear_kernel,
@@ -91,6 +92,15 @@ PHI_CHUNKS = 4
 # Columns of Dv per program of the sequential state passes.
 BV_STATE = 64
 MAX_DIM = 128
+# The query side's window kernel reads and writes its tiles through TMA tensor descriptors (Hopper's tensor memory
+# accelerator, built on the host) where it can: None decides per call (a CUDA device of compute capability 9 or
+# newer, a Triton of at least `TMA_TRITON`, no carried window, tensors the descriptors can address); True takes them
+# wherever the tensors allow, also on the CPU under the interpreter (tests, `compile_check`); False never. On an
+# H200 under Triton 3.9 the kernel ran 11% faster with them (forward+backward 2%), as fast as with pointer loads
+# under 3.6, whose compiled kernel spills less (docs/BENCHMARKS.md); the other kernels ran slower through
+# descriptors, so they keep pointer loads.
+TMA: bool | None = None
+TMA_TRITON = (3, 6)
 # On CUDA, the default backward (features and states recomputed) launches the sequential state-gradient pass on a
 # second stream, so that it runs beside the recomputed state pass, which does not depend on it (`_Overlap`).
 OVERLAP = True
@@ -131,6 +141,33 @@ class _Overlap:
     def join(self) -> None:
         if self.other is not None:
             self.main.wait_stream(self.other)
+
+
+def _tma_device(device: torch.device) -> bool:
+    """Whether calls on `device` take the TMA descriptors where their tensors allow (see `TMA`)."""
+    if TMA is not None:
+        return TMA
+    if device.type != "cuda":
+        return False
+    version = triton_version()
+    return version is not None and version >= TMA_TRITON and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _addressable(*tensors: torch.Tensor) -> bool:
+    """TMA descriptors need a 16-byte aligned base, 16-byte multiples as strides and unit stride in the last
+    dimension."""
+    return all(
+        t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+        for t in tensors
+    )
+
+
+def _block_descriptor(t: torch.Tensor, cols: int):
+    """Host-side TMA descriptor of a `[B, T, HX, DX]` tensor in blocks of one chunk of one head, `cols` columns
+    wide (`_load_block`, `_store_block`)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, BLOCK_T, 1, cols])
 
 
 def _launch(name: str) -> dict:
@@ -316,10 +353,16 @@ class _HybridChunk(torch.autograd.Function):
             dwf = _empty(B * H * p.NT, device=dev) if window > 0 else den
             if window > 0:
                 # The window's part of dq, dk, dv first, which the linear kernels then add to.
+                # Its tiles, with the columns of their blocks: through TMA descriptors where it can (`TMA`).
+                tiles = {"q": (q, p.BD), "k": (k, p.BD), "v": (v, p.BV), "dn": (dn, p.BV), "dq": (dq, p.BD),
+                         "dk": (dk, p.BD), "dv": (dv, p.BV), "dk_next": (dk_next, p.BD), "dv_next": (dv_next, p.BV)}  # fmt: skip
+                tma = not p.S and _tma_device(dev) and _addressable(*(t for t, _ in tiles.values()))
+                tiles = {name: _block_descriptor(t, cols) if tma else t for name, (t, cols) in tiles.items()}
                 _bwd_q_window_kernel[(p.NT, B * H)](
-                    q, k, v, wf, p.tm, p.win_k, win_v, p.wm, dn, dd, dq, dk, dv, dk_next, dv_next, dwf,
+                    tiles["q"], tiles["k"], tiles["v"], wf, p.tm, p.win_k, win_v, p.wm, tiles["dn"], dd,
+                    tiles["dq"], tiles["dk"], tiles["dv"], tiles["dk_next"], tiles["dv_next"], dwf,
                     T, p.NT, p.S, p.scale, p.softcap,
-                    HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **lin_flags, **_launch("bwd_q_window"),
+                    HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, TMA=tma, **lin_flags, **_launch("bwd_q_window"),
                 )  # fmt: skip
             # The pre-activation gradients go to the weight-gradient products in the input type.
             dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)

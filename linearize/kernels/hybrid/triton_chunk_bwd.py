@@ -13,6 +13,7 @@ from .triton_common import (
     _heads,
     _inv_den,
     _key_ok,
+    _load_block,
     _load_chunk_state,
     _load_do_scaled,
     _load_out_grads,
@@ -23,6 +24,7 @@ from .triton_common import (
     _mm,
     _query_block,
     _soft_cap_grad,
+    _store_block,
     _store_sums,
     _weighted_col_sums,
     _window_scores,
@@ -89,29 +91,29 @@ def _bwd_q_window_kernel(
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     # The window pairs (W > 0) of query chunk c, from both sides: the window's part of dq, stored in dq for
     # `_bwd_q_linear_kernel` to add; what they send to key chunk c (dk, dv) and to key chunk c - 1 (dk_next,
     # dv_next), per query head in the input type, for `_bwd_kv_linear_kernel` to add; and the window factor's
-    # partial gradient. It reads neither features nor states.
+    # partial gradient. It reads neither features nor states. With TMA, q, k, v, dn and the five outputs are
+    # tensor descriptors (`_load_block`, `_store_block`).
     i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BT)
-    od = tl.arange(0, BD)
-    ov = tl.arange(0, BV)
-    dmask = rmask[:, None] & (od[None, :] < D)
-    dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, 0, DV, BV)
-    qq = tl.load(q + qrow[:, None] * D + od[None, :], mask=dmask, other=0.0)
+    t0 = c * BT
+    dN = _load_block(dn, dn, b, h, t0, T, 0, H, DV, BT, BV, False, TMA)
+    dD = tl.load(dd_ptr + qrow, mask=rmask, other=0.0)
+    qq = _load_block(q, q, b, h, t0, T, 0, H, D, BT, BD, False, TMA)
     dt = qq.dtype
     g = tl.sigmoid(tl.load(wf + h).to(tl.float32))
     pos_c = rows
     ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
-    k_c = _load_rows(k, win_k, b, hk, pos_c, T, S, 0, HKV, D, BD, HAS_WIN)
+    k_c = _load_block(k, win_k, b, hk, t0, T, S, HKV, D, BT, BD, HAS_WIN, TMA)
     s_c, win_c = _window_scores(qq, k_c, rows, pos_c, ok_c, scale, softcap, W, SOFTCAP, PREC, False)
     m = tl.max(s_c, 1)
     if LAG:
         pos_p = pos_c - BT
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
-        k_p = _load_rows(k, win_k, b, hk, pos_p, T, S, 0, HKV, D, BD, HAS_WIN)
+        k_p = _load_block(k, win_k, b, hk, t0 - BT, T, S, HKV, D, BT, BD, HAS_WIN, TMA)
         s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC, False)
         m = tl.maximum(m, tl.max(s_p, 1))
     m = tl.where(m == float("-inf"), 0.0, m)
@@ -120,25 +122,24 @@ def _bwd_q_window_kernel(
     arg = tl.max(tl.where(win_c & (s_c == m[:, None]), pos_c[None, :], NO_KEY), 1)
     if LAG:
         arg = tl.maximum(arg, tl.max(tl.where(win_p & (s_p == m[:, None]), pos_p[None, :], NO_KEY), 1))
-    # Key chunk c is the program's own rows (qrow, rmask); key chunk c - 1 the chunk before (below, but not the
-    # carried window's keys in front of chunk 0: they take no gradient).
-    krow_p = qrow - BT * H
-    v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
+    # Key chunk c is the program's own rows; key chunk c - 1 the chunk before (but not the carried window's keys in
+    # front of chunk 0: they take no gradient). Every output is in the input type.
+    v_c = _load_block(v, win_v, b, hk, t0, T, S, HKV, DV, BT, BV, HAS_WIN, TMA)
     a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
     # da/ds = a.
     daa_c = tl.where(win_c, (_mm(dN, tl.trans(v_c), PREC) + dD[:, None]) * a_c, 0.0)
     # dv = (a / den)^T do = a^T dN (a <= 1: no overflow in fp16), stored as soon as a is known, which frees it.
-    tl.store(dv + qrow[:, None] * DV + ov[None, :], _mm(tl.trans(a_c.to(dt)), dN, PREC).to(dv.dtype.element_ty),
-             mask=rmask[:, None] & (ov[None, :] < DV))  # fmt: skip
+    _store_block(dv, _mm(tl.trans(a_c.to(dt)), dN, PREC).to(dt), b, h, t0, T, H, DV, BT, BV, TMA)
     dm = -tl.sum(daa_c, 1)
     if LAG:
-        v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
+        v_p = _load_block(v, win_v, b, hk, t0 - BT, T, S, HKV, DV, BT, BV, HAS_WIN, TMA)
         a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
         daa_p = tl.where(win_p, (_mm(dN, tl.trans(v_p), PREC) + dD[:, None]) * a_p, 0.0)
+        # (Chunk c - 1 is whole.)
         if c > 0:
-            tl.store(dv_next + krow_p[:, None] * DV + ov[None, :],
-                     _mm(tl.trans(a_p.to(dt)), dN, PREC).to(dv_next.dtype.element_ty),
-                     mask=(ov[None, :] < DV))  # fmt: skip
+            _store_block(
+                dv_next, _mm(tl.trans(a_p.to(dt)), dN, PREC).to(dt), b, h, t0 - BT, T, H, DV, BT, BV, TMA, True
+            )
         dm -= tl.sum(daa_p, 1)
     ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
     if SOFTCAP:
@@ -146,8 +147,7 @@ def _bwd_q_window_kernel(
     ds_c = ds_c.to(dt)
     dqw = _mm(ds_c, k_c, PREC)
     # dk = ds^T q.
-    tl.store(dk + qrow[:, None] * D + od[None, :], (_mm(tl.trans(ds_c), qq, PREC) * scale).to(dk.dtype.element_ty),
-             mask=dmask)  # fmt: skip
+    _store_block(dk, (_mm(tl.trans(ds_c), qq, PREC) * scale).to(dt), b, h, t0, T, H, D, BT, BD, TMA)
     if LAG:
         ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
         if SOFTCAP:
@@ -155,12 +155,11 @@ def _bwd_q_window_kernel(
         ds_p = ds_p.to(dt)
         dqw += _mm(ds_p, k_p, PREC)
         if c > 0:
-            tl.store(dk_next + krow_p[:, None] * D + od[None, :],
-                     (_mm(tl.trans(ds_p), qq, PREC) * scale).to(dk_next.dtype.element_ty),
-                     mask=(od[None, :] < D))  # fmt: skip
+            _store_block(dk_next, (_mm(tl.trans(ds_p), qq, PREC) * scale).to(dt), b, h, t0 - BT, T, H, D, BT, BD, TMA,
+                         True)  # fmt: skip
     # a = sigmoid(wf) e: d wf = sum dA a (1 - g), where the sum of dA a over the program's pairs is -sum(dm).
     tl.store(dwf + bh * tl.num_programs(0) + i, -tl.sum(dm, 0) * (1.0 - g))
-    tl.store(dq + qrow[:, None] * D + od[None, :], (dqw * scale).to(dq.dtype.element_ty), mask=dmask)
+    _store_block(dq, (dqw * scale).to(dt), b, h, t0, T, H, D, BT, BD, TMA)
 
 
 @triton.jit

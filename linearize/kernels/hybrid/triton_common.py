@@ -127,6 +127,35 @@ def _load_rows(x_ptr, win_ptr, b, hk, pos, T, S, c0, HKV: tl.constexpr, DX: tl.c
 
 
 @triton.jit
+def _load_block(x, win_ptr, b, hx, t0, T, S, HX: tl.constexpr, DX: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr,
+                HAS_WIN: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    # Rows t0..t0 + BT of head hx of a [B, T, HX, DX] tensor as a [BT, BX] tile: with TMA, x is its tensor descriptor
+    # (blocks [1, BT, 1, BX]; rows outside 0..T - 1 and columns past DX read as zeros), else `_load_rows`.
+    if TMA:
+        return x.load([b, t0, hx, 0]).reshape(BT, BX)
+    else:
+        return _load_rows(x, win_ptr, b, hx, t0 + tl.arange(0, BT), T, S, 0, HX, DX, BX, HAS_WIN)
+
+
+@triton.jit
+def _store_block(x, val, b, hx, t0, T, HX: tl.constexpr, DX: tl.constexpr, BT: tl.constexpr, BX: tl.constexpr,
+                 TMA: tl.constexpr, WHOLE: tl.constexpr = False):  # fmt: skip
+    # Stores the [BT, BX] tile val (in the tensor's type) as rows t0..t0 + BT (t0 >= 0) of head hx of a
+    # [B, T, HX, DX] tensor, leaving out rows past T (none when WHOLE) and columns past DX: with TMA through its
+    # tensor descriptor.
+    if TMA:
+        x.store([b, t0, hx, 0], val.reshape(1, BT, 1, BX))
+    else:
+        pos = t0 + tl.arange(0, BT)
+        offs = tl.arange(0, BX)
+        rows = (b * T + pos).to(tl.int64) * HX + hx
+        mask = (offs < DX)[None, :]
+        if not WHOLE:
+            mask = mask & (pos < T)[:, None]
+        tl.store(x + rows[:, None] * DX + offs[None, :], val, mask=mask)
+
+
+@triton.jit
 def _key_ok(tm_ptr, wm_ptr, b, pos, T, S, HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr):
     ok = (pos >= 0) & (pos < T)
     if HAS_MASK:
