@@ -530,9 +530,16 @@ def test_gpu_overlap_gives_the_same_result(monkeypatch, saved):
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs TMA (sm_90 or newer)"
 )
-def test_gpu_window_descriptors_match_pointer_loads(monkeypatch):
+@pytest.mark.parametrize(
+    "dtype,D,W",
+    [
+        pytest.param(torch.bfloat16, 128, 64, id="bf16-D128-W64"),
+        pytest.param(torch.float32, 60, 16, id="fp32-D60-W16"),
+    ],
+)
+def test_gpu_window_descriptors_match_pointer_loads(monkeypatch, dtype, D, W):
     # On Hopper the window kernel takes TMA descriptors by default: the same results as its pointer loads, and the
-    # descriptors really made (rows past T, here 1000, left out of their stores).
+    # descriptors really made (rows past T, here 1000, left out of their stores; columns past D = 60 read as zeros).
     from linearize.kernels.hybrid import triton_chunk
 
     made = []
@@ -540,9 +547,9 @@ def test_gpu_window_descriptors_match_pointer_loads(monkeypatch):
     monkeypatch.setattr(
         triton_chunk, "_block_descriptor", lambda t, cols: made.append(cols) or block_descriptor(t, cols)
     )
-    B, T, H, Hkv, D, F, W = 2, 1000, 8, 2, 128, 64, 64
-    leaves, mask = make_inputs(B, T, H, Hkv, D, F, dtype=torch.bfloat16, device="cuda", pad=3, seed=5)
-    dout = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(2)).to("cuda", torch.bfloat16)
+    B, T, H, Hkv, F = 2, 1000, 8, 2, 64
+    leaves, mask = make_inputs(B, T, H, Hkv, D, F, dtype=dtype, device="cuda", pad=3, seed=5)
+    dout = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(2)).to("cuda", dtype)
     results = {}
     for tma in (False, None):
         monkeypatch.setattr(triton_chunk, "TMA", tma)

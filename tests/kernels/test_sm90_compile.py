@@ -22,8 +22,10 @@ CASES = [
     pytest.param(["--masked", "--state", "--Hkv", "2"], id="bf16-W64-gqa-padding-state"),
     pytest.param(["--window", "0", "--dtype", "fp32"], id="fp32-W0"),
     pytest.param(["--window", "5", "--dtype", "fp16", "--softcap", "30", "--D", "60", "--F", "24"], id="fp16-W5-D60"),
-    # The window kernel's pointer loads, which a device without TMA descriptors runs (the others take them).
+    # The window kernel's pointer loads, which a device without TMA descriptors runs (the others take them), and its
+    # descriptors over fp32 tensors with columns to pad (D = 60 in blocks of 64).
     pytest.param(["--no-tma"], id="bf16-W64-pointer-loads"),
+    pytest.param(["--window", "16", "--dtype", "fp32", "--D", "60", "--F", "24"], id="fp32-W16-D60-descriptors"),
 ]
 
 
