@@ -73,9 +73,10 @@ def extract(ref: str, dest: Path) -> Path:
     return dest
 
 
-def run_side(package: Path, workdir: Path, arg: str) -> dict:
-    """One process importing `package` (started in `workdir`, outside the repository); its parsed result."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), str(BENCHMARKS)])}
+def run_side(package: Path, workdir: Path, arg: str, bench_dir: Path = BENCHMARKS) -> dict:
+    """One process importing `package` (started in `workdir`, outside the repository) and `bench_hybrid` from
+    `bench_dir`; its parsed result."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), str(bench_dir)])}
     proc = subprocess.run([sys.executable, "-c", CHILD, arg], cwd=workdir, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=2, help="alternating runs of each side")
     parser.add_argument("--cases", type=parse_case, nargs="+", default=DEFAULT_CASES)
     parser.add_argument("--check-imports", action="store_true", help="only report which package each side imports")
+    parser.add_argument(
+        "--bench-dir", type=Path, default=BENCHMARKS, help="folder whose bench_hybrid.py times a case (default: ours)"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -105,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[dict]] = {name: [] for name in sides}
         for run in range(args.runs):
             for name, pkg in sides.items():
-                times[name].append(run_side(pkg, tmp / "run", json.dumps(args.cases))["times"])
+                times[name].append(run_side(pkg, tmp / "run", json.dumps(args.cases), args.bench_dir)["times"])
                 print(f"# run {run + 1}, {name}: " + " ".join(f"{times[name][-1][c]:.3f}" for c in args.cases),
                       flush=True)  # fmt: skip
     print(f"\n| case (BxTxHKVxWxSAVED) | {args.ref} ms | working tree ms | change |")

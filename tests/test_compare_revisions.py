@@ -5,6 +5,7 @@ working tree), and bad arguments are refused with what to pass."""
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,43 @@ def test_each_side_imports_its_own_package():
     assert work == ROOT
     # The revision's package is unpacked outside the repository, and that copy is what its process imported.
     assert ROOT not in ref.parents and ref.name == "ref"
+
+
+def test_table_gives_the_mean_of_each_side_over_runs(tmp_path):
+    # A stand-in for bench_hybrid.py (which needs a GPU): the working tree's package takes 10% longer than the
+    # revision's in every case, and the second run 0.2 ms longer than the first on both sides.
+    (tmp_path / "bench_hybrid.py").write_text(
+        textwrap.dedent(f"""
+            import os
+            import linearize
+
+            WORK = os.path.abspath(linearize.__file__).startswith({str(ROOT)!r} + os.sep)
+
+            def _inputs(B, T, H, Hkv, D):
+                return [B * T / 16384, Hkv]
+
+            def _ours(*args):
+                return None
+
+            def _fwd_bwd(run, leaves):
+                # Calls so far on this side, counted in a file of the processes' shared working folder.
+                stamp = os.path.join(os.getcwd(), f"calls-{{WORK}}")
+                n = sum(1 for _ in open(stamp)) if os.path.exists(stamp) else 0
+                with open(stamp, "a") as f:
+                    f.write("x\\n")
+                base = leaves[0] * (1.1 if WORK else 1.0)
+                return base, base + 0.2 * (n // 2)
+        """)
+    )
+    result = _run("--ref", "HEAD", "--runs", "2", "--cases", "1x16384x32x64x0", "2x16384x8x0x1",
+                  "--bench-dir", str(tmp_path))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 1x") or line.startswith("| 2x")]
+    # Per side, two cases per process: run 1 gives 1.0 and 2.0 (or 1.1 and 2.2), run 2 adds 0.2; means add 0.1.
+    assert rows == [
+        "| 1x16384x32x64x0 | 1.100 | 1.200 | +9.1% |",
+        "| 2x16384x8x0x1 | 2.100 | 2.300 | +9.5% |",
+    ], result.stdout
 
 
 @pytest.mark.parametrize(
