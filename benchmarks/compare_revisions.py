@@ -16,6 +16,7 @@ A case is BxTxHKVxWxSAVED: batch, tokens, key/value heads (of 32 query heads, D 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -64,12 +65,9 @@ def extract(ref: str, dest: Path) -> Path:
     )
     if archive.returncode:
         raise SystemExit(f"git archive {ref}: {archive.stderr.decode().strip() or 'failed'}")
-    tar_path = dest / "ref.tar"
-    tar_path.write_bytes(archive.stdout)
-    with tarfile.open(tar_path) as tar:
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         # The "data" filter (Python 3.11.4 and newer) refuses members that would land outside `dest`.
         tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    tar_path.unlink()
     return dest
 
 

@@ -184,6 +184,8 @@ def test_window_descriptors_match_pointer_loads(interpreter, monkeypatch, B, T, 
     monkeypatch.setattr(mod, "_block_descriptor", lambda t, cols: made.append(cols) or block_descriptor(t, cols))
     leaves, mask = make_inputs(B, T, H, Hkv, D, F, Dv=D + 8, pad=pad, seed=T + W)
     dout = torch.randn(B, T, H, D + 8, generator=torch.Generator().manual_seed(1))
+    # q, k, dq, dk, dk_next in blocks of D columns, v, dn, dv, dv_next of Dv (each rounded up to a power of two).
+    bd, bv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(D + 8))
     results = {}
     for tma in (False, True):
         monkeypatch.setattr(mod, "TMA", tma)
@@ -191,8 +193,6 @@ def test_window_descriptors_match_pointer_loads(interpreter, monkeypatch, B, T, 
         xs = [t.clone().requires_grad_() for t in leaves]
         out, _ = hybrid_attention(*xs, W, D**-0.5, softcap, mask)
         results[tma] = [out, *grads(out, xs, dout)]
-        # q, k, dq, dk, dk_next in blocks of D columns, v, dn, dv, dv_next of Dv (each rounded up to a power of two).
-        bd, bv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(D + 8))
         assert sorted(made) == (sorted([bd] * 5 + [bv] * 4) if tma else [])
     names = ["output", "dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
     for name, a, b in zip(names, results[True], results[False], strict=True):
@@ -213,8 +213,11 @@ def test_window_descriptors_only_where_the_device_and_tensors_allow(monkeypatch)
     assert not triton_chunk._tma_device(torch.device("cpu"))
     x = torch.zeros(2, 64, 4, 128, dtype=torch.bfloat16)
     assert triton_chunk._addressable(x, x[:, 1:].contiguous())
-    # A base 2 bytes past an aligned one; rows of 60 bf16 (120 bytes, not a multiple of 16); a strided last dim.
-    assert not triton_chunk._addressable(x.view(-1)[1:].view(-1)[: 2 * 64 * 4 * 127].view(2, 64, 4, 127))
+    # A base 2 bytes past an aligned one (rows of 120 bf16, 240 bytes, would do); rows of 60 bf16 (120 bytes, not a
+    # multiple of 16); a strided last dim.
+    shifted = x.view(-1)[1 : 1 + 2 * 64 * 4 * 120].view(2, 64, 4, 120)
+    assert triton_chunk._addressable(x.view(-1)[: 2 * 64 * 4 * 120].view(2, 64, 4, 120))
+    assert not triton_chunk._addressable(shifted)
     assert not triton_chunk._addressable(torch.zeros(2, 64, 4, 60, dtype=torch.bfloat16))
     assert not triton_chunk._addressable(x[..., ::2])
 
