@@ -38,6 +38,13 @@ def kernel_bytes(B, T, H, Hkv, D, F, W, saved: bool, elt: int = 2) -> dict[str, 
     row = n * H * 4  # one fp32 per query row: den, d(den)
     pre = n * H * F * elt  # feature-map pre-activation gradients
     per_head = n * H * 2 * D * elt  # the key side's dk, dv per query head
+    part = n * H * D * elt  # one of the window kernel's dk, dv parts per query head
+    lag = 1 if W >= 2 else 0
+    own = 1 if W < 64 else 0  # pairs within the chunk on the linear side
+    # With a window, the window kernel's [rows, keys] tiles of the pairs with the own and the previous key chunk,
+    # which the linear kernels read instead of the values; without one the key side reads den and d(den) too.
+    tiles = n * H * 64 * elt * (own + lag) if W else 0
+    handed = part * (1 + lag + (1 - own)) if W else 2 * row
     passes = 1 if saved else 2  # the forward's features and state pass, recomputed by the default backward
     out = {
         "_phi_kernel": passes * (q + k + 2 * phi),
@@ -46,14 +53,14 @@ def kernel_bytes(B, T, H, Hkv, D, F, W, saved: bool, elt: int = 2) -> dict[str, 
         "_delta_kernel": 2 * o + o + 2 * row,
         "_bwd_state_kernel": phi + o + row + states,
         # With a window, the window's dq is written by one query-side kernel and read back by the other.
-        "_bwd_q_linear_kernel": v + 2 * phi + states + o + row + (2 if W else 1) * q + pre,
-        # The window's dk, dv per query head (two parts each) are written by the query side's window kernel and
-        # read back by the key side.
-        "_bwd_kv_linear_kernel": 2 * phi + v + states + o + 2 * row + (3 if W else 1) * per_head + pre,
+        "_bwd_q_linear_kernel": (tiles if W else v) + 2 * phi + states + o + row + (2 if W else 1) * q + pre,
+        # The window's dk (own and previous chunk) and dv (when W >= 64) per query head are written by the query
+        # side's window kernel and read back by the key side.
+        "_bwd_kv_linear_kernel": 2 * phi + v + states + o + handed + tiles + per_head + pre,
         "_wgrad_kernel": q + k + 2 * pre,
     }
     if W:
-        out["_bwd_q_window_kernel"] = q + k + v + o + row + q + 2 * per_head
+        out["_bwd_q_window_kernel"] = q + k + v + o + row + q + part * (1 + lag + (1 - own)) + tiles
     if H != Hkv:
         out["group sums"] = per_head + k + v
     return out

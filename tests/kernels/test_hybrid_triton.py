@@ -184,8 +184,10 @@ def test_window_descriptors_match_pointer_loads(interpreter, monkeypatch, B, T, 
     monkeypatch.setattr(mod, "_block_descriptor", lambda t, cols: made.append(cols) or block_descriptor(t, cols))
     leaves, mask = make_inputs(B, T, H, Hkv, D, F, Dv=D + 8, pad=pad, seed=T + W)
     dout = torch.randn(B, T, H, D + 8, generator=torch.Generator().manual_seed(1))
-    # q, k, dq, dk, dk_next in blocks of D columns, v, dn, dv, dv_next of Dv (each rounded up to a power of two).
+    # q, k, dq, dk, dk_next in blocks of D columns, v, dn, dv of Dv (each rounded up to a power of two), and the pair
+    # tiles of one chunk's keys: of the own chunk when W < 64, of the previous one (W >= 2 here).
     bd, bv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(D + 8))
+    expected = sorted([bd] * 5 + [bv] * 3 + [64] * (1 + (W < 64)))
     results = {}
     for tma in (False, True):
         monkeypatch.setattr(mod, "TMA", tma)
@@ -193,7 +195,7 @@ def test_window_descriptors_match_pointer_loads(interpreter, monkeypatch, B, T, 
         xs = [t.clone().requires_grad_() for t in leaves]
         out, _ = hybrid_attention(*xs, W, D**-0.5, softcap, mask)
         results[tma] = [out, *grads(out, xs, dout)]
-        assert sorted(made) == (sorted([bd] * 5 + [bv] * 4) if tma else [])
+        assert sorted(made) == (expected if tma else [])
     names = ["output", "dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
     for name, a, b in zip(names, results[True], results[False], strict=True):
         assert not torch.isnan(a).any(), name
@@ -560,7 +562,8 @@ def test_gpu_window_descriptors_match_pointer_loads(monkeypatch, dtype, D, W):
         xs = [t.detach().clone().requires_grad_() for t in leaves]
         out, _ = hybrid_attention(*xs, W, D**-0.5, None, mask)
         results[tma] = [out, *grads(out, xs, dout)]
-        assert len(made) == (9 if tma is None else 0)
+        # q, k, v, dn, dq, dk, dv, dk_next and the pair tiles: of the previous key chunk, and of the own one if W < 64.
+        assert len(made) == ((9 + (W < 64)) if tma is None else 0)
     names = ["output", "dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
     for name, a, b in zip(names, results[None], results[False], strict=True):
         assert not torch.isnan(a).any(), name

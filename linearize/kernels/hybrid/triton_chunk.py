@@ -30,20 +30,23 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
        (`_Overlap`);
     3. with a window, `_bwd_q_window_kernel`, one program per (query chunk c, batch, head), takes the window pairs
        from both sides at once: the scores, their row maximum (and its arg-max key, where the maximum's gradient
-       goes) and their gradient are computed once, for the window's part of dq, for what they send to key chunk c
-       (dk, dv) and to key chunk c - 1 (dk_next, dv_next, per query head in the input type, so that no two
-       programs write the same rows), and for the window factor's partial gradient. Against computing the pairs
-       once from the query side and again from the key side, it does the score products once and drops the row
-       maxima kept between the two: 4-6% faster forward+backward on an H200, for two more buffers the size of q
-       held during the backward (docs/BENCHMARKS.md). On Hopper it moves its tiles through TMA descriptors
-       (`TMA`), which keeps newer Tritons from spilling its registers;
+       goes) and their gradient are computed once, for the window's part of dq, for the dk it sends to key chunk c
+       and to key chunk c - 1 (dk_next, per query head in the input type, so that no two programs write the same
+       rows), for the dv of key chunk c when the window covers the chunk, and for the window factor's partial
+       gradient. Against computing the pairs once from the query side and again from the key side, it does the
+       score products once and drops the row maxima kept between the two: 4-6% faster forward+backward on an
+       H200 (docs/BENCHMARKS.md). Its dN v^T is also the score gradient of the linear pairs with the same key
+       chunks, so it stores, per key chunk, a [rows, keys] tile of the window weights and the linear pairs' score
+       gradients, which the linear kernels read instead of computing dN v^T again (2% faster forward+backward than
+       each computing it, with the window's dv for chunk c - 1 folded into the key side's). On Hopper it moves its
+       tiles through TMA descriptors (`TMA`), which keeps newer Tritons from spilling its registers;
     4. `_bwd_q_linear_kernel`, one program per (block of query rows, batch, head): the gradient of the q
        feature-map pre-activation from the states and the linear pairs, and dq back through wq, plus the window's
        part; then the key side, `_bwd_kv_linear_kernel`, one program per (key chunk, batch, head) that visits the
-       (at most two) query chunks that see the key chunk on the linear side, with its tiles key-major, so that every
-       product has the chunk's keys as rows (Hopper's wgmma needs 64): the linear pairs and the state gradient,
-       the window's parts added, written as dk, dv (with the projection back through wk folded in) and the gradient
-       of the k feature-map pre-activation. Each program owns its rows, so nothing is written twice by concurrent
+       (at most two) query chunks whose pairs with the key chunk are not in the states, with its tiles key-major,
+       so that every product has the chunk's keys as rows (Hopper's wgmma needs 64): those pairs and the state
+       gradient, the window's parts added, written as dk, dv (with the projection back through wk folded in) and
+       the gradient of the k feature-map pre-activation. Each program owns its rows, so nothing is written twice by concurrent
        programs (with GQA one torch sum over the group remains);
     5. `_wgrad_kernel`: the feature-map weight gradients x^T g as split-K partial products, summed by one torch op.
 
@@ -349,25 +352,31 @@ class _HybridChunk(torch.autograd.Function):
             dv = _empty(B, T, H, DV, dtype=v.dtype, device=dev)
             # What each query chunk sends through the window to the key chunk before its own.
             dk_next = _empty(B, T, H, D, dtype=k.dtype, device=dev) if window > 0 and p.LAG else dk
-            dv_next = _empty(B, T, H, DV, dtype=v.dtype, device=dev) if window > 0 and p.LAG else dv
+            # The window kernel's [rows, keys] tiles of the pairs with the own and the previous key chunk.
+            xc = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if 0 < window < BLOCK_T else dd
+            xp = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if window > 0 and p.LAG else dd
             dwf = _empty(B * H * p.NT, device=dev) if window > 0 else den
             if window > 0:
                 # The window's part of dq, dk, dv first, which the linear kernels then add to.
                 # Its tiles, with the columns of their blocks: through TMA descriptors where it can (`TMA`).
                 tiles = {"q": (q, p.BD), "k": (k, p.BD), "v": (v, p.BV), "dn": (dn, p.BV), "dq": (dq, p.BD),
-                         "dk": (dk, p.BD), "dv": (dv, p.BV), "dk_next": (dk_next, p.BD), "dv_next": (dv_next, p.BV)}  # fmt: skip
-                tma = not p.S and _tma_device(dev) and _addressable(*(t for t, _ in tiles.values()))
-                tiles = {name: _block_descriptor(t, cols) if tma else t for name, (t, cols) in tiles.items()}
+                         "dk": (dk, p.BD), "dv": (dv, p.BV), "dk_next": (dk_next, p.BD), "xc": (xc, BLOCK_T),
+                         "xp": (xp, BLOCK_T)}  # fmt: skip
+                # (Buffers a flag leaves unused stand in for others and need no descriptor.)
+                used = [t for t, _ in tiles.values() if t.dim() == 4]
+                tma = not p.S and _tma_device(dev) and _addressable(*used)
+                tiles = {name: _block_descriptor(t, cols) if tma and t.dim() == 4 else t
+                         for name, (t, cols) in tiles.items()}  # fmt: skip
                 _bwd_q_window_kernel[(p.NT, B * H)](
                     tiles["q"], tiles["k"], tiles["v"], wf, p.tm, p.win_k, win_v, p.wm, tiles["dn"], dd,
-                    tiles["dq"], tiles["dk"], tiles["dv"], tiles["dk_next"], tiles["dv_next"], dwf,
+                    tiles["dq"], tiles["dk"], tiles["dv"], tiles["dk_next"], tiles["xc"], tiles["xp"], dwf,
                     T, p.NT, p.S, p.scale, p.softcap,
                     HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, TMA=tma, **lin_flags, **_launch("bwd_q_window"),
                 )  # fmt: skip
             # The pre-activation gradients go to the weight-gradient products in the input type.
             dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)
             _bwd_q_linear_kernel[(triton.cdiv(T, BQ_Q), B * H)](
-                v, phq, phk, phw, wq, p.tm, win_v, p.wm, hkv, hz, dn, dd, dq, dpq, T, p.NT, p.S,
+                v, phq, phk, phw, wq, p.tm, win_v, p.wm, hkv, hz, dn, dd, xc, xp, dq, dpq, T, p.NT, p.S,
                 HAS_WIN=p.S > 0, **lin_flags, BQ=BQ_Q, **_launch("bwd_q_linear"),
             )  # fmt: skip
             dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
@@ -376,7 +385,7 @@ class _HybridChunk(torch.autograd.Function):
             # still uses is handed back before it is done.
             par.join()
         _bwd_kv_linear_kernel[(p.NT, B * H)](
-            phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dk, dv, dk_next, dv_next, dpk, T, p.NT, p.S,
+            phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dn, xc, xp, dk, dv, dk_next, dpk, T, p.NT, p.S,
             **lin_flags, BQ=BQ_KV_LINEAR, **_launch("bwd_kv_linear"),
         )  # fmt: skip
         if groups > 1:

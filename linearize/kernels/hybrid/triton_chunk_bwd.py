@@ -87,17 +87,22 @@ def _bwd_state_kernel(
 @triton.jit
 def _bwd_q_window_kernel(
     q, k, v, wf, tm, win_k, win_v, win_m, dn, dd_ptr,
-    dq, dk, dv, dk_next, dv_next, dwf,
+    dq, dk, dv, dk_next, xc, xp, dwf,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     # The window pairs (W > 0) of query chunk c, from both sides: the window's part of dq, stored in dq for
-    # `_bwd_q_linear_kernel` to add; what they send to key chunk c (dk, dv) and to key chunk c - 1 (dk_next,
-    # dv_next), per query head in the input type, for `_bwd_kv_linear_kernel` to add; and the window factor's
-    # partial gradient. It reads neither features nor states. With TMA, q, k, v, dn and the five outputs are
-    # tensor descriptors (`_load_block`, `_store_block`).
+    # `_bwd_q_linear_kernel` to add; what they send to the keys of chunk c (dk, and dv when W >= BT) and of chunk
+    # c - 1 (dk_next), per query head in the input type, for `_bwd_kv_linear_kernel` to add; and the window factor's
+    # partial gradient. Their dN v^T + d(den) is also the score gradient of the linear pairs with the same key
+    # chunks, so for each key chunk the program stores one [rows, keys] tile in the input type (xc for chunk c when
+    # W < BT, xp for chunk c - 1): the window weights a on the window's pairs, the linear pairs' score gradients dl
+    # and zeros elsewhere. The linear kernels read them instead of computing dN v^T again: the query side for dl,
+    # the key side also for the window's dv, which it takes with the linear pairs' (`_bwd_kv_pairs_visit`). It
+    # reads neither features nor states. With TMA, q, k, v, dn and the outputs but dwf are tensor descriptors
+    # (`_load_block`, `_store_block`).
     i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BT)
     t0 = c * BT
     dN = _load_block(dn, dn, b, h, t0, T, 0, H, DV, BT, BV, False, TMA)
@@ -126,20 +131,23 @@ def _bwd_q_window_kernel(
     # front of chunk 0: they take no gradient). Every output is in the input type.
     v_c = _load_block(v, win_v, b, hk, t0, T, S, HKV, DV, BT, BV, HAS_WIN, TMA)
     a_c = tl.where(win_c, g * tl.exp(s_c - m[:, None]), 0.0)
+    dp_c = _mm(dN, tl.trans(v_c), PREC) + dD[:, None]
     # da/ds = a.
-    daa_c = tl.where(win_c, (_mm(dN, tl.trans(v_c), PREC) + dD[:, None]) * a_c, 0.0)
-    # dv = (a / den)^T do = a^T dN (a <= 1: no overflow in fp16), stored as soon as a is known, which frees it.
-    _store_block(dv, _mm(tl.trans(a_c.to(dt)), dN, PREC).to(dt), b, h, t0, T, H, DV, BT, BV, TMA)
+    daa_c = tl.where(win_c, dp_c * a_c, 0.0)
+    if W < BT:
+        lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
+        _store_block(xc, tl.where(win_c, a_c, tl.where(lin_c, dp_c, 0.0)).to(dt), b, h, t0, T, H, BT, BT, BT, TMA)
+    else:
+        # dv = (a / den)^T do = a^T dN (a <= 1: no overflow in fp16), stored as soon as a is known, which frees it.
+        _store_block(dv, _mm(tl.trans(a_c.to(dt)), dN, PREC).to(dt), b, h, t0, T, H, DV, BT, BV, TMA)
     dm = -tl.sum(daa_c, 1)
     if LAG:
         v_p = _load_block(v, win_v, b, hk, t0 - BT, T, S, HKV, DV, BT, BV, HAS_WIN, TMA)
         a_p = tl.where(win_p, g * tl.exp(s_p - m[:, None]), 0.0)
-        daa_p = tl.where(win_p, (_mm(dN, tl.trans(v_p), PREC) + dD[:, None]) * a_p, 0.0)
-        # (Chunk c - 1 is whole.)
-        if c > 0:
-            _store_block(
-                dv_next, _mm(tl.trans(a_p.to(dt)), dN, PREC).to(dt), b, h, t0 - BT, T, H, DV, BT, BV, TMA, True
-            )
+        dp_p = _mm(dN, tl.trans(v_p), PREC) + dD[:, None]
+        daa_p = tl.where(win_p, dp_p * a_p, 0.0)
+        lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
+        _store_block(xp, tl.where(win_p, a_p, tl.where(lin_p, dp_p, 0.0)).to(dt), b, h, t0, T, H, BT, BT, BT, TMA)
         dm -= tl.sum(daa_p, 1)
     ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
     if SOFTCAP:
@@ -164,7 +172,7 @@ def _bwd_q_window_kernel(
 
 @triton.jit
 def _bwd_q_linear_kernel(
-    v, phq, phk, phw, wq, tm, win_v, win_m, hkv, hz, dn, dd_ptr,
+    v, phq, phk, phw, wq, tm, win_v, win_m, hkv, hz, dn, dd_ptr, xc, xp,
     dq, dpq,
     T, NT, S,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
@@ -172,7 +180,8 @@ def _bwd_q_linear_kernel(
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     # Query side, linear pairs and the states: the gradient of the q feature-map pre-activation for query chunk c
-    # and dq back through wq, plus (W > 0) the window's part that `_bwd_q_window_kernel` stored in dq.
+    # and dq back through wq, plus (W > 0) the window's part that `_bwd_q_window_kernel` stored in dq. With a window
+    # the linear pairs' score gradients come from that kernel's tiles (xc, xp); without one they are computed here.
     i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BQ)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
@@ -186,20 +195,24 @@ def _bwd_q_linear_kernel(
     pos_c = c * BT + tl.arange(0, BT)
     if W < BT:
         # (A window as long as the chunk leaves no linear term within it.)
-        v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_c = _key_ok(tm, win_m, b, pos_c, T, S, HAS_MASK, HAS_WIN)
         lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
-        dl_c = tl.where(lin_c, _mm(dN, tl.trans(v_c), PREC) + dD[:, None], 0.0).to(dt)
+        if W > 0:
+            x_c = _load_rows(xc, xc, b, h, rows, T, 0, 0, H, BT, BT, False)
+            dl_c = tl.where(lin_c, x_c, 0.0).to(dt)
+        else:
+            v_c = _load_rows(v, win_v, b, hk, pos_c, T, S, 0, HKV, DV, BV, HAS_WIN)
+            dl_c = tl.where(lin_c, _mm(dN, tl.trans(v_c), PREC) + dD[:, None], 0.0).to(dt)
         pk_p, pk_n = _load_phi_pair(phk, phw, b, h, pos_c, T, S, H, F, BF, HAS_WIN)
         dphq_p += _mm(dl_c, pk_p, PREC)
         dphq_n += _mm(dl_c, pk_n, PREC)
     if LAG:
-        # Keys of the previous chunk (or of the carried window in front of chunk 0).
+        # Keys of the previous chunk (or of the carried window in front of chunk 0): the score gradients of the
+        # linear pairs from the window kernel's tile.
         pos_p = pos_c - BT
-        v_p = _load_rows(v, win_v, b, hk, pos_p, T, S, 0, HKV, DV, BV, HAS_WIN)
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
-        dl_p = tl.where(lin_p, _mm(dN, tl.trans(v_p), PREC) + dD[:, None], 0.0).to(dt)
+        dl_p = tl.where(lin_p, _load_rows(xp, xp, b, h, rows, T, 0, 0, H, BT, BT, False), 0.0).to(dt)
         pkp_p, pkp_n = _load_phi_pair(phk, phw, b, h, pos_p, T, S, H, F, BF, HAS_WIN)
         dphq_p += _mm(dl_p, pkp_p, PREC)
         dphq_n += _mm(dl_p, pkp_n, PREC)
@@ -243,8 +256,37 @@ def _bwd_kv_linear_visit(
 
 
 @triton.jit
+def _bwd_kv_pairs_visit(
+    phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, r0, b, h, T,
+    H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
+    BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    # With a window: adds what all pairs (window and linear) of the BQ query rows from r0 on (head h) send back to
+    # key chunk `pos`, from `_bwd_q_window_kernel`'s [rows, keys] tile x of those rows (window weights a, linear
+    # score gradients dl, zeros elsewhere): dv += (a + l)^T dN with l = phi_q . phi_k on the linear pairs, and
+    # dphi_k += dl^T phi_q. Key-major, as `_bwd_kv_linear_visit`.
+    rows = r0 + tl.arange(0, BQ)
+    qrow = (b * T + rows).to(tl.int64) * H + h
+    rmask = rows < T
+    ok = tl.arange(0, BT)
+    # Rows past T load as zeros and send nothing.
+    xt = tl.trans(tl.load(x + qrow[:, None] * BT + ok[None, :], mask=rmask[:, None], other=0.0))
+    dN, _ = _load_out_grads(dn, dn, qrow, rmask, 0, DV, BV)
+    dt = xt.dtype
+    phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
+    lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
+    pt = _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC)
+    # a <= 1 and l <= 2 (each feature half sums to one): no overflow in fp16.
+    dv_acc += _mm(tl.where(lin, pt, xt.to(tl.float32)).to(dt), dN, PREC)
+    dlt = tl.where(lin, xt, 0.0).to(dt)
+    dph_p += _mm(dlt, phq_p, PREC)
+    dph_n += _mm(dlt, phq_n, PREC)
+    return dph_p, dph_n, dv_acc
+
+
+@triton.jit
 def _bwd_kv_linear_kernel(
-    phq, phk, v, wk, tm, win_m, dhkv, dhz, do, den_ptr, dd_ptr, dk, dv, dk_next, dv_next, dpk,
+    phq, phk, v, wk, tm, win_m, dhkv, dhz, do, den_ptr, dd_ptr, dn, xc, xp, dk, dv, dk_next, dpk,
     T, NT, S,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
@@ -253,8 +295,9 @@ def _bwd_kv_linear_kernel(
     # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
     # feature-map pre-activation of key chunk j. Its keys are seen on the linear side by query chunks j (when
     # W < BT) and j + 1 (when LAG), and through the states by all later ones, whose summed gradient is dH, dz. With
-    # a window, what query chunks j and j + 1 sent through it is already in dk, dv and dk_next, dv_next
-    # (`_bwd_q_window_kernel`) and is added here.
+    # a window, the visits take the pairs with query chunks j and j + 1 from the window kernel's tiles (xc, xp),
+    # window and linear alike, for dv and dphi_k; the window's dk (in dk and dk_next) and, when W >= BT, its dv
+    # for chunk j (in dv) are added here.
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, hk = _heads(bh, H, HKV)
@@ -275,18 +318,24 @@ def _bwd_kv_linear_kernel(
     dph_p = _mm(v_j, tl.trans(dh_p), PREC) + dz_p[None, :]
     dph_n = _mm(v_j, tl.trans(dh_n), PREC) + dz_n[None, :]
     dv_acc = _mm(pk_p, dh_p, PREC) + _mm(pk_n, dh_n, PREC)
-    if W < BT:
-        # (A window as long as the chunk leaves no linear pair within it.)
+    if W == 0:
         for sub in range(BT // BQ):
             dph_p, dph_n, dv_acc = _bwd_kv_linear_visit(
                 phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ,
                 b, h, T, H, DV, F, W, BQ, BV, BF, PREC,
             )  # fmt: skip
+    elif W < BT:
+        # (A window as long as the chunk leaves no linear pair within it.)
+        for sub in range(BT // BQ):
+            dph_p, dph_n, dv_acc = _bwd_kv_pairs_visit(
+                phq, dn, xc, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, T,
+                H, DV, F, W, BT, BQ, BV, BF, PREC,
+            )  # fmt: skip
     if LAG:
         for sub in range(BT // BQ):
-            dph_p, dph_n, dv_acc = _bwd_kv_linear_visit(
-                phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, (j + 1) * BT + sub * BQ,
-                b, h, T, H, DV, F, W, BQ, BV, BF, PREC,
+            dph_p, dph_n, dv_acc = _bwd_kv_pairs_visit(
+                phq, dn, xp, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, (j + 1) * BT + sub * BQ, b, h, T,
+                H, DV, F, W, BT, BQ, BV, BF, PREC,
             )  # fmt: skip
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
     tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
@@ -299,12 +348,12 @@ def _bwd_kv_linear_kernel(
     vmask = kmask[:, None] & (ov[None, :] < DV)
     if W > 0:
         dk_acc += tl.load(dk + kd, mask=dmask, other=0.0).to(tl.float32)
-        dv_acc += tl.load(dv + kv, mask=vmask, other=0.0).to(tl.float32)
+        if W >= BT:
+            dv_acc += tl.load(dv + kv, mask=vmask, other=0.0).to(tl.float32)
         if LAG:
             # What query chunk j + 1 sent through the window (none past the last chunk).
             nmask = ((j + 1) * BT + 0 * pos < T)[:, None]
             dk_acc += tl.load(dk_next + kd, mask=dmask & nmask, other=0.0).to(tl.float32)
-            dv_acc += tl.load(dv_next + kv, mask=vmask & nmask, other=0.0).to(tl.float32)
     tl.store(dk + kd, dk_acc.to(dk.dtype.element_ty), mask=dmask)
     tl.store(dv + kv, dv_acc.to(dv.dtype.element_ty), mask=vmask)
 
