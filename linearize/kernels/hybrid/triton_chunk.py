@@ -222,24 +222,28 @@ class _Plan:
                     LAG=self.LAG, PREC=self.PREC)  # fmt: skip
 
 
-def _features(p: _Plan, x, w):
-    """Hedgehog features `[B, T', H, 2F]` in the type of x, for x `[B, T', HX, D]` and weights `[H, D, F]`."""
+def _features(p: _Plan, x, w, x2=None, w2=None):
+    """Hedgehog features `[B, T', H, 2F]` in the type of x, for x `[B, T', HX, D]` and weights `[H, D, F]`; with
+    x2 and w2 of the same length, theirs too, from the same launch (a pair)."""
     B, T = x.shape[:2]
     phi = _empty(B, T, p.H, 2 * p.F, dtype=x.dtype, device=x.device)
+    phi2 = _empty(B, T, p.H, 2 * p.F, dtype=x.dtype, device=x.device) if x2 is not None else phi
     if T:
         steps = min(PHI_CHUNKS, triton.cdiv(T, BLOCK_T))
-        _phi_kernel[(triton.cdiv(T, BLOCK_T * steps), B * p.H)](
-            x, w, phi, T, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BT=BLOCK_T, BD=p.BD, BF=p.BF, STEPS=steps,
+        _phi_kernel[(triton.cdiv(T, BLOCK_T * steps), B * p.H, 1 if x2 is None else 2)](
+            x, w, phi, x if x2 is None else x2, w if w2 is None else w2, phi2, T, H=p.H, HX=x.shape[2],
+            HX2=x.shape[2] if x2 is None else x2.shape[2], D=p.D, F=p.F, BT=BLOCK_T, BD=p.BD, BF=p.BF, STEPS=steps,
             **_launch("phi"),
         )  # fmt: skip
-    return phi
+    return phi if x2 is None else (phi, phi2)
 
 
-def _key_features(p: _Plan, k, wk):
-    """Features of the keys and of the carried window's keys (the keys' tensor stands in for the last when there is
-    no window, since kernels take a pointer even where a flag turns it off)."""
-    phk = _features(p, k, wk)
-    return phk, _features(p, p.win_k, wk) if p.S else phk
+def _all_features(p: _Plan, q, wq, k, wk):
+    """Features of the queries, of the keys and of the carried window's keys, the first two from one launch (the
+    keys' tensor stands in for the last when there is no window, since kernels take a pointer even where a flag
+    turns it off)."""
+    phq, phk = _features(p, q, wq, k, wk)
+    return phq, phk, _features(p, p.win_k, wk) if p.S else phk
 
 
 def _chunk_state_buffers(p: _Plan, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,8 +291,7 @@ class _HybridChunk(torch.autograd.Function):
                 output_final_state):  # fmt: skip
         p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
         win_v = win_v.contiguous() if p.S else v
-        phq = _features(p, q, wq)
-        phk, phw = _key_features(p, k, wk)
+        phq, phk, phw = _all_features(p, q, wq, k, wk)
         hkv, hz, kv_out, z_out = _states(p, phk, phw, v, win_v, kv0, z0, output_final_state)
         o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
         den = _empty(p.B, p.T, p.H, device=q.device)
@@ -326,7 +329,7 @@ class _HybridChunk(torch.autograd.Function):
         # docs/BENCHMARKS.md), so there it stays on the current stream.
         saved = kept[0] is not None
         par = _Overlap(dev, on=not saved)
-        phq = kept[0] if saved else _features(p, q, wq)
+        phq, phk, phw = kept[:3] if saved else _all_features(p, q, wq, k, wk)
         dhkv, dhz = _chunk_state_buffers(p, q.dtype, dev)
         with par.side():
             _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
@@ -336,11 +339,10 @@ class _HybridChunk(torch.autograd.Function):
             )  # fmt: skip
         try:
             if saved:
-                _, phk, phw, hkv, hz = kept
+                hkv, hz = kept[3:]
             else:
                 # By default the features and states are recomputed rather than kept from the forward: they are the
                 # largest intermediates (`LINEARIZE_SAVE_STATES`).
-                phk, phw = _key_features(p, k, wk)
                 hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
             lin_flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, **p.common())
             dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)

@@ -26,13 +26,22 @@ from .triton_common import (
 
 
 @triton.jit
-def _phi_kernel(x, w, phi, T, H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr, F: tl.constexpr,
+def _phi_kernel(x, w, phi, x2, w2, phi2, T, H: tl.constexpr, HX, HX2, D: tl.constexpr, F: tl.constexpr,
                 BT: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, STEPS: tl.constexpr):  # fmt: skip
     # phi[b, t, h] = [softmax(x W_h), softmax(-x W_h)] for x [B, T, HX, D] (head h reads x head h // (H / HX)),
-    # in the type of x, for STEPS chunks of one head (the weights loaded once).
+    # in the type of x, for STEPS chunks of one head (the weights loaded once); programs (c, bh, 1) do the same for
+    # x2 [B, T, HX2, D], w2 and phi2 (one launch for the queries' and the keys' features). The pointers are chosen,
+    # not the code: one code path keeps the shared memory of one.
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    b, h, hx = _heads(bh, H, HX)
+    second = tl.program_id(2) == 1
+    x = tl.where(second, x2, x)
+    w = tl.where(second, w2, w)
+    phi = tl.where(second, phi2, phi)
+    HX = tl.where(second, HX2, HX)
+    b = bh // H
+    h = bh % H
+    hx = h // (H // HX)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
     wt = _load_w_as(w, h, x.dtype.element_ty, D, F, BD, BF)
