@@ -9,6 +9,12 @@ names, and both columns would time the same code.
     python benchmarks/compare_revisions.py --ref 00c1d4d [--runs 2] [--cases 1x16384x32x64x0 8x2048x32x64x1]
     python benchmarks/compare_revisions.py --ref HEAD --check-imports   # no GPU: which package each side imports
 
+On a machine whose copy of the repository lacks the revision (a GPU host that got the working tree only), unpack
+its package beside the working tree first and pass the folder that holds it:
+
+    git archive 00c1d4d linearize | tar -x -C old/      # where the revision is known
+    python benchmarks/compare_revisions.py --ref-dir old/   # on the GPU host
+
 A case is BxTxHKVxWxSAVED: batch, tokens, key/value heads (of 32 query heads, D = 128, F = 64), window, and 1 for
 `LINEARIZE_SAVE_STATES=1`.
 """
@@ -71,6 +77,14 @@ def extract(ref: str, dest: Path) -> Path:
     return dest
 
 
+def unpacked(folder: Path) -> Path:
+    """`folder`, once checked to hold a `linearize` package (`--ref-dir`)."""
+    if not (folder / "linearize" / "__init__.py").is_file():
+        raise SystemExit(f"--ref-dir {folder}: no linearize/__init__.py there; unpack a revision's package into it with "
+                         "`git archive REV linearize | tar -x -C FOLDER`")  # fmt: skip
+    return folder.resolve()
+
+
 def run_side(package: Path, workdir: Path, arg: str, bench_dir: Path = BENCHMARKS) -> dict:
     """One process importing `package` (started in `workdir`, outside the repository) and `bench_hybrid` from
     `bench_dir`; its parsed result."""
@@ -87,7 +101,9 @@ def run_side(package: Path, workdir: Path, arg: str, bench_dir: Path = BENCHMARK
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--ref", required=True, help="git revision to compare the working tree against")
+    versus = parser.add_mutually_exclusive_group(required=True)
+    versus.add_argument("--ref", help="git revision to compare the working tree against")
+    versus.add_argument("--ref-dir", type=Path, help="folder holding the other version's linearize package")
     parser.add_argument("--runs", type=int, default=2, help="alternating runs of each side")
     parser.add_argument("--cases", type=parse_case, nargs="+", default=DEFAULT_CASES)
     parser.add_argument("--check-imports", action="store_true", help="only report which package each side imports")
@@ -99,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp)
         (tmp / "ref").mkdir()
         (tmp / "run").mkdir()
-        sides = {args.ref: extract(args.ref, tmp / "ref"), "working tree": ROOT}
+        other = args.ref if args.ref else str(args.ref_dir)
+        sides = {other: extract(args.ref, tmp / "ref") if args.ref else unpacked(args.ref_dir), "working tree": ROOT}
         if args.check_imports:
             for name, pkg in sides.items():
                 print(f"{name}: {run_side(pkg, tmp / 'run', 'check')['package']}")
@@ -110,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(run_side(pkg, tmp / "run", json.dumps(args.cases), args.bench_dir)["times"])
                 print(f"# run {run + 1}, {name}: " + " ".join(f"{times[name][-1][c]:.3f}" for c in args.cases),
                       flush=True)  # fmt: skip
-    print(f"\n| case (BxTxHKVxWxSAVED) | {args.ref} ms | working tree ms | change |")
+    print(f"\n| case (BxTxHKVxWxSAVED) | {other} ms | working tree ms | change |")
     print("|---|---|---|---|")
     for case in args.cases:
         ref, work = (sum(t[case] for t in times[name]) / args.runs for name in sides)

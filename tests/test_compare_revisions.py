@@ -32,6 +32,16 @@ def test_each_side_imports_its_own_package():
     assert ROOT not in ref.parents and ref.name == "ref"
 
 
+def test_an_unpacked_package_stands_in_for_a_revision(tmp_path):
+    # --ref-dir: a folder holding another version's package (a GPU host's copy may lack the revision's history).
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "HEAD", "linearize"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive.stdout, check=True)
+    result = _run("--ref-dir", str(tmp_path), "--check-imports")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    assert Path(lines[str(tmp_path)]) == tmp_path.resolve() and Path(lines["working tree"]) == ROOT
+
+
 def test_table_gives_the_mean_of_each_side_over_runs(tmp_path):
     # A stand-in for bench_hybrid.py (which needs a GPU): the working tree's package takes 10% longer than the
     # revision's in every case, and the second run 0.2 ms longer than the first on both sides.
@@ -61,6 +71,7 @@ def test_table_gives_the_mean_of_each_side_over_runs(tmp_path):
     result = _run("--ref", "HEAD", "--runs", "2", "--cases", "1x16384x32x64x0", "2x16384x8x0x1",
                   "--bench-dir", str(tmp_path))  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "| case (BxTxHKVxWxSAVED) | HEAD ms | working tree ms | change |" in result.stdout.splitlines()
     rows = [line for line in result.stdout.splitlines() if line.startswith("| 1x") or line.startswith("| 2x")]
     # Per side, two cases per process: run 1 gives 1.0 and 2.0 (or 1.1 and 2.2), run 2 adds 0.2; means add 0.1.
     assert rows == [
@@ -75,6 +86,9 @@ def test_table_gives_the_mean_of_each_side_over_runs(tmp_path):
         (["--ref", "no-such-revision-anywhere", "--check-imports"], "git archive no-such-revision-anywhere"),
         (["--ref", "HEAD", "--cases", "1x16384x32x64"], "expected BxTxHKVxWxSAVED"),
         (["--ref", "HEAD", "--cases", "1x16384x5x64x0"], "key/value heads must divide 32"),
+        (["--ref-dir", "benchmarks", "--check-imports"], "--ref-dir benchmarks: no linearize/__init__.py there"),
+        (["--check-imports"], "one of the arguments --ref --ref-dir is required"),
+        (["--ref", "HEAD", "--ref-dir", "benchmarks"], "not allowed with argument"),
     ],
 )
 def test_bad_arguments_say_what_to_pass(args, message):
