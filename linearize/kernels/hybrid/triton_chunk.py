@@ -272,17 +272,18 @@ def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
     return hkv, hz, kv_out, z_out
 
 
-def _weight_grad(p: _Plan, x, gr):
-    """`[H, D, F]` sum over tokens of x^T g for x `[B, T, HX, D]` and g `[B, T, H, F]` (fp32), split over tokens."""
+def _weight_grads(p: _Plan, q, gq, k, gk):
+    """The two `[H, D, F]` sums over tokens of x^T g, for (x, g) = (q, gq) and (k, gk) (x `[B, T, HX, D]`, g
+    `[B, T, H, F]`), in fp32, split over tokens, from one launch."""
     R = p.B * p.T
     rows_per = max(BLOCK_T, triton.cdiv(triton.cdiv(R, 16), BLOCK_T) * BLOCK_T)
     splits = triton.cdiv(R, rows_per)
-    part = _empty(splits, p.H, p.D, p.F, device=x.device)
-    _wgrad_kernel[(splits, p.H)](
-        x, gr, part, R, rows_per, H=p.H, HX=x.shape[2], D=p.D, F=p.F, BR=BLOCK_T, BD=p.BD, BF=p.BF, PREC=p.PREC,
-        NITER=p.niter(triton.cdiv(rows_per, BLOCK_T)), **_launch("wgrad"),
+    part = _empty(2, splits, p.H, p.D, p.F, device=q.device)
+    _wgrad_kernel[(splits, p.H, 2)](
+        q, gq, part, k, gk, R, rows_per, q.shape[2], k.shape[2], H=p.H, D=p.D, F=p.F, BR=BLOCK_T, BD=p.BD, BF=p.BF,
+        PREC=p.PREC, NITER=p.niter(triton.cdiv(rows_per, BLOCK_T)), **_launch("wgrad"),
     )  # fmt: skip
-    return part.sum(0)
+    return part.sum(1).unbind(0)
 
 
 class _HybridChunk(torch.autograd.Function):
@@ -393,8 +394,7 @@ class _HybridChunk(torch.autograd.Function):
         if groups > 1:
             dk = dk.view(B, T, HKV, groups, D).sum(3)
             dv = dv.view(B, T, HKV, groups, DV).sum(3)
-        dwq = _weight_grad(p, q, dpq)
-        dwk = _weight_grad(p, k, dpk)
+        dwq, dwk = _weight_grads(p, q, dpq, k, dpk)
         dwf_out = dwf.view(B, H, p.NT).sum((0, 2)).to(wf.dtype) if window > 0 and ctx.needs_input_grad[5] else None
         return (
             dq, dk, dv, dwq.to(wq.dtype), dwk.to(wk.dtype), dwf_out,

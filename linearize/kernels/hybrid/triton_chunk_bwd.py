@@ -360,14 +360,20 @@ def _bwd_kv_linear_kernel(
 
 @triton.jit
 def _wgrad_kernel(
-    x, gr, part, R, ROWS_PER,
-    H: tl.constexpr, HX: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
+    x, gr, part, x2, gr2, R, ROWS_PER, HX, HX2,
+    H: tl.constexpr, D: tl.constexpr, F: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr,
     BF: tl.constexpr, PREC: tl.constexpr, NITER: tl.constexpr,
 ):  # fmt: skip
-    # part[s, h] = sum over rows r of split s of x[r, h // G]^T g[r, h], for x [R, HX, D] and g [R, H, F] of one
-    # type; fp32 partial sums.
+    # part[0, s, h] = sum over rows r of split s of x[r, h // G]^T g[r, h], for x [R, HX, D] and g [R, H, F] of one
+    # type, in fp32; programs (s, h, 1) write part[1] from x2 [R, HX2, D] and gr2 (one launch for the queries' and
+    # the keys' weights, the tensors picked by pointer as in `_phi_kernel`).
     sp = tl.program_id(0)
     h = tl.program_id(1)
+    second = tl.program_id(2) == 1
+    x = tl.where(second, x2, x)
+    gr = tl.where(second, gr2, gr)
+    HX = tl.where(second, HX2, HX)
+    part += tl.program_id(2).to(tl.int64) * tl.num_programs(0) * H * D * F
     hx = h // (H // HX)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
