@@ -268,9 +268,9 @@ def _bwd_kv_pairs_visit(
     rows = r0 + tl.arange(0, BQ)
     qrow = (b * T + rows).to(tl.int64) * H + h
     rmask = rows < T
-    ok = tl.arange(0, BT)
+    keys = tl.arange(0, BT)
     # Rows past T load as zeros and send nothing.
-    xt = tl.trans(tl.load(x + qrow[:, None] * BT + ok[None, :], mask=rmask[:, None], other=0.0))
+    xt = tl.trans(tl.load(x + qrow[:, None] * BT + keys[None, :], mask=rmask[:, None], other=0.0))
     dN, _ = _load_out_grads(dn, dn, qrow, rmask, 0, DV, BV)
     dt = xt.dtype
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
