@@ -4,8 +4,9 @@ The kernels live in `triton_chunk_fwd.py` and `triton_chunk_bwd.py`, their share
 The sequence is cut into chunks of `BLOCK_T` tokens. For a query in chunk c every key older than chunk c - 1 is on
 the linear side (the window is at most `BLOCK_T` long), so the forward is
 
-    0. `_phi_kernel`, one program per (`PHI_CHUNKS` chunks, batch, head): the Hedgehog features phi_q, phi_k in
-       the input type (and those of the carried window's keys), computed once and loaded by every later kernel;
+    0. `_phi_kernel`, one program per (`PHI_CHUNKS` chunks, batch, head, queries or keys): the Hedgehog features
+       phi_q, phi_k in the input type from one launch (and those of the carried window's keys from another),
+       computed once and loaded by every later kernel;
     1. `_fwd_state_kernel`, a sequential pass per (batch, head, half of the features, block of Dv) that stores the
        linear state H_c = kv0 + sum phi_k(k_j) v_j^T over the keys older than chunk c - 1 (older than chunk c when
        W <= 1), and the final state. The halves softmax(x W) and softmax(-x W) of the feature map are independent
@@ -46,9 +47,10 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
        (at most two) query chunks whose pairs with the key chunk are not in the states, with its tiles key-major,
        so that every product has the chunk's keys as rows (Hopper's wgmma needs 64): those pairs and the state
        gradient, the window's parts added, written as dk, dv (with the projection back through wk folded in) and
-       the gradient of the k feature-map pre-activation. Each program owns its rows, so nothing is written twice by concurrent
-       programs (with GQA one torch sum over the group remains);
-    5. `_wgrad_kernel`: the feature-map weight gradients x^T g as split-K partial products, summed by one torch op.
+       the gradient of the k feature-map pre-activation. Each program owns its rows, so nothing is written twice by
+       concurrent programs (with GQA one torch sum over the group remains);
+    5. `_wgrad_kernel`: the weight gradients x^T g of both feature maps from one launch, as split-K partial
+       products, summed by one torch op.
 
 Keys of the window carried in `initial_state` sit at the negative positions -S..-1, in front of the new tokens.
 """
