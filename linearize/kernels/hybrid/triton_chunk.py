@@ -357,25 +357,26 @@ class _HybridChunk(torch.autograd.Function):
             dv = _empty(B, T, H, DV, dtype=v.dtype, device=dev)
             # What each query chunk sends through the window to the key chunk before its own.
             dk_next = _empty(B, T, H, D, dtype=k.dtype, device=dev) if window > 0 and p.LAG else dk
-            # The window kernel's [rows, keys] tiles of the pairs with the own and the previous key chunk.
-            xc = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if 0 < window < BLOCK_T else dd
-            xp = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if window > 0 and p.LAG else dd
+            # The window kernel's [rows, keys] tiles of the pairs with the own and the previous key chunk (where a
+            # flag leaves one unused, the other stands in: the key side picks between them by pointer).
+            own, prev = 0 < window < BLOCK_T, window > 0 and p.LAG
+            xc = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if own else None
+            xp = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if prev else xc
+            xc = xp if xc is None else xc
+            xc, xp = (dd, dd) if xc is None else (xc, xp)
             dwf = _empty(B * H * p.NT, device=dev) if window > 0 else den
             if window > 0:
                 # The window's part of dq, dk, dv first, which the linear kernels then add to.
                 # Its tiles, with the columns of their blocks: through TMA descriptors where it can (`TMA`).
                 tiles = {"q": (q, p.BD), "k": (k, p.BD), "v": (v, p.BV), "dn": (dn, p.BV), "dq": (dq, p.BD),
-                         "dk": (dk, p.BD), "dv": (dv, p.BV), "dk_next": (dk_next, p.BD), "xc": (xc, BLOCK_T),
-                         "xp": (xp, BLOCK_T)}  # fmt: skip
-                # (Buffers a flag leaves unused stand in for others and need no descriptor.)
-                used = [t for t, _ in tiles.values() if t.dim() == 4]
-                tma = not p.S and _tma_device(dev) and _addressable(*used)
-                tiles = {name: _block_descriptor(t, cols) if tma and t.dim() == 4 else t
-                         for name, (t, cols) in tiles.items()}  # fmt: skip
+                         "dk": (dk, p.BD), "dv": (dv, p.BV), "dk_next": (dk_next, p.BD),
+                         **({"xc": (xc, BLOCK_T)} if own else {}), **({"xp": (xp, BLOCK_T)} if prev else {})}  # fmt: skip
+                tma = not p.S and _tma_device(dev) and _addressable(*(t for t, _ in tiles.values()))
+                tiles = {name: _block_descriptor(t, cols) if tma else t for name, (t, cols) in tiles.items()}
                 _bwd_q_window_kernel[(p.NT, B * H)](
                     tiles["q"], tiles["k"], tiles["v"], wf, p.tm, p.win_k, win_v, p.wm, tiles["dn"], dd,
-                    tiles["dq"], tiles["dk"], tiles["dv"], tiles["dk_next"], tiles["xc"], tiles["xp"], dwf,
-                    T, p.NT, p.S, p.scale, p.softcap,
+                    tiles["dq"], tiles["dk"], tiles["dv"], tiles["dk_next"], tiles.get("xc", xc), tiles.get("xp", xp),
+                    dwf, T, p.NT, p.S, p.scale, p.softcap,
                     HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, TMA=tma, **lin_flags, **_launch("bwd_q_window"),
                 )  # fmt: skip
             # The pre-activation gradients go to the weight-gradient products in the input type.

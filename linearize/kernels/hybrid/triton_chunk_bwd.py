@@ -324,17 +324,17 @@ def _bwd_kv_linear_kernel(
                 phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ,
                 b, h, T, H, DV, F, W, BQ, BV, BF, PREC,
             )  # fmt: skip
-    elif W < BT:
-        # (A window as long as the chunk leaves no linear pair within it.)
-        for sub in range(BT // BQ):
+    else:
+        # The rows of query chunk j (when W < BT: a window as long as the chunk leaves no linear pair within it)
+        # and of query chunk j + 1 (when LAG), in one loop over row blocks, each reading its chunk's tile.
+        first = 0 if W < BT else BT // BQ
+        for sub in range(first, (1 + LAG) * (BT // BQ)):
+            if W < BT:
+                x = tl.where(sub < BT // BQ, xc, xp)
+            else:
+                x = xp
             dph_p, dph_n, dv_acc = _bwd_kv_pairs_visit(
-                phq, dn, xc, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, T,
-                H, DV, F, W, BT, BQ, BV, BF, PREC,
-            )  # fmt: skip
-    if LAG:
-        for sub in range(BT // BQ):
-            dph_p, dph_n, dv_acc = _bwd_kv_pairs_visit(
-                phq, dn, xp, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, (j + 1) * BT + sub * BQ, b, h, T,
+                phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, T,
                 H, DV, F, W, BT, BQ, BV, BF, PREC,
             )  # fmt: skip
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
