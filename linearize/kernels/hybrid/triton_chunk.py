@@ -361,9 +361,9 @@ class _HybridChunk(torch.autograd.Function):
             # flag leaves one unused, the other stands in: the key side picks between them by pointer).
             own, prev = 0 < window < BLOCK_T, window > 0 and p.LAG
             xc = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if own else None
-            xp = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if prev else xc
-            xc = xp if xc is None else xc
-            xc, xp = (dd, dd) if xc is None else (xc, xp)
+            xp = _empty(B, T, H, BLOCK_T, dtype=q.dtype, device=dev) if prev else None
+            stand_in = xc if own else xp if prev else dd
+            xc, xp = xc if own else stand_in, xp if prev else stand_in
             dwf = _empty(B * H * p.NT, device=dev) if window > 0 else den
             if window > 0:
                 # The window's part of dq, dk, dv first, which the linear kernels then add to.

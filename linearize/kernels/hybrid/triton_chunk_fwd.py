@@ -39,8 +39,7 @@ def _phi_kernel(x, w, phi, x2, w2, phi2, T, H: tl.constexpr, HX, HX2, D: tl.cons
     w = tl.where(second, w2, w)
     phi = tl.where(second, phi2, phi)
     HX = tl.where(second, HX2, HX)
-    b = bh // H
-    h = bh % H
+    b, h, _ = _heads(bh, H, H)
     hx = h // (H // HX)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
