@@ -7,6 +7,7 @@ the repository: started inside it, `python` would import the working tree's pack
 names, and both columns would time the same code.
 
     python benchmarks/compare_revisions.py --ref 00c1d4d [--runs 2] [--cases 1x16384x32x64x0 8x2048x32x64x1]
+                                           [--grads transfer]
     python benchmarks/compare_revisions.py --ref HEAD --check-imports   # no GPU: which package each side imports
 
 On a machine whose copy of the repository lacks the revision (a GPU host that got the working tree only), unpack
@@ -16,7 +17,9 @@ its package beside the working tree first and pass the folder that holds it:
     python benchmarks/compare_revisions.py --ref-dir old/   # on the GPU host
 
 A case is BxTxHKVxWxSAVED: batch, tokens, key/value heads (of 32 query heads, D = 128, F = 64), window, and 1 for
-`LINEARIZE_SAVE_STATES=1`.
+`LINEARIZE_SAVE_STATES=1`. `--grads` picks the leaves that ask for a gradient (`tuning.GRADS`): all of them, the
+feature maps' weights and the window factor as attention transfer trains them (`transfer`), or q, k and v as LoRA
+fine-tuning does (`finetune`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from tuning import GRADS
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = Path(__file__).resolve().parent
@@ -45,11 +50,12 @@ if sys.argv[1] != "check":
     from functools import partial
     import bench_hybrid as bh
     times = {}
-    for case in json.loads(sys.argv[1]):
+    job = json.loads(sys.argv[1])
+    for case in job["cases"]:
         B, T, hkv, W, saved = (int(x) for x in case.split("x"))
         os.environ["LINEARIZE_SAVE_STATES"] = str(saved)
         leaves = bh._inputs(B, T, 32, hkv, 128)
-        times[case] = bh._fwd_bwd(partial(bh._ours, *leaves, W), leaves)[1]
+        times[case] = bh._fwd_bwd(partial(bh._ours, *leaves, W), [leaves[i] for i in job["asked"]])[1]
     out["times"] = times
 print("RESULT " + json.dumps(out), flush=True)
 """
@@ -106,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     versus.add_argument("--ref-dir", type=Path, help="folder holding the other version's linearize package")
     parser.add_argument("--runs", type=int, default=2, help="alternating runs of each side")
     parser.add_argument("--cases", type=parse_case, nargs="+", default=DEFAULT_CASES)
+    parser.add_argument("--grads", choices=sorted(GRADS), default="all", help="the leaves that ask for a gradient")
     parser.add_argument("--check-imports", action="store_true", help="only report which package each side imports")
     parser.add_argument(
         "--bench-dir", type=Path, default=BENCHMARKS, help="folder whose bench_hybrid.py times a case (default: ours)"
@@ -124,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         times: dict[str, list[dict]] = {name: [] for name in sides}
         for run in range(args.runs):
             for name, pkg in sides.items():
-                times[name].append(run_side(pkg, tmp / "run", json.dumps(args.cases), args.bench_dir)["times"])
+                job = json.dumps({"cases": args.cases, "asked": GRADS[args.grads]})
+                times[name].append(run_side(pkg, tmp / "run", job, args.bench_dir)["times"])
                 print(f"# run {run + 1}, {name}: " + " ".join(f"{times[name][-1][c]:.3f}" for c in args.cases),
                       flush=True)  # fmt: skip
-    print(f"\n| case (BxTxHKVxWxSAVED) | {other} ms | working tree ms | change |")
+    print(f"\n# forward+backward, gradients: {args.grads}")
+    print(f"| case (BxTxHKVxWxSAVED) | {other} ms | working tree ms | change |")
     print("|---|---|---|---|")
     for case in args.cases:
         ref, work = (sum(t[case] for t in times[name]) / args.runs for name in sides)

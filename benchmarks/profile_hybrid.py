@@ -195,11 +195,12 @@ def main() -> None:
         torch.cuda.synchronize()
     Hkv = k.shape[2]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; B={B} T={T} H={H} "
-          f"Hkv={Hkv} D={D} F={F} W={W}, bf16; {settings}")  # fmt: skip
+          f"Hkv={Hkv} D={D} F={F} W={W}, bf16, gradients: {args.grads}; {settings}")  # fmt: skip
     if args.fla:
         nbytes = fla_kernel_bytes(B, T, H, D) if args.fla == "unnormalized" and Hkv == H else None
     else:
-        nbytes = kernel_bytes(B, T, H, Hkv, D, F, W, save_states())
+        # The byte counts are those of the full backward.
+        nbytes = kernel_bytes(B, T, H, Hkv, D, F, W, save_states()) if args.grads == "all" else None
     _table(prof, args.iters, "forward+backward", nbytes)
     # Kernels on the side stream overlap others, so their sum can exceed the time the step takes.
     wall = triton.testing.do_bench(step, warmup=10, rep=50, return_mode="median")

@@ -17,6 +17,10 @@ import torch
 from linearize.kernels import hybrid
 from linearize.kernels.hybrid import triton_chunk
 
+# Which of q, k, v, wq, wk and the window factor ask for a gradient (`--grads`), as `compile_check.GRADS` has them;
+# kept here so that a script timing an older package (`compare_revisions.py`) does not need that package to know them.
+GRADS = {"all": (0, 1, 2, 3, 4, 5), "transfer": (3, 4, 5), "finetune": (0, 1, 2)}
+
 
 def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     """The problem one forward+backward is timed on: B, T, H, D, F and the window."""
@@ -27,11 +31,18 @@ def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--D", type=int, default=128)
     parser.add_argument("--F", type=int, default=64)
     parser.add_argument("--window", type=int, default=64)
+    parser.add_argument(
+        "--grads",
+        choices=sorted(GRADS),
+        default="all",
+        help="leaves that ask for a gradient: all, the feature maps' weights and the window factor (transfer, as "
+        "attention transfer trains them) or q, k, v (finetune, as LoRA fine-tuning does)",
+    )
 
 
 def make_problem(args: argparse.Namespace):
-    """Random bf16 q `[B, T, H, D]`, k, v `[B, T, Hkv, D]` and fp32 feature weights and window logits (all
-    requiring grad), and an output gradient, on the GPU."""
+    """Random bf16 q `[B, T, H, D]`, k, v `[B, T, Hkv, D]` and fp32 feature weights and window logits (those
+    `--grads` names requiring grad), and an output gradient, on the GPU."""
     dev, dt = "cuda", torch.bfloat16
     B, T, H, D, F = args.B, args.T, args.H, args.D, args.F
     hkv = args.Hkv or H
@@ -42,7 +53,10 @@ def make_problem(args: argparse.Namespace):
     wk = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
     wf = torch.full((H,), -2.197, device=dev, requires_grad=True)
     grad = torch.randn(B, T, H, D, device=dev, dtype=dt)
-    return (q, k, v, wq, wk, wf), grad
+    leaves = (q, k, v, wq, wk, wf)
+    for i, t in enumerate(leaves):
+        t.requires_grad_(i in GRADS[getattr(args, "grads", "all")])
+    return leaves, grad
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -53,7 +53,7 @@ def test_table_gives_the_mean_of_each_side_over_runs(tmp_path):
             WORK = os.path.abspath(linearize.__file__).startswith({str(ROOT)!r} + os.sep)
 
             def _inputs(B, T, H, Hkv, D):
-                return [B * T / 16384, Hkv]
+                return [B * T / 16384, Hkv, "v", "wq", "wk", "wf"]
 
             def _ours(*args):
                 return None
@@ -95,3 +95,29 @@ def test_bad_arguments_say_what_to_pass(args, message):
     result = _run(*args)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
+
+
+def test_grads_picks_the_leaves_that_ask_for_a_gradient(tmp_path):
+    # The stand-in reports which leaves `_fwd_bwd` was given, as a number: attention transfer's are the feature
+    # maps' weights and the window factor, LoRA fine-tuning's q, k and v.
+    (tmp_path / "bench_hybrid.py").write_text(
+        textwrap.dedent("""
+            NAMES = ["q", "k", "v", "wq", "wk", "wf"]
+
+            def _inputs(B, T, H, Hkv, D):
+                return list(NAMES)
+
+            def _ours(*args):
+                return None
+
+            def _fwd_bwd(run, leaves):
+                return 0.0, float(sum(10 ** NAMES.index(x) for x in leaves))
+        """)
+    )
+    for grads, expected in (("transfer", "111000.000"), ("finetune", "111.000"), ("all", "111111.000")):
+        result = _run("--ref", "HEAD", "--runs", "1", "--cases", "1x2048x32x64x0", "--grads", grads,
+                      "--bench-dir", str(tmp_path))  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"# forward+backward, gradients: {grads}" in result.stdout
+        assert f"| 1x2048x32x64x0 | {expected} | {expected} | +0.0% |" in result.stdout, result.stdout
+    assert "invalid choice" in _run("--ref", "HEAD", "--grads", "some").stderr

@@ -206,10 +206,15 @@ def compile_launch(launch: Launch, arch: int = 90, stats: bool = True, loops: bo
     return Compiled(launch.name, kernel.metadata.shared, regs, spilled, options, loop)
 
 
+# Which of q, k, v, wq, wk and the window factor ask for a gradient (`GRADS`, `--grads`): all of them, the attention's
+# own weights as attention transfer trains them, or q, k and v as LoRA fine-tuning does.
+GRADS = {"all": (0, 1, 2, 3, 4, 5), "transfer": (3, 4, 5), "finetune": (0, 1, 2)}
+
+
 def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.bfloat16, masked=True,
-                    with_state=True, softcap=None, tma=True) -> list[Launch]:  # fmt: skip
+                    with_state=True, softcap=None, tma=True, grads="all") -> list[Launch]:  # fmt: skip
     """The launches of one forward+backward of the chunked hybrid op and of one decoding step, on these sizes (with
-    `tma`, as on a device with TMA descriptors)."""
+    `tma`, as on a device with TMA descriptors), with the gradients `GRADS[grads]` asked for."""
     from .hybrid import triton_chunk, triton_recurrent
     from .hybrid.torch_chunked import HybridState
 
@@ -221,8 +226,9 @@ def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.
     q, k, v = rnd(B, T, H, D), rnd(B, T, Hkv, D), rnd(B, T, Hkv, D)
     wq, wk = torch.randn(H, D, F, generator=g), torch.randn(H, D, F, generator=g)
     wf = torch.zeros(H)
-    for t in (q, k, v, wq, wk, wf):
-        t.requires_grad_()
+    leaves = (q, k, v, wq, wk, wf)
+    for i in GRADS[grads]:
+        leaves[i].requires_grad_()
     mask = torch.ones(B, T, dtype=torch.bool) if masked else None
     state = HybridState.zeros(B, H, Hkv, D, D, 2 * F, window, dtype, torch.device("cpu"))
     with record_launches(triton_chunk, triton_recurrent, tma=tma) as launches:
@@ -277,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masked", action="store_true", help="with a padding mask")
     parser.add_argument("--state", action="store_true", help="with an initial state (a carried window)")
     parser.add_argument("--softcap", type=float, default=None)
+    parser.add_argument("--grads", choices=sorted(GRADS), default="all",
+                        help="the gradients the backward computes: all, the feature maps' and the window factor's "
+                        "(transfer) or those of q, k, v (finetune)")  # fmt: skip
     parser.add_argument("--no-stats", action="store_true", help="skip the registers and spills (faster)")
     parser.add_argument(
         "--no-tma", action="store_true", help="the pointer loads a device without TMA descriptors runs (below sm_90)"
@@ -300,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     args.Hkv = args.Hkv or args.H
     try:
         launches = hybrid_launches(args.B, args.T, args.H, args.Hkv, args.D, args.F, args.window, dtype, args.masked,
-                                   args.state, args.softcap, tma=args.arch >= 90 and not args.no_tma)  # fmt: skip
+                                   args.state, args.softcap, tma=args.arch >= 90 and not args.no_tma,
+                                   grads=args.grads)  # fmt: skip
     except ValueError as e:
         print(f"error: {e}")
         return 2
@@ -312,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     print(f"# sm_{args.arch}, triton {triton.__version__}; B={args.B} T={args.T} H={args.H} Hkv={args.Hkv} D={args.D} "
-          f"F={args.F} W={args.window} {args.dtype}")  # fmt: skip
+          f"F={args.F} W={args.window} {args.dtype}, gradients: {args.grads}")  # fmt: skip
     loop_head = " loop instructions | products | barriers | shuffles |" if args.loops else ""
     print("| kernel | warps | stages | shared bytes | registers | spill stores (bytes) |" + loop_head)
     print("|---" * (6 + 4 * args.loops) + "|")

@@ -345,6 +345,63 @@ def test_saved_states_give_the_same_gradients(interpreter, monkeypatch, W):
         assert torch.equal(a, b), name
 
 
+# Which leaves ask for a gradient: attention transfer trains the feature maps and the window factor on frozen q, k, v;
+# LoRA fine-tuning trains q, k, v with the attention's own weights frozen.
+PARTIAL = {
+    "transfer": (3, 4, 5),
+    "finetune": (0, 1, 2),
+    "window_factor": (5,),
+    "q_and_wk": (0, 4),
+}
+
+
+@interpreted
+@pytest.mark.parametrize("saved", ["0", "1"])
+@pytest.mark.parametrize("W", [0, 8, 64])
+def test_partial_gradients_equal_the_full_ones(interpreter, monkeypatch, W, saved):
+    # With only some leaves asking for a gradient the backward skips the products and launches the others need; what
+    # it does compute takes the same operations, so it equals the full backward's to the bit. After a carried window,
+    # with padding and grouped heads.
+    monkeypatch.setenv("LINEARIZE_SAVE_STATES", saved)
+    B, T, H, Hkv, D, F = 2, 70, 4, 2, 32, 16
+    leaves, mask = make_inputs(B, 2 * T, H, Hkv, D, F, Dv=24, pad=5, seed=4)
+    q, k, v, wq, wk, wf = leaves
+    with torch.no_grad():
+        _, state = hybrid_attention(q[:, :T], k[:, :T], v[:, :T], wq, wk, wf, W, D**-0.5, None, mask[:, :T], None,
+                                    True)  # fmt: skip
+    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
+    weight_grads = mod._weight_grads
+    wgrad_calls = []
+    monkeypatch.setattr(mod, "_weight_grads", lambda *a: wgrad_calls.append(1) or weight_grads(*a))
+    dout = torch.randn(B, T, H, 24, generator=torch.Generator().manual_seed(2))
+
+    def run(asked):
+        xs = [t[:, T:].clone() for t in (q, k, v)] + [t.clone() for t in (wq, wk, wf)]
+        for i in asked:
+            xs[i].requires_grad_()
+        out, _ = hybrid_attention(*xs, W, D**-0.5, None, mask[:, T:], state)
+        wgrad_calls.clear()
+        got = grads(out, [xs[i] for i in asked], dout)
+        return out, dict(zip(asked, got, strict=True)), len(wgrad_calls)
+
+    names = ["dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
+    full_out, full, launches = run(range(6))
+    assert launches == 1
+    for case, asked in PARTIAL.items():
+        if W == 0 and asked == (5,):
+            continue  # without a window the factor is unused
+        out, part, launches = run(asked)
+        assert torch.equal(out, full_out), case
+        # The weight-gradient products run only for a gradient of wq or wk.
+        assert launches == (3 in asked or 4 in asked), case
+        for i, g in part.items():
+            if W == 0 and i == 5:
+                assert g is None or not g.any()
+                continue
+            assert not torch.isnan(g).any(), f"{case}: {names[i]} NaN (an element was never written)"
+            assert torch.equal(g, full[i]), f"{case}: {names[i]} differs from the full backward's"
+
+
 def test_save_states_rejects_bad_value(monkeypatch):
     monkeypatch.setenv("LINEARIZE_SAVE_STATES", "maybe")
     with pytest.raises(LinearizeError, match="LINEARIZE_SAVE_STATES='maybe' is not 0 or 1"):
@@ -529,6 +586,33 @@ def test_gpu_overlap_gives_the_same_result(monkeypatch, saved):
     for name, a, b in zip(names, results[False], results[True], strict=True):
         assert not torch.isnan(a).any(), name
         assert torch.equal(a, b), name
+
+
+@cuda
+@pytest.mark.parametrize("W", [64, 16, 0])
+def test_gpu_partial_gradients_match_the_full_ones(W):
+    # The compiled kernels with only some gradients asked for (the flags change the code Triton compiles) against
+    # the full backward, at a large shape in bf16, with padding and grouped heads.
+    B, T, H, Hkv, D, F = 1, 8192, 8, 2, 128, 64
+    leaves, mask = make_inputs(B, T, H, Hkv, D, F, dtype=torch.bfloat16, device="cuda", pad=3, seed=6)
+    dout = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(3)).to("cuda", torch.bfloat16)
+
+    def run(asked):
+        xs = [t.detach().clone() for t in leaves]
+        for i in asked:
+            xs[i].requires_grad_()
+        out, _ = hybrid_attention(*xs, W, D**-0.5, None, mask)
+        return dict(zip(asked, grads(out, [xs[i] for i in asked], dout), strict=True))
+
+    full = run(range(6))
+    names = ["dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
+    for case, asked in PARTIAL.items():
+        if W == 0 and asked == (5,):
+            continue  # without a window the factor is unused
+        for i, g in run(asked).items():
+            if W == 0 and i == 5:
+                continue
+            assert_rel(g.float(), full[i].float(), 1e-3, f"{case}: {names[i]}")
 
 
 @cuda

@@ -26,6 +26,11 @@ CASES = [
     # descriptors over fp32 tensors with columns to pad (D = 60 in blocks of 64).
     pytest.param(["--no-tma"], id="bf16-W64-pointer-loads"),
     pytest.param(["--window", "16", "--dtype", "fp32", "--D", "60", "--F", "24"], id="fp32-W16-D60-descriptors"),
+    # The backward with only some gradients asked for: of the feature maps and window factor (attention transfer),
+    # and of q, k, v (LoRA fine-tuning: no `_wgrad_kernel`).
+    pytest.param(["--grads", "transfer", "--masked", "--Hkv", "2"], id="bf16-W64-transfer-grads"),
+    pytest.param(["--grads", "transfer", "--window", "0"], id="bf16-W0-transfer-grads"),
+    pytest.param(["--grads", "finetune", "--window", "16", "--state"], id="bf16-W16-finetune-grads"),
 ]
 
 
@@ -48,6 +53,9 @@ def test_kernels_compile_for_sm90(args):
     if "--window" not in args or args[args.index("--window") + 1] != "0":
         # The window pairs run as their own kernel where there is a window.
         expected.add("_bwd_q_window_kernel")
+    if "finetune" in args:
+        # No gradient of the feature maps' weights: no weight-gradient launch.
+        expected.remove("_wgrad_kernel")
     assert names == expected, stdout
 
 

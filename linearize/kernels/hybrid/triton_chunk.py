@@ -320,6 +320,16 @@ class _HybridChunk(torch.autograd.Function):
         win_v = win_v.contiguous() if p.S else v
         B, T, H, D, DV, F, HKV = p.B, p.T, p.H, p.D, p.DV, p.F, p.HKV
         dev = q.device
+        # Only the gradients asked for are computed: attention transfer asks for the feature maps' and the window
+        # factor's alone (q, k, v come from frozen projections), LoRA fine-tuning for those of q, k and v alone.
+        # Without `qkv` the kernels take no product that only dq, dk or dv need and write none of them; without
+        # `wgrad` they store no pre-activation gradients and the weight-gradient launch is left out; the window
+        # factor's alone needs the window kernel alone.
+        need = ctx.needs_input_grad
+        qkv, wgrad, wf_grad = any(need[:3]), need[3] or need[4], window > 0 and need[5]
+        linear = qkv or wgrad
+        if not (linear or wf_grad):
+            return (None,) * 16
         do = do.contiguous()
         # The output's gradient factors, dN = do / den and d(den), once for the kernels that read them.
         dn = _empty(B, T, H, DV, dtype=q.dtype, device=dev)
@@ -331,32 +341,39 @@ class _HybridChunk(torch.autograd.Function):
         # with saved states, beside the query side alone, it ran slower than one after the other (an H200,
         # docs/BENCHMARKS.md), so there it stays on the current stream.
         saved = kept[0] is not None
-        par = _Overlap(dev, on=not saved)
-        phq, phk, phw = kept[:3] if saved else _all_features(p, q, wq, k, wk)
-        dhkv, dhz = _chunk_state_buffers(p, q.dtype, dev)
-        with par.side():
-            _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
-                phq, dn, dd, dhkv, dhz, T, p.NT,
-                H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
-                NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
-            )  # fmt: skip
+        par = _Overlap(dev, on=linear and not saved)
+        if linear:
+            phq, phk, phw = kept[:3] if saved else _all_features(p, q, wq, k, wk)
+            dhkv, dhz = _chunk_state_buffers(p, q.dtype, dev)
+            with par.side():
+                _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
+                    phq, dn, dd, dhkv, dhz, T, p.NT,
+                    H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
+                    NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
+                )  # fmt: skip
         try:
-            if saved:
-                hkv, hz = kept[3:]
-            else:
-                # By default the features and states are recomputed rather than kept from the forward: they are the
-                # largest intermediates (`LINEARIZE_SAVE_STATES`).
-                hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
-            lin_flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, **p.common())
-            dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
-            # Per query head, in the input type; with GQA the torch sum below adds each group in fp32 and writes the
-            # input type. Partials in fp32 ran 4% slower at 32 query / 8 key-value heads on an H200, and the key side
-            # walking a group's heads itself spilled its accumulators and ran 14% slower (docs/BENCHMARKS.md).
+            if linear:
+                if saved:
+                    hkv, hz = kept[3:]
+                else:
+                    # By default the features and states are recomputed rather than kept from the forward: they are
+                    # the largest intermediates (`LINEARIZE_SAVE_STATES`).
+                    hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
+            lin_flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, QKV=qkv, **p.common())
+            # Buffers a flag leaves unused are not allocated: a tensor of the call stands in for the pointer.
             groups = H // HKV
-            dk = _empty(B, T, H, D, dtype=k.dtype, device=dev)
-            dv = _empty(B, T, H, DV, dtype=v.dtype, device=dev)
-            # What each query chunk sends through the window to the key chunk before its own.
-            dk_next = _empty(B, T, H, D, dtype=k.dtype, device=dev) if window > 0 and p.LAG else dk
+            if qkv:
+                dq = _empty(B, T, H, D, dtype=q.dtype, device=dev)
+                # Per query head, in the input type; with GQA the torch sum below adds each group in fp32 and writes
+                # the input type. Partials in fp32 ran 4% slower at 32 query / 8 key-value heads on an H200, and the
+                # key side walking a group's heads itself spilled its accumulators and ran 14% slower
+                # (docs/BENCHMARKS.md).
+                dk = _empty(B, T, H, D, dtype=k.dtype, device=dev)
+                dv = _empty(B, T, H, DV, dtype=v.dtype, device=dev)
+                # What each query chunk sends through the window to the key chunk before its own.
+                dk_next = _empty(B, T, H, D, dtype=k.dtype, device=dev) if window > 0 and p.LAG else dk
+            else:
+                dq = dk = dv = dk_next = dn
             # The window kernel's [rows, keys] tiles of the pairs with the own and the previous key chunk (where a
             # flag leaves one unused, the other stands in: the key side picks between them by pointer).
             own, prev = 0 < window < BLOCK_T, window > 0 and p.LAG
@@ -368,41 +385,50 @@ class _HybridChunk(torch.autograd.Function):
             if window > 0:
                 # The window's part of dq, dk, dv first, which the linear kernels then add to.
                 # Its tiles, with the columns of their blocks: through TMA descriptors where it can (`TMA`).
-                tiles = {"q": (q, p.BD), "k": (k, p.BD), "v": (v, p.BV), "dn": (dn, p.BV), "dq": (dq, p.BD),
-                         "dk": (dk, p.BD), "dv": (dv, p.BV), "dk_next": (dk_next, p.BD),
+                tiles = {"q": (q, p.BD), "k": (k, p.BD), "v": (v, p.BV), "dn": (dn, p.BV),
+                         **({"dq": (dq, p.BD), "dk": (dk, p.BD), "dv": (dv, p.BV), "dk_next": (dk_next, p.BD)}
+                            if qkv else {}),
                          **({"xc": (xc, BLOCK_T)} if own else {}), **({"xp": (xp, BLOCK_T)} if prev else {})}  # fmt: skip
                 tma = not p.S and _tma_device(dev) and _addressable(*(t for t, _ in tiles.values()))
                 tiles = {name: _block_descriptor(t, cols) if tma else t for name, (t, cols) in tiles.items()}
+                # Without qkv the outputs' stand-in is dn, which the kernel then only reads.
+                out = {name: tiles.get(name, tiles["dn"]) for name in ("dq", "dk", "dv", "dk_next")}
                 _bwd_q_window_kernel[(p.NT, B * H)](
                     tiles["q"], tiles["k"], tiles["v"], wf, p.tm, p.win_k, win_v, p.wm, tiles["dn"], dd,
-                    tiles["dq"], tiles["dk"], tiles["dv"], tiles["dk_next"], tiles.get("xc", xc), tiles.get("xp", xp),
+                    out["dq"], out["dk"], out["dv"], out["dk_next"], tiles.get("xc", xc), tiles.get("xp", xp),
                     dwf, T, p.NT, p.S, p.scale, p.softcap,
                     HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, TMA=tma, **lin_flags, **_launch("bwd_q_window"),
                 )  # fmt: skip
-            # The pre-activation gradients go to the weight-gradient products in the input type.
-            dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev)
-            _bwd_q_linear_kernel[(triton.cdiv(T, BQ_Q), B * H)](
-                v, phq, phk, phw, wq, p.tm, win_v, p.wm, hkv, hz, dn, dd, xc, xp, dq, dpq, T, p.NT, p.S,
-                HAS_WIN=p.S > 0, **lin_flags, BQ=BQ_Q, **_launch("bwd_q_linear"),
-            )  # fmt: skip
-            dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev)
+            if linear:
+                # The pre-activation gradients go to the weight-gradient products in the input type.
+                dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev) if wgrad else dd
+                _bwd_q_linear_kernel[(triton.cdiv(T, BQ_Q), B * H)](
+                    v, phq, phk, phw, wq, p.tm, win_v, p.wm, hkv, hz, dn, dd, xc, xp, dq, dpq, T, p.NT, p.S,
+                    HAS_WIN=p.S > 0, WGRAD=wgrad, **lin_flags, BQ=BQ_Q, **_launch("bwd_q_linear"),
+                )  # fmt: skip
+                dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev) if wgrad else dd
         finally:
             # The key side reads the state gradients; and should anything above raise, no buffer the side stream
             # still uses is handed back before it is done.
             par.join()
-        _bwd_kv_linear_kernel[(p.NT, B * H)](
-            phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dn, xc, xp, dk, dv, dk_next, dpk, T, p.NT, p.S,
-            **lin_flags, BQ=BQ_KV_LINEAR, **_launch("bwd_kv_linear"),
-        )  # fmt: skip
-        if groups > 1:
+        if linear:
+            _bwd_kv_linear_kernel[(p.NT, B * H)](
+                phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dn, xc, xp, dk, dv, dk_next, dpk, T, p.NT, p.S,
+                WGRAD=wgrad, **lin_flags, BQ=BQ_KV_LINEAR, **_launch("bwd_kv_linear"),
+            )  # fmt: skip
+        if qkv and groups > 1:
             dk = dk.view(B, T, HKV, groups, D).sum(3)
             dv = dv.view(B, T, HKV, groups, DV).sum(3)
-        dwq, dwk = _weight_grads(p, q, dpq, k, dpk)
-        dwf_out = dwf.view(B, H, p.NT).sum((0, 2)).to(wf.dtype) if window > 0 and ctx.needs_input_grad[5] else None
-        return (
-            dq, dk, dv, dwq.to(wq.dtype), dwk.to(wk.dtype), dwf_out,
-            None, None, None, None, None, None, None, None, None, None,
-        )  # fmt: skip
+        dwq, dwk = _weight_grads(p, q, dpq, k, dpk) if wgrad else (None, None)
+        grads = (
+            dq if need[0] else None,
+            dk if need[1] else None,
+            dv if need[2] else None,
+            dwq.to(wq.dtype) if need[3] else None,
+            dwk.to(wk.dtype) if need[4] else None,
+            dwf.view(B, H, p.NT).sum((0, 2)).to(wf.dtype) if wf_grad else None,
+        )
+        return grads + (None,) * 10
 
 
 def hybrid_attention_triton(

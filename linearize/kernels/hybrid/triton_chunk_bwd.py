@@ -92,6 +92,7 @@ def _bwd_q_window_kernel(
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+    QKV: tl.constexpr,
 ):  # fmt: skip
     # The window pairs (W > 0) of query chunk c, from both sides: the window's part of dq, stored in dq for
     # `_bwd_q_linear_kernel` to add; what they send to the keys of chunk c (dk, and dv when W >= BT) and of chunk
@@ -102,7 +103,8 @@ def _bwd_q_window_kernel(
     # and zeros elsewhere. The linear kernels read them instead of computing dN v^T again: the query side for dl,
     # the key side also for the window's dv, which it takes with the linear pairs' (`_bwd_kv_pairs_visit`). It
     # reads neither features nor states. With TMA, q, k, v, dn and the outputs but dwf are tensor descriptors
-    # (`_load_block`, `_store_block`).
+    # (`_load_block`, `_store_block`). Without QKV (no gradient asked of q, k or v, as in attention transfer) it
+    # stores the tiles and the window factor's gradient only: neither dq, dk nor dv, nor the products they take.
     i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BT)
     t0 = c * BT
     dN = _load_block(dn, dn, b, h, t0, T, 0, H, DV, BT, BV, False, TMA)
@@ -122,11 +124,12 @@ def _bwd_q_window_kernel(
         s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC, False)
         m = tl.maximum(m, tl.max(s_p, 1))
     m = tl.where(m == float("-inf"), 0.0, m)
-    # The row max m enters as exp(s - m), so its gradient goes to the arg-max key: the latest of any ties (one valid
-    # subgradient). Carried window keys have negative positions, so NO_KEY marks a row without window keys.
-    arg = tl.max(tl.where(win_c & (s_c == m[:, None]), pos_c[None, :], NO_KEY), 1)
-    if LAG:
-        arg = tl.maximum(arg, tl.max(tl.where(win_p & (s_p == m[:, None]), pos_p[None, :], NO_KEY), 1))
+    if QKV:
+        # The row max m enters as exp(s - m), so its gradient goes to the arg-max key: the latest of any ties (one
+        # valid subgradient). Carried window keys have negative positions, so NO_KEY marks a row without window keys.
+        arg = tl.max(tl.where(win_c & (s_c == m[:, None]), pos_c[None, :], NO_KEY), 1)
+        if LAG:
+            arg = tl.maximum(arg, tl.max(tl.where(win_p & (s_p == m[:, None]), pos_p[None, :], NO_KEY), 1))
     # Key chunk c is the program's own rows; key chunk c - 1 the chunk before (but not the carried window's keys in
     # front of chunk 0: they take no gradient). Every output is in the input type.
     v_c = _load_block(v, win_v, b, hk, t0, T, S, HKV, DV, BT, BV, HAS_WIN, TMA)
@@ -137,7 +140,7 @@ def _bwd_q_window_kernel(
     if W < BT:
         lin_c = (pos_c[None, :] <= rows[:, None] - W) & ok_c[None, :]
         _store_block(xc, tl.where(win_c, a_c, tl.where(lin_c, dp_c, 0.0)).to(dt), b, h, t0, T, H, BT, BT, BT, TMA)
-    else:
+    elif QKV:
         # dv = (a / den)^T do = a^T dN (a <= 1: no overflow in fp16), stored as soon as a is known, which frees it.
         _store_block(dv, _mm(tl.trans(a_c.to(dt)), dN, PREC).to(dt), b, h, t0, T, H, DV, BT, BV, TMA)
     dm = -tl.sum(daa_c, 1)
@@ -149,25 +152,26 @@ def _bwd_q_window_kernel(
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
         _store_block(xp, tl.where(win_p, a_p, tl.where(lin_p, dp_p, 0.0)).to(dt), b, h, t0, T, H, BT, BT, BT, TMA)
         dm -= tl.sum(daa_p, 1)
-    ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
-    if SOFTCAP:
-        ds_c = _soft_cap_grad(ds_c, s_c, win_c, softcap)
-    ds_c = ds_c.to(dt)
-    dqw = _mm(ds_c, k_c, PREC)
-    # dk = ds^T q.
-    _store_block(dk, (_mm(tl.trans(ds_c), qq, PREC) * scale).to(dt), b, h, t0, T, H, D, BT, BD, TMA)
-    if LAG:
-        ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
-        if SOFTCAP:
-            ds_p = _soft_cap_grad(ds_p, s_p, win_p, softcap)
-        ds_p = ds_p.to(dt)
-        dqw += _mm(ds_p, k_p, PREC)
-        if c > 0:
-            _store_block(dk_next, (_mm(tl.trans(ds_p), qq, PREC) * scale).to(dt), b, h, t0 - BT, T, H, D, BT, BD, TMA,
-                         True)  # fmt: skip
     # a = sigmoid(wf) e: d wf = sum dA a (1 - g), where the sum of dA a over the program's pairs is -sum(dm).
     tl.store(dwf + bh * tl.num_programs(0) + i, -tl.sum(dm, 0) * (1.0 - g))
-    _store_block(dq, (dqw * scale).to(dt), b, h, t0, T, H, D, BT, BD, TMA)
+    if QKV:
+        ds_c = daa_c + tl.where(pos_c[None, :] == arg[:, None], dm[:, None], 0.0)
+        if SOFTCAP:
+            ds_c = _soft_cap_grad(ds_c, s_c, win_c, softcap)
+        ds_c = ds_c.to(dt)
+        dqw = _mm(ds_c, k_c, PREC)
+        # dk = ds^T q.
+        _store_block(dk, (_mm(tl.trans(ds_c), qq, PREC) * scale).to(dt), b, h, t0, T, H, D, BT, BD, TMA)
+        if LAG:
+            ds_p = daa_p + tl.where(pos_p[None, :] == arg[:, None], dm[:, None], 0.0)
+            if SOFTCAP:
+                ds_p = _soft_cap_grad(ds_p, s_p, win_p, softcap)
+            ds_p = ds_p.to(dt)
+            dqw += _mm(ds_p, k_p, PREC)
+            if c > 0:
+                _store_block(dk_next, (_mm(tl.trans(ds_p), qq, PREC) * scale).to(dt), b, h, t0 - BT, T, H, D, BT, BD,
+                             TMA, True)  # fmt: skip
+        _store_block(dq, (dqw * scale).to(dt), b, h, t0, T, H, D, BT, BD, TMA)
 
 
 @triton.jit
@@ -177,11 +181,12 @@ def _bwd_q_linear_kernel(
     T, NT, S,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, PREC: tl.constexpr, QKV: tl.constexpr, WGRAD: tl.constexpr,
 ):  # fmt: skip
     # Query side, linear pairs and the states: the gradient of the q feature-map pre-activation for query chunk c
     # and dq back through wq, plus (W > 0) the window's part that `_bwd_q_window_kernel` stored in dq. With a window
     # the linear pairs' score gradients come from that kernel's tiles (xc, xp); without one they are computed here.
+    # It stores the pre-activation gradient only with WGRAD (a gradient asked of wq or wk) and dq only with QKV.
     i, c, bh, b, h, hk, rows, rmask, qrow = _query_block(T, H, HKV, BT, BQ)
     od = tl.arange(0, BD)
     of = tl.arange(0, BF)
@@ -217,25 +222,26 @@ def _bwd_q_linear_kernel(
         dphq_p += _mm(dl_p, pkp_p, PREC)
         dphq_n += _mm(dl_p, pkp_n, PREC)
     gq = _feature_map_bwd(phq_p.to(tl.float32), phq_n.to(tl.float32), dphq_p, dphq_n)
-    tl.store(
-        dpq + qrow[:, None] * F + of[None, :], gq.to(dpq.dtype.element_ty), mask=rmask[:, None] & (of[None, :] < F)
-    )
-    # Back through the projection: dq = g wq^T (plus the window's part).
-    dq_acc = _mm(gq.to(dt), tl.trans(_load_w_as(wq, h, dt, D, F, BD, BF)), PREC)
-    qd = qrow[:, None] * D + od[None, :]
-    if W > 0:
-        dq_acc += tl.load(dq + qd, mask=dmask, other=0.0).to(tl.float32)
-    tl.store(dq + qd, dq_acc.to(dq.dtype.element_ty), mask=dmask)
+    if WGRAD:
+        tl.store(dpq + qrow[:, None] * F + of[None, :], gq.to(dpq.dtype.element_ty),
+                 mask=rmask[:, None] & (of[None, :] < F))  # fmt: skip
+    if QKV:
+        # Back through the projection: dq = g wq^T (plus the window's part).
+        dq_acc = _mm(gq.to(dt), tl.trans(_load_w_as(wq, h, dt, D, F, BD, BF)), PREC)
+        qd = qrow[:, None] * D + od[None, :]
+        if W > 0:
+            dq_acc += tl.load(dq + qd, mask=dmask, other=0.0).to(tl.float32)
+        tl.store(dq + qd, dq_acc.to(dq.dtype.element_ty), mask=dmask)
 
 
 @triton.jit
 def _bwd_kv_linear_visit(
     phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, r0, b, h, T,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr, BQ: tl.constexpr, BV: tl.constexpr,
-    BF: tl.constexpr, PREC: tl.constexpr,
+    BF: tl.constexpr, PREC: tl.constexpr, QKV: tl.constexpr,
 ):  # fmt: skip
     # Adds what the linear pairs of the BQ query rows from r0 on (head h) send back to key chunk `pos`: to dphi_k
-    # (both halves) and dv. Every tile is key-major ([keys, rows]: scores and their gradients transposed), so that
+    # (both halves) and, with QKV, dv. Every tile is key-major ([keys, rows]: scores and their gradients transposed), so that
     # each product has the chunk's keys as its rows and only loaded tiles are transposed, never computed ones.
     rows = r0 + tl.arange(0, BQ)
     qrow = (b * T + rows).to(tl.int64) * H + h
@@ -246,12 +252,13 @@ def _bwd_kv_linear_visit(
     dt = v_j.dtype
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
-    pt = tl.where(lin, _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC), 0.0)
     dlt = tl.where(lin, dpt, 0.0).to(dt)
     dph_p += _mm(dlt, phq_p, PREC)
     dph_n += _mm(dlt, phq_n, PREC)
-    # p / den <= 1: no overflow in fp16.
-    dv_acc += _mm((pt * rden[None, :]).to(dt), dd, PREC)
+    if QKV:
+        pt = tl.where(lin, _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC), 0.0)
+        # p / den <= 1: no overflow in fp16.
+        dv_acc += _mm((pt * rden[None, :]).to(dt), dd, PREC)
     return dph_p, dph_n, dv_acc
 
 
@@ -259,25 +266,26 @@ def _bwd_kv_linear_visit(
 def _bwd_kv_pairs_visit(
     phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, r0, b, h, T,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
-    BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr,
+    BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, QKV: tl.constexpr,
 ):  # fmt: skip
     # With a window: adds what all pairs (window and linear) of the BQ query rows from r0 on (head h) send back to
     # key chunk `pos`, from `_bwd_q_window_kernel`'s [rows, keys] tile x of those rows (window weights a, linear
     # score gradients dl, zeros elsewhere): dv += (a + l)^T dN with l = phi_q . phi_k on the linear pairs, and
-    # dphi_k += dl^T phi_q. Key-major, as `_bwd_kv_linear_visit`.
+    # dphi_k += dl^T phi_q (dv only with QKV). Key-major, as `_bwd_kv_linear_visit`.
     rows = r0 + tl.arange(0, BQ)
     qrow = (b * T + rows).to(tl.int64) * H + h
     rmask = rows < T
     keys = tl.arange(0, BT)
     # Rows past T load as zeros and send nothing.
     xt = tl.trans(tl.load(x + qrow[:, None] * BT + keys[None, :], mask=rmask[:, None], other=0.0))
-    dN, _ = _load_out_grads(dn, dn, qrow, rmask, 0, DV, BV)
     dt = xt.dtype
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
     lin = (pos[:, None] <= rows[None, :] - W) & ok_j[:, None]
-    pt = _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC)
-    # a <= 1 and l <= 2 (each feature half sums to one): no overflow in fp16.
-    dv_acc += _mm(tl.where(lin, pt, xt.to(tl.float32)).to(dt), dN, PREC)
+    if QKV:
+        dN, _ = _load_out_grads(dn, dn, qrow, rmask, 0, DV, BV)
+        pt = _mm(pk_p, tl.trans(phq_p), PREC) + _mm(pk_n, tl.trans(phq_n), PREC)
+        # a <= 1 and l <= 2 (each feature half sums to one): no overflow in fp16.
+        dv_acc += _mm(tl.where(lin, pt, xt.to(tl.float32)).to(dt), dN, PREC)
     dlt = tl.where(lin, xt, 0.0).to(dt)
     dph_p += _mm(dlt, phq_p, PREC)
     dph_n += _mm(dlt, phq_n, PREC)
@@ -290,14 +298,15 @@ def _bwd_kv_linear_kernel(
     T, NT, S,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
-    HAS_MASK: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr,
+    HAS_MASK: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr, QKV: tl.constexpr, WGRAD: tl.constexpr,
 ):  # fmt: skip
     # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
     # feature-map pre-activation of key chunk j. Its keys are seen on the linear side by query chunks j (when
     # W < BT) and j + 1 (when LAG), and through the states by all later ones, whose summed gradient is dH, dz. With
     # a window, the visits take the pairs with query chunks j and j + 1 from the window kernel's tiles (xc, xp),
     # window and linear alike, for dv and dphi_k; the window's dk (in dk and dk_next) and, when W >= BT, its dv
-    # for chunk j (in dv) are added here.
+    # for chunk j (in dv) are added here. As the query side, it stores the pre-activation gradient only with WGRAD
+    # and dk, dv only with QKV.
     j = tl.program_id(0)
     bh = tl.program_id(1)
     b, h, hk = _heads(bh, H, HKV)
@@ -317,12 +326,15 @@ def _bwd_kv_linear_kernel(
     # dphi_k is summed over the state and the (at most two) visits, and mapped back through the feature map once.
     dph_p = _mm(v_j, tl.trans(dh_p), PREC) + dz_p[None, :]
     dph_n = _mm(v_j, tl.trans(dh_n), PREC) + dz_n[None, :]
-    dv_acc = _mm(pk_p, dh_p, PREC) + _mm(pk_n, dh_n, PREC)
+    if QKV:
+        dv_acc = _mm(pk_p, dh_p, PREC) + _mm(pk_n, dh_n, PREC)
+    else:
+        dv_acc = tl.zeros([BT, BV], dtype=tl.float32)
     if W == 0:
         for sub in range(BT // BQ):
             dph_p, dph_n, dv_acc = _bwd_kv_linear_visit(
                 phq, do, den_ptr, dd_ptr, dph_p, dph_n, dv_acc, v_j, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ,
-                b, h, T, H, DV, F, W, BQ, BV, BF, PREC,
+                b, h, T, H, DV, F, W, BQ, BV, BF, PREC, QKV,
             )  # fmt: skip
     else:
         # The rows of query chunk j (when W < BT: a window as long as the chunk leaves no linear pair within it)
@@ -335,27 +347,29 @@ def _bwd_kv_linear_kernel(
                 x = xp
             dph_p, dph_n, dv_acc = _bwd_kv_pairs_visit(
                 phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, T,
-                H, DV, F, W, BT, BQ, BV, BF, PREC,
+                H, DV, F, W, BT, BQ, BV, BF, PREC, QKV,
             )  # fmt: skip
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
-    tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
-             mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
-    # Back through the projection: dk = g wk^T (plus the window's parts).
-    dk_acc = _mm(gk.to(dt), tl.trans(_load_w_as(wk, h, dt, D, F, BD, BF)), PREC)
-    kd = krow[:, None] * D + od[None, :]
-    kv = krow[:, None] * DV + ov[None, :]
-    dmask = kmask[:, None] & (od[None, :] < D)
-    vmask = kmask[:, None] & (ov[None, :] < DV)
-    if W > 0:
-        dk_acc += tl.load(dk + kd, mask=dmask, other=0.0).to(tl.float32)
-        if W >= BT:
-            dv_acc += tl.load(dv + kv, mask=vmask, other=0.0).to(tl.float32)
-        if LAG:
-            # What query chunk j + 1 sent through the window (none past the last chunk).
-            nmask = ((j + 1) * BT + 0 * pos < T)[:, None]
-            dk_acc += tl.load(dk_next + kd, mask=dmask & nmask, other=0.0).to(tl.float32)
-    tl.store(dk + kd, dk_acc.to(dk.dtype.element_ty), mask=dmask)
-    tl.store(dv + kv, dv_acc.to(dv.dtype.element_ty), mask=vmask)
+    if WGRAD:
+        tl.store(dpk + krow[:, None] * F + of[None, :], gk.to(dpk.dtype.element_ty),
+                 mask=kmask[:, None] & (of[None, :] < F))  # fmt: skip
+    if QKV:
+        # Back through the projection: dk = g wk^T (plus the window's parts).
+        dk_acc = _mm(gk.to(dt), tl.trans(_load_w_as(wk, h, dt, D, F, BD, BF)), PREC)
+        kd = krow[:, None] * D + od[None, :]
+        kv = krow[:, None] * DV + ov[None, :]
+        dmask = kmask[:, None] & (od[None, :] < D)
+        vmask = kmask[:, None] & (ov[None, :] < DV)
+        if W > 0:
+            dk_acc += tl.load(dk + kd, mask=dmask, other=0.0).to(tl.float32)
+            if W >= BT:
+                dv_acc += tl.load(dv + kv, mask=vmask, other=0.0).to(tl.float32)
+            if LAG:
+                # What query chunk j + 1 sent through the window (none past the last chunk).
+                nmask = ((j + 1) * BT + 0 * pos < T)[:, None]
+                dk_acc += tl.load(dk_next + kd, mask=dmask & nmask, other=0.0).to(tl.float32)
+        tl.store(dk + kd, dk_acc.to(dk.dtype.element_ty), mask=dmask)
+        tl.store(dv + kv, dv_acc.to(dv.dtype.element_ty), mask=vmask)
 
 
 @triton.jit
