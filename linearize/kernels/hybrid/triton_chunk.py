@@ -52,6 +52,11 @@ The backward mirrors the forward and, like flash-attention's, splits the gradien
     5. `_wgrad_kernel`: the weight gradients x^T g of both feature maps from one launch, as split-K partial
        products, summed by one torch op.
 
+Only the gradients asked for are computed. Attention transfer asks for those of the feature maps and the window
+factor alone (q, k and v come from frozen projections): the kernels then take none of the products that only dq, dk
+or dv need and write none of them, which makes its forward+backward 22-29% faster on an H200. LoRA fine-tuning asks
+for those of q, k and v alone: no pre-activation gradient is stored and the weight-gradient launch is left out (6%).
+
 Keys of the window carried in `initial_state` sit at the negative positions -S..-1, in front of the new tokens.
 """
 
