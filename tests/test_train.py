@@ -115,6 +115,30 @@ def test_layerwise_equals_joint():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_layerwise_transfer_keeps_the_kernels_states(monkeypatch):
+    # Layerwise, each layer's backward runs right after its forward, so the attention keeps its features and states
+    # for it (one layer's memory); the joint mode leaves the choice to LINEARIZE_SAVE_STATES.
+    from linearize.attention import hybrid as attention
+    from linearize.kernels import hybrid as kernels
+
+    monkeypatch.delenv("LINEARIZE_SAVE_STATES", raising=False)
+    seen = []
+    op = attention.hybrid_attention
+
+    def recording(*args, **kwargs):
+        seen.append(kernels.save_states())
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "hybrid_attention", recording)
+    for layerwise in (False, True):
+        model = tiny_model("llama").requires_grad_(False)
+        objective, _ = _transfer_setup(model, layerwise=layerwise)
+        seen.clear()
+        objective.backward(torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0)))
+        assert seen == [layerwise] * 4, (layerwise, seen)
+    assert not kernels.save_states()
+
+
 def _cli(args, env=None, **kw):
     return subprocess.Popen(
         [sys.executable, "-m", "linearize.cli", *args],

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..attention import HybridLinearAttention
 from ..config import TransferConfig
+from ..kernels.hybrid import keeping_states
 
 
 @dataclass
@@ -123,7 +124,9 @@ class TransferObjective:
 
         def consume(idx: int, cap: _Captured):
             nonlocal total
-            with torch.enable_grad():
+            # The layer's backward runs right away, so its attention keeps the features and states its forward
+            # computed instead of recomputing them: one layer's worth of memory (docs/BENCHMARKS.md).
+            with torch.enable_grad(), keeping_states():
                 loss, layer_stats = self._layer_loss(idx, cap)
                 loss.backward()
             total += loss.item()

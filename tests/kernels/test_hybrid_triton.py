@@ -410,6 +410,17 @@ def test_save_states_rejects_bad_value(monkeypatch):
     assert hybrid.save_states()
 
 
+@pytest.mark.parametrize("env", ["0", "1"])
+def test_keeping_states_overrides_the_environment_inside_its_block(monkeypatch, env):
+    monkeypatch.setenv("LINEARIZE_SAVE_STATES", env)
+    with hybrid.keeping_states():
+        assert hybrid.save_states()
+        with hybrid.keeping_states(False):
+            assert not hybrid.save_states()
+        assert hybrid.save_states()
+    assert hybrid.save_states() == (env == "1")
+
+
 @interpreted
 @pytest.mark.parametrize(
     "W,T1,T2",

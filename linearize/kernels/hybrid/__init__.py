@@ -9,6 +9,8 @@ when a Triton path is taken, so that `TRITON_INTERPRET` can still be set before 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.metadata
 import importlib.util
@@ -110,9 +112,28 @@ def kernel_choice() -> str:
     return name
 
 
+# Set by `keeping_states` for the calls made inside it; None defers to the environment variable.
+_KEEP_STATES: contextvars.ContextVar[bool | None] = contextvars.ContextVar("linearize_keep_states", default=None)
+
+
+@contextlib.contextmanager
+def keeping_states(keep: bool = True):
+    """Within the block, the Triton forward keeps (or, with `keep=False`, recomputes) its features and states for
+    the backward whatever `LINEARIZE_SAVE_STATES` says: for callers that run each backward right after its forward,
+    where keeping them costs one call's memory (attention transfer's layerwise mode)."""
+    token = _KEEP_STATES.set(keep)
+    try:
+        yield
+    finally:
+        _KEEP_STATES.reset(token)
+
+
 def save_states() -> bool:
-    """Whether the Triton forward keeps its features and states for the backward (`LINEARIZE_SAVE_STATES`, default
-    0); raises `LinearizeError` for a value that is not 0 or 1."""
+    """Whether the Triton forward keeps its features and states for the backward: `keeping_states` where it is in
+    force, else `LINEARIZE_SAVE_STATES` (default 0); raises `LinearizeError` for a value that is not 0 or 1."""
+    kept = _KEEP_STATES.get()
+    if kept is not None:
+        return kept
     value = os.environ.get(SAVE_STATES_ENV, "0").strip().lower()
     if value in ("", "0", "false", "no"):
         return False
@@ -205,6 +226,7 @@ __all__ = [
     "hybrid_attention_varlen",
     "hybrid_attention_weights",
     "kernel_choice",
+    "keeping_states",
     "kernel_name",
     "save_states",
     "triton_version",
