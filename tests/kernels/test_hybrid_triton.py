@@ -713,19 +713,60 @@ VARLEN = [
     pytest.param((64, 65, 130), 64, True, id="lens64-65-130-W64-state"),
     pytest.param((40, 3), 0, True, id="lens40-3-W0-state"),
     pytest.param((7, 0, 20), 16, True, id="lens7-0-20-W16-state"),
+    pytest.param((100, 0, 7, 200, 3), 8, True, id="lens100-0-7-200-3-W8-state"),
 ]
+
+
+@pytest.fixture(params=[False, True], ids=["one-call", "grouped"])
+def varlen_calls(request, monkeypatch):
+    """With "grouped", every call costs nothing beyond its tokens, so that sequences of different padded lengths go
+    to separate calls (`plan_groups`); yields the list the padded calls' sequence counts are appended to."""
+    from linearize.kernels.hybrid import varlen
+
+    if request.param:
+        monkeypatch.setattr(varlen, "GROUP_OVERHEAD_TOKENS", 0)
+    calls = []
+    padded = varlen._padded
+    monkeypatch.setattr(varlen, "_padded", lambda call, q, *a: calls.append(a[-1].numel()) or padded(call, q, *a))
+    return SimpleNamespace(grouped=request.param, calls=calls)
 
 
 @interpreted
 @pytest.mark.parametrize("lens,W,with_state", VARLEN)
-def test_varlen_triton_matches_separate_calls(interpreter, lens, W, with_state):
+def test_varlen_triton_matches_separate_calls(interpreter, varlen_calls, lens, W, with_state):
     _varlen_against_separate_calls(lens, W, with_state)
+    _check_groups(varlen_calls, lens, W, with_state)
 
 
 @pytest.mark.parametrize("lens,W,with_state", VARLEN)
-def test_varlen_torch_matches_separate_calls(monkeypatch, lens, W, with_state):
+def test_varlen_torch_matches_separate_calls(monkeypatch, varlen_calls, lens, W, with_state):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     _varlen_against_separate_calls(lens, W, with_state)
+    _check_groups(varlen_calls, lens, W, with_state)
+
+
+def _check_groups(varlen_calls, lens, W, with_state):
+    # One padded call over all sequences unless grouped; grouped, one per run of equal padded length (64 tokens per
+    # chunk, the carried window counted in).
+    carried = max(W - 1, 0) if with_state else 0
+    runs = len({-(-max(n + carried, 1) // 64) for n in lens})
+    assert len(varlen_calls.calls) == (runs if varlen_calls.grouped else 1), varlen_calls.calls
+    assert sum(varlen_calls.calls) == len(lens)
+
+
+def test_plan_groups_pads_less_than_one_call():
+    from linearize.kernels.hybrid.varlen import plan_groups
+
+    lens = torch.tensor([3000, 120, 2900, 100, 80, 900, 64, 1000, 50])
+    groups = plan_groups(lens, overhead=2048)
+    # Longest first; every sequence once.
+    assert [g.tolist() for g in groups] == [[0, 2], [7, 5], [1, 3, 4, 6, 8]]
+    padded = sum(len(g) * -(-int(lens[g].max()) // 64) * 64 for g in groups)
+    assert padded + 2048 * len(groups) < len(lens) * 3008
+    # Equal padded lengths never split; a large overhead keeps one call.
+    assert [g.tolist() for g in plan_groups(torch.tensor([5, 60, 1]), overhead=0)] == [[0, 1, 2]]
+    assert len(plan_groups(lens, overhead=10**9)) == 1
+    assert plan_groups(torch.tensor([], dtype=torch.long)) == []
 
 
 @pytest.mark.parametrize(

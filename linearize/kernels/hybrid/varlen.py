@@ -5,13 +5,25 @@ token mask, and gathered back, so every kernel (the Triton ones and the PyTorch 
 sequences never see each other. Left padding keeps each sequence's last tokens at the end of its row, which is
 where the final window is read. A carried window from `initial_state` is placed just in front of its sequence,
 as masked-in tokens of the padded row, so that its distance to the new tokens is the same as in an unpadded call.
+
+A padded row costs as much as the longest sequence, so sequences of very different lengths are split into groups
+of similar length, one padded call each (`plan_groups`): a packed row of one long and many short documents no
+longer pays the long one's length for every short one.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+
 import torch
 
 from .torch_chunked import HybridState
+
+# The cost model of `plan_groups`, in tokens of one padded row: the padding granularity (the Triton kernels' chunk)
+# and what one more call costs besides its tokens (its launches, and a few rows' worth of sequential steps).
+GROUP_ROUND = 64
+GROUP_OVERHEAD_TOKENS = 2048
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, batch: int) -> torch.Tensor:
@@ -27,6 +39,50 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, batch: int) -> torch.
     return lens
 
 
+def plan_groups(lengths: torch.Tensor, overhead: int | None = None, round_to: int = GROUP_ROUND) -> list[torch.Tensor]:
+    """Split sequences into groups, one padded call each, minimising the padded tokens plus `overhead` per call.
+
+    Args:
+        lengths: `[N]` tokens per sequence (each row's length, carried window included), on the CPU.
+        overhead: tokens one more call is worth (default `GROUP_OVERHEAD_TOKENS`).
+        round_to: rows are padded to a multiple of this.
+
+    Returns:
+        The groups as index tensors into `lengths`, longest sequences first. Each is a run of the sequences sorted by
+        length (an optimal split of sorted lengths is contiguous), found by dynamic programming over the distinct
+        padded lengths.
+    """
+    overhead = GROUP_OVERHEAD_TOKENS if overhead is None else overhead
+    if lengths.numel() == 0:
+        return []
+    padded = (lengths.clamp_min(1) + round_to - 1) // round_to * round_to
+    order = torch.sort(padded, descending=True, stable=True).indices
+    values, counts = torch.unique_consecutive(padded[order], return_counts=True)
+    bounds = (0, *torch.cumsum(counts, 0).tolist())
+    cuts = _cuts(tuple(values.tolist()), tuple(counts.tolist()), overhead)
+    return [order[bounds[a] : bounds[b]] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+@functools.lru_cache(maxsize=256)
+def _cuts(values: tuple[int, ...], counts: tuple[int, ...], overhead: int) -> tuple[int, ...]:
+    """Group boundaries over the distinct padded lengths `values` (descending, `counts` rows each): a group of
+    values i..j-1 pads every row to values[i]. The same plan serves every layer of a step, so it is cached."""
+    m = len(values)
+    rows = (0, *itertools.accumulate(counts))
+    best = [0] + [None] * m
+    cut = [0] * (m + 1)
+    for j in range(1, m + 1):
+        for i in range(j):
+            cost = best[i] + (rows[j] - rows[i]) * values[i] + overhead
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [m], m
+    while j:
+        j = cut[j]
+        out.append(j)
+    return tuple(out[::-1])
+
+
 def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_mask=None,
                             initial_state=None, output_final_state=False, chunk_size=128, *, cu_seqlens):  # fmt: skip
     """Run `impl` (a function with `hybrid_attention`'s arguments) over the sequences of a packed batch.
@@ -37,12 +93,51 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
     """
     lens = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
     n = lens.numel()
+    if initial_state is not None and initial_state.kv.shape[0] != n:
+        raise ValueError(f"initial_state holds {initial_state.kv.shape[0]} sequences, cu_seqlens {n}")
+    carried = max(window - 1, 0) if initial_state is not None else 0
+    groups = plan_groups(lens + carried)
+    call = (impl, wq, wk, window_factor, window, scale, softcap, output_final_state, chunk_size)
+    if len(groups) <= 1:
+        return _padded(call, q, k, v, token_mask, initial_state, lens)
+    starts = torch.cumsum(lens, 0) - lens
+    outs, tokens, finals = [], [], []
+    for idx in groups:
+        # The group's tokens in packed order, sequence after sequence.
+        gl = lens[idx]
+        first = torch.cumsum(gl, 0) - gl
+        tok = torch.repeat_interleave(starts[idx] - first, gl) + torch.arange(int(gl.sum()))
+        tok_dev = tok.to(q.device)
+
+        def pick(x, t=tok_dev):
+            return x.index_select(1, t)
+
+        out, final = _padded(
+            call, pick(q), pick(k), pick(v), None if token_mask is None else pick(token_mask),
+            None if initial_state is None else initial_state.index_select(idx), lens[idx],
+        )  # fmt: skip
+        outs.append(out)
+        tokens.append(tok)
+        finals.append(final)
+    # Back to packed order: the groups' tokens cover every packed position once.
+    back = torch.argsort(torch.cat(tokens)).to(q.device)
+    out = torch.cat(outs, 1).index_select(1, back)
+    if not output_final_state:
+        return out, None
+    seq_back = torch.argsort(torch.cat(groups))
+    final = HybridState(*(torch.cat(ts, 0) for ts in zip(*(f.tensors() for f in finals), strict=True)))
+    return out, final.index_select(seq_back)
+
+
+def _padded(call, q, k, v, token_mask, initial_state, lens):
+    """One call of `impl` over the sequences of lengths `lens` packed in q, k, v (`[1, sum(lens), ...]`), as a
+    left-padded batch."""
+    impl, wq, wk, window_factor, window, scale, softcap, output_final_state, chunk_size = call
+    n = lens.numel()
     device = q.device
     slots = max(window - 1, 0)
     carried = slots if initial_state is not None else 0
     length = int(lens.max()) + carried if n else 0
-    if initial_state is not None and initial_state.kv.shape[0] != n:
-        raise ValueError(f"initial_state holds {initial_state.kv.shape[0]} sequences, cu_seqlens {n}")
     # Packed token t of sequence b goes to row b, column length - len_b + (t - start_b).
     seq = torch.repeat_interleave(torch.arange(n), lens)
     starts = torch.cumsum(lens, 0) - lens
