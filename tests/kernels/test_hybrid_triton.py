@@ -720,14 +720,14 @@ VARLEN = [
 @pytest.fixture(params=[False, True], ids=["one-call", "grouped"])
 def varlen_calls(request, monkeypatch):
     """With "grouped", every call costs nothing beyond its tokens, so that sequences of different padded lengths go
-    to separate calls (`plan_groups`); yields the list the padded calls' sequence counts are appended to."""
+    to separate calls (`plan_groups`); returns the list the planned calls' sequence counts are appended to."""
     from linearize.kernels.hybrid import varlen
 
     if request.param:
         monkeypatch.setattr(varlen, "GROUP_OVERHEAD_TOKENS", 0)
     calls = []
-    padded = varlen._padded
-    monkeypatch.setattr(varlen, "_padded", lambda call, q, *a: calls.append(a[-1].numel()) or padded(call, q, *a))
+    plan = varlen.plan_groups
+    monkeypatch.setattr(varlen, "plan_groups", lambda *a: calls.extend(g.numel() for g in plan(*a)) or plan(*a))
     return SimpleNamespace(grouped=request.param, calls=calls)
 
 
