@@ -1,6 +1,6 @@
 """Forward+backward time of the hybrid kernels on packed variable-length batches (`cu_seqlens`), by how the
-sequences are laid out: one left-padded call over all of them, the grouped calls `plan_groups` picks (the default),
-and, as the floor, the same number of tokens as one unbroken sequence.
+sequences are laid out: one left-padded call over all of them (the default), the grouped calls `plan_groups` picks
+(`varlen.GROUPED`), and, as the floor, the same number of tokens as one unbroken sequence.
 
 Document lengths are drawn from a log-normal distribution (seeded), packed into rows of `--tokens` tokens as a
 flattening data collator would; H = 32, D = 128, F = 64, W = 64, bf16; ms, median of `triton.testing.do_bench`.
@@ -62,16 +62,16 @@ def main() -> None:
     grouped = sum(len(g) * (-(-max(lens[i] for i in g.tolist()) // 64) * 64) for g in groups)
     print("| layout | calls | padded tokens | fwd ms | fwd+bwd ms |")
     print("|---|---|---|---|---|")
-    default = varlen.GROUP_OVERHEAD_TOKENS
-    for name, overhead, run, calls, tokens in (
-        ("one padded call", 10**12, packed, 1, one),
-        ("grouped (default)", default, packed, len(groups), grouped),
-        ("one unbroken sequence", default, unbroken, 1, args.tokens),
+    default = varlen.GROUPED
+    for name, grouping, run, calls, tokens in (
+        ("one padded call", False, packed, 1, one),
+        ("grouped (GROUPED)", True, packed, len(groups), grouped),
+        ("one unbroken sequence", False, unbroken, 1, args.tokens),
     ):
-        varlen.GROUP_OVERHEAD_TOKENS = overhead
+        varlen.GROUPED = grouping
         fwd, both = _fwd_bwd(partial(run, *leaves), asked)
         print(f"| {name} | {calls} | {tokens} | {fwd:.3f} | {both:.3f} |", flush=True)
-    varlen.GROUP_OVERHEAD_TOKENS = default
+    varlen.GROUPED = default
 
 
 if __name__ == "__main__":

@@ -723,6 +723,7 @@ def varlen_calls(request, monkeypatch):
     to separate calls (`plan_groups`); returns the list the planned calls' sequence counts are appended to."""
     from linearize.kernels.hybrid import varlen
 
+    monkeypatch.setattr(varlen, "GROUPED", request.param)
     if request.param:
         monkeypatch.setattr(varlen, "GROUP_OVERHEAD_TOKENS", 0)
     calls = []
@@ -746,12 +747,15 @@ def test_varlen_torch_matches_separate_calls(monkeypatch, varlen_calls, lens, W,
 
 
 def _check_groups(varlen_calls, lens, W, with_state):
-    # One padded call over all sequences unless grouped; grouped, one per run of equal padded length (64 tokens per
-    # chunk, the carried window counted in).
+    # Grouped, one padded call per run of equal padded length (64 tokens per chunk, the carried window counted in);
+    # otherwise no plan is made and one call takes all sequences.
     carried = max(W - 1, 0) if with_state else 0
     runs = len({-(-max(n + carried, 1) // 64) for n in lens})
-    assert len(varlen_calls.calls) == (runs if varlen_calls.grouped else 1), varlen_calls.calls
-    assert sum(varlen_calls.calls) == len(lens)
+    if varlen_calls.grouped:
+        assert len(varlen_calls.calls) == runs, varlen_calls.calls
+        assert sum(varlen_calls.calls) == len(lens)
+    else:
+        assert varlen_calls.calls == []
 
 
 def test_plan_groups_pads_less_than_one_call():

@@ -6,9 +6,11 @@ sequences never see each other. Left padding keeps each sequence's last tokens a
 where the final window is read. A carried window from `initial_state` is placed just in front of its sequence,
 as masked-in tokens of the padded row, so that its distance to the new tokens is the same as in an unpadded call.
 
-A padded row costs as much as the longest sequence, so sequences of very different lengths are split into groups
-of similar length, one padded call each (`plan_groups`): a packed row of one long and many short documents no
-longer pays the long one's length for every short one.
+A padded row costs as much as the longest sequence. With `GROUPED` on, sequences of very different lengths are
+split into groups of similar length, one padded call each (`plan_groups`), so that a packed row of one long and
+many short documents does not pay the long one's length for every short one. It is off by default: on an H200 an
+earlier form of it ran the backward 4x slower than one call (a scatter-add for the gradient of each group's
+tokens, since replaced by gathers), and the present form is not yet timed there (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 
 from .torch_chunked import HybridState
 
+GROUPED = False
 # The cost model of `plan_groups`, in tokens of one padded row: the padding granularity (the Triton kernels' chunk)
 # and what one more call costs besides its tokens (its launches, and a few rows' worth of sequential steps).
 GROUP_ROUND = 64
@@ -125,7 +128,8 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
     # Where each packed token sits in the padded rows of all groups, one after another.
     placed = torch.empty(total, dtype=torch.long)
     layouts, offset = [], 0
-    for idx in plan_groups(lens + carried):
+    groups = plan_groups(lens + carried) if GROUPED else [torch.arange(n)]
+    for idx in groups:
         gl = lens[idx]
         length = int(gl.max()) + carried
         m = idx.numel()
