@@ -88,8 +88,8 @@ def _cuts(values: tuple[int, ...], counts: tuple[int, ...], overhead: int) -> tu
 
 class _TakeRows(torch.autograd.Function):
     """out[i] = x[src[i]], or zeros where src[i] == len(x); each row of x lands at most once, at back[j] (len(out)
-    where nowhere), so the gradient is a gather too: no scatter with atomic adds, which ran 20x slower than the
-    kernels themselves on an H200 for bf16 rows."""
+    where nowhere), so the gradient is a gather too, not the scatter with atomic adds of `index_select`'s gradient
+    (with it, grouped calls ran the backward 4x slower than one call on an H200: docs/BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx, x, src, back):
