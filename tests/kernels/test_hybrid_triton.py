@@ -309,18 +309,24 @@ def test_chunk_fp16_within_twice_naive_fp16_error(interpreter, B, T, H, Hkv, D, 
     assert_within_twice_naive(errors, torch.float16, slack=torch.finfo(torch.float16).eps)
 
 
+def _after_carried_window(B, T, H, D, W, seed):
+    """Inputs of 2T tokens (2 key/value heads, F = 16, Dv = 24, left padding) and the state after their first T."""
+    leaves, mask = make_inputs(B, 2 * T, H, 2, D, 16, Dv=24, pad=5, seed=seed)
+    q, k, v, wq, wk, wf = leaves
+    with torch.no_grad():
+        _, state = hybrid_attention(q[:, :T], k[:, :T], v[:, :T], wq, wk, wf, W, D**-0.5, None, mask[:, :T], None,
+                                    True)  # fmt: skip
+    return leaves, mask, state
+
+
 @interpreted
 @pytest.mark.parametrize("W", [0, 8, 64])
 def test_saved_states_give_the_same_gradients(interpreter, monkeypatch, W):
     # LINEARIZE_SAVE_STATES=1 keeps the forward's features and per-chunk states for the backward instead of
     # recomputing them: the same kernels on the same inputs, so the same gradients to the bit (here after a carried
     # window, whose keys' features are kept too), with no feature launch in the backward.
-    B, T, H, Hkv, D, F = 2, 70, 4, 2, 32, 16
-    leaves, mask = make_inputs(B, 2 * T, H, Hkv, D, F, Dv=24, pad=5, seed=3)
-    q, k, v, wq, wk, wf = leaves
-    with torch.no_grad():
-        _, state = hybrid_attention(q[:, :T], k[:, :T], v[:, :T], wq, wk, wf, W, D**-0.5, None, mask[:, :T], None,
-                                    True)  # fmt: skip
+    B, T, H, D = 2, 70, 4, 32
+    (q, k, v, wq, wk, wf), mask, state = _after_carried_window(B, T, H, D, W, seed=3)
     mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
     features = mod._features
     calls = []
@@ -363,12 +369,8 @@ def test_partial_gradients_equal_the_full_ones(interpreter, monkeypatch, W, save
     # it does compute takes the same operations, so it equals the full backward's to the bit. After a carried window,
     # with padding and grouped heads.
     monkeypatch.setenv("LINEARIZE_SAVE_STATES", saved)
-    B, T, H, Hkv, D, F = 2, 70, 4, 2, 32, 16
-    leaves, mask = make_inputs(B, 2 * T, H, Hkv, D, F, Dv=24, pad=5, seed=4)
-    q, k, v, wq, wk, wf = leaves
-    with torch.no_grad():
-        _, state = hybrid_attention(q[:, :T], k[:, :T], v[:, :T], wq, wk, wf, W, D**-0.5, None, mask[:, :T], None,
-                                    True)  # fmt: skip
+    B, T, H, D = 2, 70, 4, 32
+    (q, k, v, wq, wk, wf), mask, state = _after_carried_window(B, T, H, D, W, seed=4)
     mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
     weight_grads = mod._weight_grads
     wgrad_calls = []
