@@ -309,6 +309,14 @@ def test_chunk_fp16_within_twice_naive_fp16_error(interpreter, B, T, H, Hkv, D, 
     assert_within_twice_naive(errors, torch.float16, slack=torch.finfo(torch.float16).eps)
 
 
+def _count_calls(monkeypatch, name):
+    """A list that gets one item per call of the host function `name` of `triton_chunk`."""
+    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
+    fn, calls = getattr(mod, name), []
+    monkeypatch.setattr(mod, name, lambda *a: calls.append(1) or fn(*a))
+    return calls
+
+
 def _after_carried_window(B, T, H, D, W, seed):
     """Inputs of 2T tokens (2 key/value heads, F = 16, Dv = 24, left padding) and the state after their first T."""
     leaves, mask = make_inputs(B, 2 * T, H, 2, D, 16, Dv=24, pad=5, seed=seed)
@@ -327,10 +335,7 @@ def test_saved_states_give_the_same_gradients(interpreter, monkeypatch, W):
     # window, whose keys' features are kept too), with no feature launch in the backward.
     B, T, H, D = 2, 70, 4, 32
     (q, k, v, wq, wk, wf), mask, state = _after_carried_window(B, T, H, D, W, seed=3)
-    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
-    features = mod._features
-    calls = []
-    monkeypatch.setattr(mod, "_features", lambda *a: calls.append(1) or features(*a))
+    calls = _count_calls(monkeypatch, "_features")
     dout = torch.randn(B, T, H, 24, generator=torch.Generator().manual_seed(1))
     results, backward_calls = {}, {}
     for flag in ("0", "1"):
@@ -371,10 +376,7 @@ def test_partial_gradients_equal_the_full_ones(interpreter, monkeypatch, W, save
     monkeypatch.setenv("LINEARIZE_SAVE_STATES", saved)
     B, T, H, D = 2, 70, 4, 32
     (q, k, v, wq, wk, wf), mask, state = _after_carried_window(B, T, H, D, W, seed=4)
-    mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
-    weight_grads = mod._weight_grads
-    wgrad_calls = []
-    monkeypatch.setattr(mod, "_weight_grads", lambda *a: wgrad_calls.append(1) or weight_grads(*a))
+    wgrad_calls = _count_calls(monkeypatch, "_weight_grads")
     dout = torch.randn(B, T, H, 24, generator=torch.Generator().manual_seed(2))
 
     def run(asked):
