@@ -86,6 +86,11 @@ def _cuts(values: tuple[int, ...], counts: tuple[int, ...], overhead: int) -> tu
     return tuple(out[::-1])
 
 
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of x with a row of zeros appended (index len(x) picks it)."""
+    return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, index)
+
+
 class _TakeRows(torch.autograd.Function):
     """out[i] = x[src[i]], or zeros where src[i] == len(x); each row of x lands at most once, at back[j] (len(out)
     where nowhere), so the gradient is a gather too, not the scatter with atomic adds of `index_select`'s gradient
@@ -94,18 +99,16 @@ class _TakeRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, src, back):
         ctx.save_for_backward(back)
-        return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, src)
+        return _rows(x, src)
 
     @staticmethod
     def backward(ctx, grad):
         (back,) = ctx.saved_tensors
-        return torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])]).index_select(0, back), None, None
+        return _rows(grad, back), None, None
 
 
 def _take_rows(x: torch.Tensor, src: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
-    if not x.requires_grad:
-        return torch.cat([x, x.new_zeros(1, *x.shape[1:])]).index_select(0, src)
-    return _TakeRows.apply(x, src, back)
+    return _TakeRows.apply(x, src, back) if x.requires_grad else _rows(x, src)
 
 
 def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_mask=None,
@@ -127,8 +130,10 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
     starts = torch.cumsum(lens, 0) - lens
     # Where each packed token sits in the padded rows of all groups, one after another.
     placed = torch.empty(total, dtype=torch.long)
-    layouts, offset = [], 0
     groups = plan_groups(lens + carried) if GROUPED else [torch.arange(n)]
+    # Per group: its sequences, rows and row length, and the index tensors it moves rows with (built on the CPU,
+    # moved to the device below in one copy).
+    layouts, index, offset = [], [], 0
     for idx in groups:
         gl = lens[idx]
         length = int(gl.max()) + carried
@@ -142,20 +147,28 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
         src = torch.full((m * length,), total, dtype=torch.long)
         src[pos] = tok
         placed[tok] = offset + pos
-        front = None
+        index.append(src)
         if carry:
             # The carried window becomes the `slots` columns in front of each sequence; the state keeps no window.
-            front = ((torch.arange(m) * length + length - gl - slots)[:, None] + torch.arange(slots)).reshape(-1)
-            front = front.to(device)
-        layouts.append((idx, m, length, offset, src, front))
+            index.append(((torch.arange(m) * length + length - gl - slots)[:, None] + torch.arange(slots)).reshape(-1))
+        layouts.append((idx, m, length, offset))
         offset += m * length
+    for _, m, length, base in layouts:
+        # The inverse of the group's src: where each packed token sits in its rows (m * length: in none).
+        back = placed - base
+        index.append(torch.where((back >= 0) & (back < m * length), back, m * length))
+    # Back to packed order at the end: padding rows get no gradient.
+    unplaced = torch.full((offset,), total, dtype=torch.long)
+    unplaced[placed] = torch.arange(total)
+    index += [placed, unplaced]
+    moved = iter(torch.cat(index).to(device).split([t.numel() for t in index]))
+    per_group = [(next(moved), next(moved) if carry else None) for _ in layouts]
+    backs = [next(moved) for _ in layouts]
+    placed, unplaced = next(moved), next(moved)
+
     outs, finals = [], []
     mask = torch.ones(total, dtype=torch.bool, device=device) if token_mask is None else token_mask[0]
-    for idx, m, length, base, src, front in layouts:
-        # The inverse of src: where each packed token sits in this group's rows (m * length: in none).
-        back = placed - base
-        back = torch.where((back >= 0) & (back < m * length), back, m * length).to(device)
-        src = src.to(device)
+    for (idx, m, length, _), (src, front), back in zip(layouts, per_group, backs, strict=True):
         state = None if initial_state is None else initial_state.index_select(idx)
 
         def scatter(x, window=None, src=src, back=back, front=front, m=m, length=length):
@@ -176,15 +189,12 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
         outs.append(out.reshape(m * length, *out.shape[2:]))
         finals.append(final)
     padded = outs[0] if len(outs) == 1 else torch.cat(outs)
-    # Back to packed order; padding rows get no gradient.
-    rows = padded.shape[0]
-    back = torch.full((rows,), total, dtype=torch.long)
-    back[placed] = torch.arange(total)
-    out = _take_rows(padded, placed.to(device), back.to(device)).unsqueeze(0)
+    out = _take_rows(padded, placed, unplaced).unsqueeze(0)
     if not output_final_state:
         return out, None
-    # The groups hold the sequences longest first: their final states go back to the packed order.
     final = finals[0] if len(finals) == 1 else HybridState(
         *(torch.cat(ts, 0) for ts in zip(*(f.tensors() for f in finals), strict=True))
     )  # fmt: skip
-    return out, final.index_select(torch.argsort(torch.cat([idx for idx, *_ in layouts])))
+    order = torch.cat(groups)
+    # Groups hold the sequences longest first: their final states go back to the packed order.
+    return out, final if torch.equal(order, torch.arange(n)) else final.index_select(torch.argsort(order))
