@@ -58,8 +58,9 @@ def main() -> None:
     print(f"# {len(lens)} documents in {args.tokens} tokens (median {sorted(lens)[len(lens) // 2]}, longest "
           f"{max(lens)}), H={HEADS}, D={HEAD_DIM}, W={WINDOW}, bf16, gradients: {args.grads}")  # fmt: skip
     groups = varlen.plan_groups(torch.tensor(lens))
-    one = len(lens) * (-(-max(lens) // 64) * 64)
-    grouped = sum(len(g) * (-(-max(lens[i] for i in g.tolist()) // 64) * 64) for g in groups)
+    step = varlen.GROUP_ROUND
+    one = len(lens) * (-(-max(lens) // step) * step)
+    grouped = sum(len(g) * (-(-max(lens[i] for i in g.tolist()) // step) * step) for g in groups)
     print("| layout | calls | padded tokens | fwd ms | fwd+bwd ms |")
     print("|---|---|---|---|---|")
     default = varlen.GROUPED

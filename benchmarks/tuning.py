@@ -48,14 +48,14 @@ def make_problem(args: argparse.Namespace):
     hkv = args.Hkv or H
     if H % hkv:
         raise SystemExit(f"--Hkv must divide --H ({H}), got {hkv}")
-    q, k, v = (torch.randn(B, T, n, D, device=dev).to(dt).requires_grad_() for n in (H, hkv, hkv))
-    wq = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
-    wk = (torch.randn(H, D, F, device=dev) * D**-0.5).requires_grad_()
-    wf = torch.full((H,), -2.197, device=dev, requires_grad=True)
+    q, k, v = (torch.randn(B, T, n, D, device=dev).to(dt) for n in (H, hkv, hkv))
+    wq = torch.randn(H, D, F, device=dev) * D**-0.5
+    wk = torch.randn(H, D, F, device=dev) * D**-0.5
+    wf = torch.full((H,), -2.197, device=dev)
     grad = torch.randn(B, T, H, D, device=dev, dtype=dt)
     leaves = (q, k, v, wq, wk, wf)
-    for i, t in enumerate(leaves):
-        t.requires_grad_(i in GRADS[getattr(args, "grads", "all")])
+    for i in GRADS[args.grads]:
+        leaves[i].requires_grad_()
     return leaves, grad
 
 
