@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: {run_side(pkg, tmp / 'run', 'check')['package']}")
             return 0
         times: dict[str, list[dict]] = {name: [] for name in sides}
+        job = json.dumps({"cases": args.cases, "asked": GRADS[args.grads]})
         for run in range(args.runs):
             for name, pkg in sides.items():
-                job = json.dumps({"cases": args.cases, "asked": GRADS[args.grads]})
                 times[name].append(run_side(pkg, tmp / "run", job, args.bench_dir)["times"])
                 print(f"# run {run + 1}, {name}: " + " ".join(f"{times[name][-1][c]:.3f}" for c in args.cases),
                       flush=True)  # fmt: skip
