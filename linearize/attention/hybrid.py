@@ -109,9 +109,13 @@ class HybridLinearAttention(nn.Module):
         """
         q, k, v = project_qkv(self, hidden_states, position_embeddings)
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
-        op = hybrid_attention if self.use_linear else partial(hybrid_attention_chunked, linear=False)
-        if cu_seqlens is not None:
-            op = partial(hybrid_attention_varlen, op, cu_seqlens=cu_seqlens)
+        if self.use_linear:
+            # The dispatcher takes packed sequences itself, so that the Triton kernels get them in one row.
+            op = partial(hybrid_attention, cu_seqlens=cu_seqlens)
+        else:
+            op = partial(hybrid_attention_chunked, linear=False)
+            if cu_seqlens is not None:
+                op = partial(hybrid_attention_varlen, op, cu_seqlens=cu_seqlens)
         out, state = op(
             q,
             k,

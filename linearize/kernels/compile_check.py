@@ -212,13 +212,22 @@ GRADS = {"all": (0, 1, 2, 3, 4, 5), "transfer": (3, 4, 5), "finetune": (0, 1, 2)
 
 
 def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.bfloat16, masked=True,
-                    with_state=True, softcap=None, tma=True, grads="all") -> list[Launch]:  # fmt: skip
+                    with_state=True, softcap=None, tma=True, grads="all", packed=0) -> list[Launch]:  # fmt: skip
     """The launches of one forward+backward of the chunked hybrid op and of one decoding step, on these sizes (with
-    `tma`, as on a device with TMA descriptors), with the gradients `GRADS[grads]` asked for."""
+    `tma`, as on a device with TMA descriptors), with the gradients `GRADS[grads]` asked for; with `packed` > 0, of
+    that many sequences packed in one row at chunk boundaries (`chunk_offsets`: B = 1, T rounded up to whole
+    chunks, a padding mask)."""
     from .hybrid import triton_chunk, triton_recurrent
     from .hybrid.torch_chunked import HybridState
 
     g = torch.Generator().manual_seed(0)
+    offsets = None
+    if packed:
+        if B != 1:
+            raise ValueError(f"packed sequences run with batch 1, got --B {B}")
+        chunks = -(-T // triton_chunk.BLOCK_T)
+        B, T, masked, packed = 1, chunks * triton_chunk.BLOCK_T, True, min(packed, chunks)
+        offsets = torch.linspace(0, chunks, packed + 1).round().long()
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
@@ -230,14 +239,16 @@ def hybrid_launches(B=1, T=256, H=4, Hkv=2, D=128, F=64, window=64, dtype=torch.
     for i in GRADS[grads]:
         leaves[i].requires_grad_()
     mask = torch.ones(B, T, dtype=torch.bool) if masked else None
-    state = HybridState.zeros(B, H, Hkv, D, D, 2 * F, window, dtype, torch.device("cpu"))
+    state = HybridState.zeros(packed or B, H, Hkv, D, D, 2 * F, window, dtype, torch.device("cpu"))
     with record_launches(triton_chunk, triton_recurrent, tma=tma) as launches:
         out, _ = triton_chunk.hybrid_attention_triton(q, k, v, wq, wk, wf, window, D**-0.5, softcap, mask,
-                                                      state if with_state else None, output_final_state=True)  # fmt: skip
+                                                      state if with_state else None, output_final_state=True,
+                                                      chunk_offsets=offsets)  # fmt: skip
         out.backward(torch.ones_like(out))
         with torch.no_grad():
+            step_state = state.index_select(torch.tensor([0])) if packed else state
             triton_recurrent.hybrid_decode_triton(q[:, :1], k[:, :1], v[:, :1], wq, wk, wf, window, D**-0.5, softcap,
-                                                  None, state)  # fmt: skip
+                                                  None, step_state)  # fmt: skip
     return launches
 
 
@@ -286,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grads", choices=sorted(GRADS), default="all",
                         help="the gradients the backward computes: all, the feature maps' and the window factor's "
                         "(transfer) or those of q, k, v (finetune)")  # fmt: skip
+    parser.add_argument("--packed", type=int, default=0, metavar="N",
+                        help="N sequences packed in one row at chunk boundaries (variable-length batches)")  # fmt: skip
     parser.add_argument("--no-stats", action="store_true", help="skip the registers and spills (faster)")
     parser.add_argument(
         "--no-tma", action="store_true", help="the pointer loads a device without TMA descriptors runs (below sm_90)"
@@ -310,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launches = hybrid_launches(args.B, args.T, args.H, args.Hkv, args.D, args.F, args.window, dtype, args.masked,
                                    args.state, args.softcap, tma=args.arch >= 90 and not args.no_tma,
-                                   grads=args.grads)  # fmt: skip
+                                   grads=args.grads, packed=args.packed)  # fmt: skip
     except ValueError as e:
         print(f"error: {e}")
         return 2
@@ -322,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     print(f"# sm_{args.arch}, triton {triton.__version__}; B={args.B} T={args.T} H={args.H} Hkv={args.Hkv} D={args.D} "
-          f"F={args.F} W={args.window} {args.dtype}, gradients: {args.grads}")  # fmt: skip
+          f"F={args.F} W={args.window} {args.dtype}, gradients: {args.grads}"
+          + (f", {args.packed} packed sequences" if args.packed else ""))  # fmt: skip
     loop_head = " loop instructions | products | barriers | shuffles |" if args.loops else ""
     print("| kernel | warps | stages | shared bytes | registers | spill stores (bytes) |" + loop_head)
     print("|---" * (6 + 4 * args.loops) + "|")

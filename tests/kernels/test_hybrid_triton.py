@@ -669,39 +669,43 @@ def test_gpu_window_descriptors_match_pointer_loads(monkeypatch, dtype, D, W):
         assert_rel(a.float(), b.float(), 1e-6, name)
 
 
-def _varlen_against_separate_calls(lens, W, with_state, Hkv=2):
-    """Packed call with cu_seqlens against one call per sequence: outputs, final states, gradients."""
+def _varlen_against_separate_calls(lens, W, with_state, Hkv=2, partial=False):
+    """Packed call with cu_seqlens against one call per sequence: outputs, final states, every gradient; with
+    `partial`, also the gradients of attention transfer alone (wq, wk, window factor) against the full backward's."""
     H, D, F, Dv = 4, 32, 16, 24
     total = sum(lens)
     leaves, _ = make_inputs(1, total, H, Hkv, D, F, Dv=Dv, seed=len(lens) + W)
-    q, k, v, wq, wk, wf = leaves
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    args = (wq, wk, wf, W, D**-0.5, None)
+    args = (W, D**-0.5, None)
     states = []
     if with_state:
         # Each sequence continues a different history, some shorter than the window.
         for i in range(len(lens)):
             hist, hmask = make_inputs(1, 3 + 40 * i, H, Hkv, D, F, Dv=Dv, seed=100 + i)
-            states.append(hybrid_attention_chunked(*hist[:3], *args, None, None, True)[1])
+            states.append(hybrid_attention_chunked(*hist[:3], *leaves[3:], *args, None, None, True)[1])
         init = HybridState(*(torch.cat(ts, 0) for ts in zip(*(s.tensors() for s in states), strict=True)))
     else:
         init = None
-    for t in (q, k, v, wq):
+    # The window factor takes a gradient only with a window.
+    trained = leaves if W > 0 else leaves[:5]
+    for t in trained:
         t.requires_grad_()
-    out, final = hybrid_attention(q, k, v, *args, None, init, True, cu_seqlens=cu)
+    q, k, v, wq, wk, wf = leaves
+    out, final = hybrid_attention(*leaves, *args, None, init, True, cu_seqlens=cu)
     dout = torch.randn_like(out)
-    got = grads(out, [q, k, v, wq], dout)
+    got = grads(out, trained, dout)
     outs, finals = [], []
     for i in range(len(lens)):
         sl = slice(int(cu[i]), int(cu[i + 1]))
-        o, f = hybrid_attention_chunked(q[:, sl], k[:, sl], v[:, sl], *args, None,
+        o, f = hybrid_attention_chunked(q[:, sl], k[:, sl], v[:, sl], wq, wk, wf, *args, None,
                                         states[i] if with_state else None, True)  # fmt: skip
         outs.append(o)
         finals.append(f)
     ref = torch.cat(outs, 1)
-    want = grads(ref, [q, k, v, wq], dout)
+    want = grads(ref, trained, dout)
     assert_rel(out, ref, 1e-5, "output")
-    for name, a, b in zip(["dq", "dk", "dv", "dwq"], got, want, strict=True):
+    names = ["dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"]
+    for name, a, b in zip(names, got, want, strict=False):
         assert_rel(a, b, 1e-4, name)
     for i, f in enumerate(finals):
         for name, a, b in zip(["kv", "ksum", "win_k", "win_v"], final.index_select(torch.tensor([i])).tensors(),
@@ -710,6 +714,11 @@ def _varlen_against_separate_calls(lens, W, with_state, Hkv=2):
             if a.numel():
                 assert_rel(a.float(), b.float(), 1e-5, f"{name}[{i}]")
         assert torch.equal(final.win_mask[i], f.win_mask[0])
+    if partial:
+        frozen = [t.detach() for t in leaves[:3]]
+        out2, _ = hybrid_attention(*frozen, *leaves[3:], *args, None, init, False, cu_seqlens=cu)
+        for name, a, b in zip(names[3:], grads(out2, trained[3:], dout), got[3:], strict=False):
+            assert torch.equal(a, b), f"transfer: {name}"
 
 
 VARLEN = [
@@ -718,48 +727,87 @@ VARLEN = [
     pytest.param((40, 3), 0, True, id="lens40-3-W0-state"),
     pytest.param((7, 0, 20), 16, True, id="lens7-0-20-W16-state"),
     pytest.param((100, 0, 7, 200, 3), 8, True, id="lens100-0-7-200-3-W8-state"),
+    pytest.param((70, 130, 5), 1, True, id="lens70-130-5-W1-state"),
+    pytest.param((200, 64, 129), 0, False, id="lens200-64-129-W0"),
 ]
 
 
-@pytest.fixture(params=[False, True], ids=["one-call", "grouped"])
-def varlen_calls(request, monkeypatch):
-    """With "grouped", every call costs nothing beyond its tokens, so that sequences of different padded lengths go
-    to separate calls (`plan_groups`); returns the list the planned calls' sequence counts are appended to."""
-    from linearize.kernels.hybrid import varlen
+@pytest.fixture
+def varlen_layout(request, monkeypatch):
+    """How a packed batch is laid out: "aligned" (one row, sequences at chunk boundaries: the Triton path's
+    default), "padded" (one padded batch) or "grouped" (padded groups of similar length; every call costing nothing
+    beyond its tokens, so that sequences of different padded lengths go to separate calls). Returns the lists that
+    the planned calls' sequence counts and the aligned calls' sequence counts are appended to."""
+    from linearize.kernels.hybrid import triton_chunk, varlen
 
-    monkeypatch.setattr(varlen, "GROUPED", request.param)
-    if request.param:
+    layout = request.param
+    monkeypatch.setattr(varlen, "ALIGNED", layout == "aligned")
+    monkeypatch.setattr(varlen, "GROUPED", layout == "grouped")
+    if layout == "grouped":
         monkeypatch.setattr(varlen, "GROUP_OVERHEAD_TOKENS", 0)
-    calls = []
-    plan = varlen.plan_groups
+    calls, aligned = [], []
+    plan, segments = varlen.plan_groups, triton_chunk._segments
     monkeypatch.setattr(varlen, "plan_groups", lambda *a: calls.extend(g.numel() for g in plan(*a)) or plan(*a))
-    return SimpleNamespace(grouped=request.param, calls=calls)
+    monkeypatch.setattr(triton_chunk, "_segments", lambda *a: aligned.append(a[0].numel() - 1) or segments(*a))
+    return SimpleNamespace(layout=layout, calls=calls, aligned=aligned)
 
 
 @interpreted
+@pytest.mark.parametrize("varlen_layout", ["aligned", "padded", "grouped"], indirect=True)
 @pytest.mark.parametrize("lens,W,with_state", VARLEN)
-def test_varlen_triton_matches_separate_calls(interpreter, varlen_calls, lens, W, with_state):
-    _varlen_against_separate_calls(lens, W, with_state)
-    _check_groups(varlen_calls, lens, W, with_state)
+def test_varlen_triton_matches_separate_calls(interpreter, varlen_layout, lens, W, with_state):
+    _varlen_against_separate_calls(lens, W, with_state, partial=varlen_layout.layout == "aligned")
+    _check_layout(varlen_layout, lens, W, with_state)
 
 
+@interpreted
+@pytest.mark.parametrize("varlen_layout", ["aligned"], indirect=True)
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
+def test_varlen_aligned_with_gqa_and_kept_states(interpreter, varlen_layout, keep):
+    with hybrid.keeping_states(keep):
+        _varlen_against_separate_calls((150, 2, 66), 64, True, Hkv=1, partial=True)
+    assert varlen_layout.aligned == [3, 3]
+
+
+@pytest.mark.parametrize("varlen_layout", ["padded", "grouped"], indirect=True)
 @pytest.mark.parametrize("lens,W,with_state", VARLEN)
-def test_varlen_torch_matches_separate_calls(monkeypatch, varlen_calls, lens, W, with_state):
+def test_varlen_torch_matches_separate_calls(monkeypatch, varlen_layout, lens, W, with_state):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     _varlen_against_separate_calls(lens, W, with_state)
-    _check_groups(varlen_calls, lens, W, with_state)
+    _check_layout(varlen_layout, lens, W, with_state)
 
 
-def _check_groups(varlen_calls, lens, W, with_state):
+def _check_layout(varlen_layout, lens, W, with_state):
+    # Aligned, one Triton call takes all sequences (twice with the transfer-mode check) and no plan is made.
     # Grouped, one padded call per run of equal padded length (64 tokens per chunk, the carried window counted in);
     # otherwise no plan is made and one call takes all sequences.
     carried = max(W - 1, 0) if with_state else 0
     runs = len({-(-max(n + carried, 1) // 64) for n in lens})
-    if varlen_calls.grouped:
-        assert len(varlen_calls.calls) == runs, varlen_calls.calls
-        assert sum(varlen_calls.calls) == len(lens)
+    if varlen_layout.layout == "grouped":
+        assert len(varlen_layout.calls) == runs, varlen_layout.calls
+        assert sum(varlen_layout.calls) == len(lens)
     else:
-        assert varlen_calls.calls == []
+        assert varlen_layout.calls == []
+    assert varlen_layout.aligned == ([len(lens)] * 2 if varlen_layout.layout == "aligned" else [])
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "B,T,offsets,match",
+    [
+        pytest.param(2, 64, [0, 1], "batch 1", id="batch"),
+        pytest.param(1, 100, [0, 1], "multiple of 64", id="length"),
+        pytest.param(1, 128, [0, 1, 2], "initial_state holds 1 sequences", id="state"),
+    ],
+)
+def test_chunk_offsets_reject_bad_layouts(interpreter, B, T, offsets, match):
+    from linearize.kernels.hybrid.triton_chunk import hybrid_attention_triton
+
+    leaves, _ = make_inputs(B, T, 2, 2, 16, 8)
+    state = hybrid_attention_chunked(*make_inputs(1, 5, 2, 2, 16, 8)[0], 4, 0.25, None, None, None, True)[1]
+    with pytest.raises(ValueError, match=match):
+        hybrid_attention_triton(*leaves, 4, 0.25, initial_state=state if match.startswith("initial") else None,
+                                chunk_offsets=torch.tensor(offsets))  # fmt: skip
 
 
 def test_plan_groups_pads_less_than_one_call():

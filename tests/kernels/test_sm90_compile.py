@@ -31,6 +31,10 @@ CASES = [
     pytest.param(["--grads", "transfer", "--masked", "--Hkv", "2"], id="bf16-W64-transfer-grads"),
     pytest.param(["--grads", "transfer", "--window", "0"], id="bf16-W0-transfer-grads"),
     pytest.param(["--grads", "finetune", "--window", "16", "--state"], id="bf16-W16-finetune-grads"),
+    # Sequences packed in one row at chunk boundaries (variable-length batches): the state passes restart per
+    # sequence, with and without the one-chunk lag of a window.
+    pytest.param(["--packed", "3", "--state", "--Hkv", "2"], id="bf16-W64-packed-state"),
+    pytest.param(["--packed", "2", "--window", "1", "--grads", "transfer"], id="bf16-W1-packed-transfer-grads"),
 ]
 
 

@@ -21,6 +21,7 @@ import re
 import torch
 
 from ...errors import LinearizeError
+from . import varlen
 from .naive import hedgehog_feature_map, hybrid_attention_naive, hybrid_attention_weights
 from .torch_chunked import HybridState, hybrid_attention_chunked
 from .varlen import hybrid_attention_varlen
@@ -39,11 +40,11 @@ TRITON_MIN = (3, 2)
 
 
 def _triton(q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_mask=None, initial_state=None,
-            output_final_state=False, chunk_size=128):  # fmt: skip
+            output_final_state=False, chunk_size=128, chunk_offsets=None):  # fmt: skip
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, wq, wk, window_factor)
     )
-    if q.shape[1] == 1 and not needs_grad:
+    if q.shape[1] == 1 and not needs_grad and chunk_offsets is None:
         from .triton_recurrent import hybrid_decode_triton
 
         out, state = hybrid_decode_triton(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask,
@@ -52,7 +53,7 @@ def _triton(q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_m
     from .triton_chunk import hybrid_attention_triton
 
     return hybrid_attention_triton(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask, initial_state,
-                                   output_final_state, chunk_size)  # fmt: skip
+                                   output_final_state, chunk_size, chunk_offsets)  # fmt: skip
 
 
 KERNELS = {"torch": hybrid_attention_chunked, "triton": _triton}
@@ -208,10 +209,14 @@ def hybrid_attention(
     Returns:
         `([B, T, H, Dv]` output in the dtype of `q`, final state or None).
     """
-    impl = KERNELS[kernel_name(q, window)]
+    name = kernel_name(q, window)
+    impl = KERNELS[name]
     if cu_seqlens is not None:
+        # The Triton kernels take the sequences in one row, each from a chunk boundary; the PyTorch path a padded
+        # batch (`varlen.py`).
         return hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask,
-                                       initial_state, output_final_state, chunk_size, cu_seqlens=cu_seqlens)  # fmt: skip
+                                       initial_state, output_final_state, chunk_size, cu_seqlens=cu_seqlens,
+                                       aligned=name == "triton" and varlen.ALIGNED)  # fmt: skip
     return impl(q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask, initial_state,
                 output_final_state, chunk_size)  # fmt: skip
 

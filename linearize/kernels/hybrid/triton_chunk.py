@@ -198,7 +198,7 @@ def _pow2(n: int) -> int:
 class _Plan:
     """Sizes, flags and the (int8) masks shared by the kernels of one call."""
 
-    def __init__(self, q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap):
+    def __init__(self, q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg=None):
         self.B, self.T, self.H, self.D = q.shape
         self.HKV, self.DV, self.F = k.shape[2], v.shape[-1], wq.shape[-1]
         self.W, self.scale, self.softcap = window, float(scale), float(softcap or 0.0)
@@ -220,13 +220,16 @@ class _Plan:
         # Kernels take a pointer even where a flag turns the tensor off.
         self.win_k = win_k.contiguous() if self.S else k
         self.HAS_MASK = token_mask is not None
+        # A packed row of sequences that each start at a chunk (`chunk_offsets`): each chunk's sequence.
+        self.VARLEN = seg is not None
+        self.seg = seg if seg is not None else dummy
 
     def niter(self, n: int) -> int:
         return n if self.interpreted else 0
 
     def common(self) -> dict:
         return dict(H=self.H, HKV=self.HKV, D=self.D, DV=self.DV, F=self.F, BT=BLOCK_T, BD=self.BD, BF=self.BF,
-                    LAG=self.LAG, PREC=self.PREC)  # fmt: skip
+                    LAG=self.LAG, PREC=self.PREC, VARLEN=self.VARLEN)  # fmt: skip
 
 
 def _features(p: _Plan, x, w, x2=None, w2=None):
@@ -261,20 +264,20 @@ def _chunk_state_buffers(p: _Plan, dtype: torch.dtype, device: torch.device) -> 
     )
 
 
-def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
-    """Per-chunk linear states `[B, H, NT, 2F, DV]` in the input type, `[B, H, NT, 2F]` in fp32 (and the final ones,
-    both fp32, if asked)."""
+def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool, rows: int):
+    """Per-chunk linear states `[B, H, NT, 2F, DV]` in the input type, `[B, H, NT, 2F]` in fp32 (and the final ones
+    of the `rows` batch rows or packed sequences, both fp32, if asked)."""
     dev = v.device
     hkv, hz = _chunk_state_buffers(p, v.dtype, dev)
-    kv_out = _empty(p.B, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
-    z_out = _empty(p.B, p.H, 2 * p.F, device=dev) if store_final else hz
+    kv_out = _empty(rows, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
+    z_out = _empty(rows, p.H, 2 * p.F, device=dev) if store_final else hz
     grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H, 2)
     _fwd_state_kernel[grid](
         phk, phw, v, p.tm, win_v, p.wm, kv0 if kv0 is not None else hkv, z0 if z0 is not None else hz,
-        hkv, hz, kv_out, z_out, p.T, p.NT, p.S, p.SOUT,
+        hkv, hz, kv_out, z_out, p.seg, p.T, p.NT, p.S, p.SOUT,
         H=p.H, HKV=p.HKV, DV=p.DV, F=p.F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
         HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, HAS_INIT=kv0 is not None, STORE_FINAL=store_final,
-        NITER=p.niter(p.NT + p.LAG), **_launch("fwd_state"),
+        NITER=p.niter(p.NT if p.VARLEN else p.NT + p.LAG), VARLEN=p.VARLEN, **_launch("fwd_state"),
     )  # fmt: skip
     return hkv, hz, kv_out, z_out
 
@@ -295,22 +298,22 @@ def _weight_grads(p: _Plan, q, gq, k, gk):
 
 class _HybridChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, window, scale, softcap,
-                output_final_state):  # fmt: skip
-        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
+    def forward(ctx, q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, rows, window, scale,
+                softcap, output_final_state):  # fmt: skip
+        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg)
         win_v = win_v.contiguous() if p.S else v
         phq, phk, phw = _all_features(p, q, wq, k, wk)
-        hkv, hz, kv_out, z_out = _states(p, phk, phw, v, win_v, kv0, z0, output_final_state)
+        hkv, hz, kv_out, z_out = _states(p, phk, phw, v, win_v, kv0, z0, output_final_state, rows)
         o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
         den = _empty(p.B, p.T, p.H, device=q.device)
         _fwd_out_kernel[(triton.cdiv(p.T, BQ_OUT), p.B * p.H)](
-            q, k, v, phq, phk, phw, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, den,
+            q, k, v, phq, phk, phw, wf, p.tm, p.win_k, win_v, p.wm, hkv, hz, o, den, p.seg,
             p.T, p.NT, p.S, p.scale, p.softcap,
             W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, **p.common(),
             BQ=BQ_OUT, **_launch("fwd_out"),
         )  # fmt: skip
         kept = (phq, phk, phw, hkv, hz) if save_states() else (None,) * 5
-        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den, *kept)
+        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, o, den, *kept)
         ctx.plan_args = (window, scale, softcap)
         if not output_final_state:
             return o, None, None
@@ -319,9 +322,9 @@ class _HybridChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dkv, _dz):
-        q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, o, den, *kept = ctx.saved_tensors
+        q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, o, den, *kept = ctx.saved_tensors
         window, scale, softcap = ctx.plan_args
-        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap)
+        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg)
         win_v = win_v.contiguous() if p.S else v
         B, T, H, D, DV, F, HKV = p.B, p.T, p.H, p.D, p.DV, p.F, p.HKV
         dev = q.device
@@ -334,7 +337,7 @@ class _HybridChunk(torch.autograd.Function):
         qkv, wgrad, wf_grad = any(need[:3]), need[3] or need[4], window > 0 and need[5]
         linear = qkv or wgrad
         if not (linear or wf_grad):
-            return (None,) * 16
+            return (None,) * 18
         do = do.contiguous()
         # The output's gradient factors, dN = do / den and d(den), once for the kernels that read them.
         dn = _empty(B, T, H, DV, dtype=q.dtype, device=dev)
@@ -352,9 +355,9 @@ class _HybridChunk(torch.autograd.Function):
             dhkv, dhz = _chunk_state_buffers(p, q.dtype, dev)
             with par.side():
                 _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
-                    phq, dn, dd, dhkv, dhz, T, p.NT,
+                    phq, dn, dd, dhkv, dhz, p.seg, T, p.NT,
                     H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
-                    NITER=p.niter(p.NT + p.LAG), **_launch("bwd_state"),
+                    NITER=p.niter(p.NT + p.LAG), VARLEN=p.VARLEN, **_launch("bwd_state"),
                 )  # fmt: skip
         try:
             if linear:
@@ -363,7 +366,7 @@ class _HybridChunk(torch.autograd.Function):
                 else:
                     # By default the features and states are recomputed rather than kept from the forward: they are
                     # the largest intermediates (`LINEARIZE_SAVE_STATES`).
-                    hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
+                    hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False, 0)
             lin_flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, QKV=qkv, **p.common())
             # Buffers a flag leaves unused are not allocated: a tensor of the call stands in for the pointer.
             groups = H // HKV
@@ -401,14 +404,14 @@ class _HybridChunk(torch.autograd.Function):
                 _bwd_q_window_kernel[(p.NT, B * H)](
                     tiles["q"], tiles["k"], tiles["v"], wf, p.tm, p.win_k, win_v, p.wm, tiles["dn"], dd,
                     out["dq"], out["dk"], out["dv"], out["dk_next"], tiles.get("xc", xc), tiles.get("xp", xp),
-                    dwf, T, p.NT, p.S, p.scale, p.softcap,
+                    dwf, p.seg, T, p.NT, p.S, p.scale, p.softcap,
                     HAS_WIN=p.S > 0, SOFTCAP=p.softcap != 0.0, TMA=tma, **lin_flags, **_launch("bwd_q_window"),
                 )  # fmt: skip
             if linear:
                 # The pre-activation gradients go to the weight-gradient products in the input type.
                 dpq = _empty(B, T, H, F, dtype=q.dtype, device=dev) if wgrad else dd
                 _bwd_q_linear_kernel[(triton.cdiv(T, BQ_Q), B * H)](
-                    v, phq, phk, phw, wq, p.tm, win_v, p.wm, hkv, hz, dn, dd, xc, xp, dq, dpq, T, p.NT, p.S,
+                    v, phq, phk, phw, wq, p.tm, win_v, p.wm, hkv, hz, dn, dd, xc, xp, dq, dpq, p.seg, T, p.NT, p.S,
                     HAS_WIN=p.S > 0, WGRAD=wgrad, **lin_flags, BQ=BQ_Q, **_launch("bwd_q_linear"),
                 )  # fmt: skip
                 dpk = _empty(B, T, H, F, dtype=q.dtype, device=dev) if wgrad else dd
@@ -418,7 +421,8 @@ class _HybridChunk(torch.autograd.Function):
             par.join()
         if linear:
             _bwd_kv_linear_kernel[(p.NT, B * H)](
-                phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dn, xc, xp, dk, dv, dk_next, dpk, T, p.NT, p.S,
+                phq, phk, v, wk, p.tm, p.wm, dhkv, dhz, do, den, dd, dn, xc, xp, dk, dv, dk_next, dpk, p.seg, T, p.NT,
+                p.S,
                 WGRAD=wgrad, **lin_flags, BQ=BQ_KV_LINEAR, **_launch("bwd_kv_linear"),
             )  # fmt: skip
         if qkv and groups > 1:
@@ -433,7 +437,7 @@ class _HybridChunk(torch.autograd.Function):
             dwk.to(wk.dtype) if need[4] else None,
             dwf.view(B, H, p.NT).sum((0, 2)).to(wf.dtype) if wf_grad else None,
         )
-        return grads + (None,) * 10
+        return grads + (None,) * 12
 
 
 def hybrid_attention_triton(
@@ -450,6 +454,7 @@ def hybrid_attention_triton(
     initial_state: HybridState | None = None,
     output_final_state: bool = False,
     chunk_size: int | None = None,
+    chunk_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, HybridState | None]:
     """Hybrid attention over a block of new tokens with the chunked Triton kernels (differentiable).
 
@@ -466,6 +471,12 @@ def hybrid_attention_triton(
         initial_state: state after the previous tokens; None starts from empty. Receives no gradient.
         output_final_state: return the state after these tokens (not differentiable).
         chunk_size: accepted for signature parity with the PyTorch path; the kernels use `BLOCK_T`.
+        chunk_offsets: `[N + 1]` integer offsets, in chunks of `BLOCK_T` tokens, of N sequences packed in one row
+            (B = 1, T = `BLOCK_T * chunk_offsets[-1]`; a sequence shorter than its chunks is padded in front with
+            masked tokens). Each attends only to itself, `initial_state` and the final state have batch N, and the
+            windows carried in and out are tokens of the row: the initial state's window is not read (place it in
+            front of each sequence's tokens, as `varlen.py` does) and the final one holds each sequence's last
+            tokens.
 
     Returns:
         `([B, T, H, Dv]` output in the dtype of `q`, final `HybridState` or None).
@@ -494,16 +505,41 @@ def hybrid_attention_triton(
     k, v = k.to(q.dtype), v.to(q.dtype)
     wf = window_factor if window > 0 else torch.zeros(H, dtype=torch.float32, device=q.device)
     st = initial_state
-    has_win = st is not None and slots > 0
+    seg, rows = _segments(chunk_offsets, B, T, st) if chunk_offsets is not None else (None, B)
+    has_win = st is not None and slots > 0 and seg is None
     o, kv, ksum = _HybridChunk.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), wq.contiguous(), wk.contiguous(), wf.contiguous(),
         token_mask, st.kv.contiguous() if st is not None else None, st.ksum.contiguous() if st is not None else None,
         st.win_k.to(q.dtype) if has_win else None, st.win_v.to(q.dtype) if has_win else None,
-        st.win_mask if has_win else None, window, scale, softcap, output_final_state,
+        st.win_mask if has_win else None, seg, rows, window, scale, softcap, output_final_state,
     )  # fmt: skip
     if not output_final_state:
         return o, None
+    if seg is not None:
+        return o, HybridState(kv, ksum, *_final_windows(k, v, token_mask, chunk_offsets, slots))
     return o, HybridState(kv, ksum, *_final_window(k, v, token_mask, st, slots))
+
+
+def _segments(chunk_offsets, B, T, state):
+    """Each chunk's sequence (`[NT]` int32, on the device) and the number of sequences, checked against the inputs."""
+    n = chunk_offsets.numel() - 1
+    if B != 1 or T % BLOCK_T or n < 1:
+        raise ValueError(f"chunk_offsets needs a packed row of whole chunks (batch 1, T a multiple of {BLOCK_T}), "
+                         f"got batch {B}, T {T}")  # fmt: skip
+    if state is not None and state.kv.shape[0] != n:
+        raise ValueError(f"initial_state holds {state.kv.shape[0]} sequences, chunk_offsets {n}")
+    counts = chunk_offsets.diff()
+    seg = torch.repeat_interleave(torch.arange(n, dtype=torch.int32, device=counts.device), counts,
+                                  output_size=T // BLOCK_T)  # fmt: skip
+    return seg, n
+
+
+def _final_windows(k, v, token_mask, chunk_offsets, slots):
+    """`_final_window` of each sequence of a packed row (`chunk_offsets`): the last `slots` tokens before each
+    sequence's end, which a sequence's chunks always hold (slots < `BLOCK_T`)."""
+    at = (chunk_offsets[1:].long() * BLOCK_T - slots)[:, None] + torch.arange(slots, device=k.device)
+    mask = token_mask[0] if token_mask is not None else torch.ones(k.shape[1], dtype=torch.bool, device=k.device)
+    return k[0, at].clone(), v[0, at].clone(), mask[at].clone()
 
 
 def _final_window(k, v, token_mask, state, slots):

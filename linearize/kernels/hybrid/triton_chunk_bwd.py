@@ -9,6 +9,7 @@ import triton.language as tl
 
 from .triton_common import (
     NO_KEY,
+    _continues,
     _feature_map_bwd,
     _heads,
     _inv_den,
@@ -24,6 +25,7 @@ from .triton_common import (
     _mm,
     _query_block,
     _soft_cap_grad,
+    _starts,
     _store_block,
     _store_sums,
     _weighted_col_sums,
@@ -48,13 +50,14 @@ def _delta_kernel(do, o, den, dn, dd_out, N, DV: tl.constexpr, BR: tl.constexpr,
 
 @triton.jit
 def _bwd_state_kernel(
-    phq, dn, dd_ptr, dhkv, dhz,
+    phq, dn, dd_ptr, dhkv, dhz, seg,
     T, NT,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
-    PREC: tl.constexpr, NITER: tl.constexpr,
+    PREC: tl.constexpr, NITER: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
-    # Programs split the state as in `_fwd_state_kernel`.
+    # Programs split the state as in `_fwd_state_kernel`; with VARLEN the state gradients stay within each sequence
+    # of the packed row.
     iv = tl.program_id(0)
     bh = tl.program_id(1)
     f0 = tl.program_id(2) * F
@@ -69,6 +72,13 @@ def _bwd_state_kernel(
     # Walk the chunks backwards; key chunk i - LAG sees the state gradients of query chunks after i.
     for j in range(NITER if NITER > 0 else NT + LAG):
         i = NT - 1 + LAG - j
+        if VARLEN:
+            # Key chunk i - LAG is the last of its sequence: no later query chunk sees it. With LAG that is where
+            # query chunk i starts a sequence, whose queries see no key older than the chunk before them.
+            brk = _starts(seg, i + 1 - LAG, NT)
+            if brk:
+                acc = tl.zeros([BF, BV], dtype=tl.float32)
+                dz = tl.zeros([BF, 16], dtype=tl.float32)
         if i >= LAG:
             hst = ((bh * NT + i - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
             tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
@@ -78,7 +88,10 @@ def _bwd_state_kernel(
         rows = i * BT + tl.arange(0, BT)
         rmask = rows < T
         qrow = (b * T + rows).to(tl.int64) * H + h
-        ph = _load_phi(phq, phq, b, h, rows, T, 0, f0, H, F, BF, False)
+        prow = rows
+        if VARLEN and LAG:
+            prow = tl.where(brk, T, rows)
+        ph = _load_phi(phq, phq, b, h, prow, T, 0, f0, H, F, BF, False)
         dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, iv * BV, DV, BV)
         acc += _mm(tl.trans(ph), dN, PREC)
         dz += _weighted_col_sums(ph, dD, BT, PREC)
@@ -87,12 +100,12 @@ def _bwd_state_kernel(
 @triton.jit
 def _bwd_q_window_kernel(
     q, k, v, wf, tm, win_k, win_v, win_m, dn, dd_ptr,
-    dq, dk, dv, dk_next, xc, xp, dwf,
+    dq, dk, dv, dk_next, xc, xp, dwf, seg,
     T, NT, S, scale, softcap,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, SOFTCAP: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-    QKV: tl.constexpr,
+    QKV: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     # The window pairs (W > 0) of query chunk c, from both sides: the window's part of dq, stored in dq for
     # `_bwd_q_linear_kernel` to add; what they send to the keys of chunk c (dk, and dv when W >= BT) and of chunk
@@ -120,6 +133,10 @@ def _bwd_q_window_kernel(
     if LAG:
         pos_p = pos_c - BT
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
+        if VARLEN:
+            # Where chunk c starts a sequence of a packed row, its pairs with chunk c - 1 are all out: the tile and
+            # dk_next it stores for chunk c - 1 are zeros.
+            ok_p = ok_p & _continues(seg, c, NT)
         k_p = _load_block(k, win_k, b, hk, t0 - BT, T, S, HKV, D, BT, BD, HAS_WIN, TMA)
         s_p, win_p = _window_scores(qq, k_p, rows, pos_p, ok_p, scale, softcap, W, SOFTCAP, PREC, False)
         m = tl.maximum(m, tl.max(s_p, 1))
@@ -177,11 +194,12 @@ def _bwd_q_window_kernel(
 @triton.jit
 def _bwd_q_linear_kernel(
     v, phq, phk, phw, wq, tm, win_v, win_m, hkv, hz, dn, dd_ptr, xc, xp,
-    dq, dpq,
+    dq, dpq, seg,
     T, NT, S,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr, BQ: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, PREC: tl.constexpr, QKV: tl.constexpr, WGRAD: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     # Query side, linear pairs and the states: the gradient of the q feature-map pre-activation for query chunk c
     # and dq back through wq, plus (W > 0) the window's part that `_bwd_q_window_kernel` stored in dq. With a window
@@ -216,6 +234,8 @@ def _bwd_q_linear_kernel(
         # linear pairs from the window kernel's tile.
         pos_p = pos_c - BT
         ok_p = _key_ok(tm, win_m, b, pos_p, T, S, HAS_MASK, HAS_WIN)
+        if VARLEN:
+            ok_p = ok_p & _continues(seg, c, NT)
         lin_p = (pos_p[None, :] <= rows[:, None] - W) & ok_p[None, :]
         dl_p = tl.where(lin_p, _load_rows(xp, xp, b, h, rows, T, 0, 0, H, BT, BT, False), 0.0).to(dt)
         pkp_p, pkp_n = _load_phi_pair(phk, phw, b, h, pos_p, T, S, H, F, BF, HAS_WIN)
@@ -294,11 +314,12 @@ def _bwd_kv_pairs_visit(
 
 @triton.jit
 def _bwd_kv_linear_kernel(
-    phq, phk, v, wk, tm, win_m, dhkv, dhz, do, den_ptr, dd_ptr, dn, xc, xp, dk, dv, dk_next, dpk,
+    phq, phk, v, wk, tm, win_m, dhkv, dhz, do, den_ptr, dd_ptr, dn, xc, xp, dk, dv, dk_next, dpk, seg,
     T, NT, S,
     H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, PREC: tl.constexpr, BQ: tl.constexpr, QKV: tl.constexpr, WGRAD: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     # Key side: dk, dv (of query head h; the GQA group sum is left to the caller) and the gradient of the k
     # feature-map pre-activation of key chunk j. Its keys are seen on the linear side by query chunks j (when
@@ -340,13 +361,19 @@ def _bwd_kv_linear_kernel(
         # The rows of query chunk j (when W < BT: a window as long as the chunk leaves no linear pair within it)
         # and of query chunk j + 1 (when LAG), in one loop over row blocks, each reading its chunk's tile.
         first = 0 if W < BT else BT // BQ
+        if VARLEN:
+            # In a packed row, query chunk j + 1 may start the next sequence, and then sees none of these keys.
+            nxt = _continues(seg, j + 1, NT)
         for sub in range(first, (1 + LAG) * (BT // BQ)):
             if W < BT:
                 x = tl.where(sub < BT // BQ, xc, xp)
             else:
                 x = xp
+            ok_v = ok_j
+            if VARLEN:
+                ok_v = ok_j & ((sub < BT // BQ) | nxt)
             dph_p, dph_n, dv_acc = _bwd_kv_pairs_visit(
-                phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, T,
+                phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_v, pos, j * BT + sub * BQ, b, h, T,
                 H, DV, F, W, BT, BQ, BV, BF, PREC, QKV,
             )  # fmt: skip
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)

@@ -167,6 +167,21 @@ def _key_ok(tm_ptr, wm_ptr, b, pos, T, S, HAS_MASK: tl.constexpr, HAS_WIN: tl.co
 
 
 @triton.jit
+def _continues(seg, c, NT):
+    # In a packed row (B == 1) whose sequences each start at a chunk, seg [NT] holding each chunk's sequence: whether
+    # chunk c belongs to the sequence of chunk c - 1 (never for chunk 0 nor past the last chunk), that is, whether
+    # chunk c's queries may see chunk c - 1's keys and chunk c - 1's states reach chunk c.
+    inside = (c > 0) & (c < NT)
+    return inside & (tl.load(seg + c - 1, mask=inside, other=0) == tl.load(seg + c, mask=inside, other=-1))
+
+
+@triton.jit
+def _starts(seg, c, NT):
+    # Whether chunk c (0 < c < NT) starts a later sequence of a packed row (see `_continues`).
+    return (c > 0) & (c < NT) & ~_continues(seg, c, NT)
+
+
+@triton.jit
 def _load_phi(ph_ptr, phw_ptr, b, h, pos, T, S, f0, H: tl.constexpr, F: tl.constexpr, BF: tl.constexpr,
               HAS_WIN: tl.constexpr):  # fmt: skip
     # Features f0..f0 + F of the rows `pos` of a [B, T, H, 2F] feature tensor; negative positions read the carried

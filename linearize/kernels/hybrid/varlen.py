@@ -1,16 +1,21 @@
 """Variable-length batches for the hybrid op: sequences packed along one axis, delimited by `cu_seqlens`.
 
-The packed tokens are scattered into a left-padded `[N, L, ...]` batch, run through any implementation with a
-token mask, and gathered back, so every kernel (the Triton ones and the PyTorch path) takes packed input and the
-sequences never see each other. Left padding keeps each sequence's last tokens at the end of its row, which is
-where the final window is read. A carried window from `initial_state` is placed just in front of its sequence,
-as masked-in tokens of the padded row, so that its distance to the new tokens is the same as in an unpadded call.
+The packed tokens are gathered into a buffer laid out for the implementation, run through it with a token mask,
+and gathered back, so every kernel takes packed input and the sequences never see each other:
 
-A padded row costs as much as the longest sequence. With `GROUPED` on, sequences of very different lengths are
-split into groups of similar length, one padded call each (`plan_groups`), so that a packed row of one long and
-many short documents does not pay the long one's length for every short one. It is off by default: on an H200 an
-earlier form of it ran the backward 4x slower than one call (a scatter-add for the gradient of each group's
-tokens, since replaced by gathers), and the present form is not yet timed there (docs/BENCHMARKS.md).
+- the Triton kernels (`aligned`) take the sequences one after another in one row, each starting at a chunk and
+  padded in front to whole chunks (`hybrid_attention_triton`'s `chunk_offsets`): their state passes restart at
+  each sequence's first chunk and no window reaches across. The row is the packed tokens plus under a chunk of
+  padding per sequence, so a batch costs about what one sequence of its length does;
+- any other implementation (the PyTorch path) takes a left-padded `[N, L, ...]` batch. A padded row costs as much
+  as the longest sequence; with `GROUPED` on, sequences of very different lengths are split into groups of similar
+  length, one padded call each (`plan_groups`). It is off by default: on an H200 an earlier form of it ran the
+  backward 4x slower than one call (a scatter-add for the gradient of each group's tokens, since replaced by
+  gathers), and the present form is not yet timed there (docs/BENCHMARKS.md).
+
+Either way, padding in front keeps each sequence's last tokens at the end of its row, where the final window is
+read. A carried window from `initial_state` is placed just in front of its sequence, as masked-in tokens of the
+row, so that its distance to the new tokens is the same as in an unpadded call.
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ import torch
 
 from .torch_chunked import HybridState
 
+# With the Triton kernels, packed sequences run in one row at chunk boundaries (off: as a padded batch, as on the
+# PyTorch path; for comparison, `benchmarks/bench_varlen.py`).
+ALIGNED = True
 GROUPED = False
+# The Triton kernels' chunk (`triton_chunk.BLOCK_T`), kept here so that this module needs no triton import.
+CHUNK = 64
 # The cost model of `plan_groups`, in tokens of one padded row: the padding granularity (the Triton kernels' chunk)
 # and what one more call costs besides its tokens (its launches, and a few rows' worth of sequential steps).
-GROUP_ROUND = 64
+GROUP_ROUND = CHUNK
 GROUP_OVERHEAD_TOKENS = 2048
 
 
@@ -112,11 +122,14 @@ def _take_rows(x: torch.Tensor, src: torch.Tensor, back: torch.Tensor) -> torch.
 
 
 def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_mask=None,
-                            initial_state=None, output_final_state=False, chunk_size=128, *, cu_seqlens):  # fmt: skip
+                            initial_state=None, output_final_state=False, chunk_size=128, *, cu_seqlens,
+                            aligned=False):  # fmt: skip
     """Run `impl` (a function with `hybrid_attention`'s arguments) over the sequences of a packed batch.
 
     Args as `hybrid_attention`, with q, k, v of shape `[1, total, heads, dim]`, `token_mask` `[1, total]` or None,
-    `initial_state` (batch N) or None and `cu_seqlens` `[N + 1]`. Returns `([1, total, H, Dv]`, final state of
+    `initial_state` (batch N) or None and `cu_seqlens` `[N + 1]`. With `aligned`, `impl` is the Triton path and
+    takes `chunk_offsets` (`hybrid_attention_triton`): the sequences are laid out one after another in one row, each
+    from a chunk boundary, rather than as the rows of a padded batch. Returns `([1, total, H, Dv]`, final state of
     batch N or None).
     """
     lens = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
@@ -127,74 +140,79 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
     slots = max(window - 1, 0)
     carried = slots if initial_state is not None else 0
     carry = initial_state is not None and slots > 0
-    starts = torch.cumsum(lens, 0) - lens
-    # Where each packed token sits in the padded rows of all groups, one after another.
+    if aligned:
+        # One row: each sequence (its carried window in front) padded in front to whole chunks.
+        groups = [torch.arange(n)]
+        row_len = (lens + carried).clamp_min(1).add(CHUNK - 1).div(CHUNK, rounding_mode="floor").mul(CHUNK)
+    else:
+        # Rows of a padded batch per group, each as long as the group's longest sequence.
+        groups = plan_groups(lens + carried) if GROUPED else [torch.arange(n)]
+        row_len = torch.cat([(lens[idx].max() + carried).expand(idx.numel()) for idx in groups])
+    # The rows of all groups, one after another in one buffer, in the order of the groups' sequences.
+    order = torch.cat(groups)
+    ordered = lens[order]
+    row_start = torch.cumsum(row_len, 0) - row_len
+    size = int(row_len.sum())
+    # Token `within` of row r sits at row_start + row_len - len + within: padded in front, so that each sequence's
+    # last tokens end its row, where the final window is read.
+    row = torch.repeat_interleave(torch.arange(n), ordered)
+    within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(ordered, 0) - ordered, ordered)
+    tok = torch.repeat_interleave(cu_seqlens.to("cpu", torch.int64)[:-1][order], ordered) + within
     placed = torch.empty(total, dtype=torch.long)
-    groups = plan_groups(lens + carried) if GROUPED else [torch.arange(n)]
-    # Per group: its sequences, rows and row length, and the index tensors it moves rows with (built on the CPU,
-    # moved to the device below in one copy).
-    layouts, index, offset = [], [], 0
-    for idx in groups:
-        gl = lens[idx]
-        length = int(gl.max()) + carried
-        m = idx.numel()
-        # Token t of the group's sequence r (its row) goes to column length - len + (t - start): left padding.
-        row = torch.repeat_interleave(torch.arange(m), gl)
-        first = torch.cumsum(gl, 0) - gl
-        within = torch.arange(int(gl.sum())) - torch.repeat_interleave(first, gl)
-        tok = torch.repeat_interleave(starts[idx], gl) + within
-        pos = row * length + length - gl[row] + within
-        src = torch.full((m * length,), total, dtype=torch.long)
-        src[pos] = tok
-        placed[tok] = offset + pos
-        index.append(src)
-        if carry:
-            # The carried window becomes the `slots` columns in front of each sequence; the state keeps no window.
-            index.append(((torch.arange(m) * length + length - gl - slots)[:, None] + torch.arange(slots)).reshape(-1))
-        layouts.append((idx, m, length, offset))
-        offset += m * length
-    for _, m, length, base in layouts:
-        # The inverse of the group's src: where each packed token sits in its rows (m * length: in none).
-        back = placed - base
-        index.append(torch.where((back >= 0) & (back < m * length), back, m * length))
-    # Back to packed order at the end: padding rows get no gradient.
-    unplaced = torch.full((offset,), total, dtype=torch.long)
-    unplaced[placed] = torch.arange(total)
-    index += [placed, unplaced]
-    moved = iter(torch.cat(index).to(device).split([t.numel() for t in index]))
-    per_group = [(next(moved), next(moved) if carry else None) for _ in layouts]
-    backs = [next(moved) for _ in layouts]
-    placed, unplaced = next(moved), next(moved)
+    placed[tok] = (row_start + row_len - ordered)[row] + within
+    # Where each slot of the buffer takes its token from (total: a row of zeros), which is also the way back.
+    src = torch.full((size,), total, dtype=torch.long)
+    src[placed] = torch.arange(total)
+    index = [src, placed]
+    if carry:
+        # The carried window becomes the `slots` positions in front of each sequence; the state keeps no window.
+        index.append(((row_start + row_len - ordered - slots)[:, None] + torch.arange(slots)).reshape(-1))
+    if aligned:
+        index.append(torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(row_len // CHUNK, 0)]))
+    # The index tensors move to the device in one copy (from pageable memory, each copy waits for the stream).
+    moved = torch.cat(index).to(device).split([t.numel() for t in index])
+    src, placed = moved[:2]
+    front = moved[2] if carry else None
 
-    outs, finals = [], []
+    def lay_out(x, window=None):
+        out = _take_rows(x, src, placed)
+        if window is not None:
+            out = out.index_put((front,), window[order].flatten(0, 1).to(x.dtype))
+        return out
+
     mask = torch.ones(total, dtype=torch.bool, device=device) if token_mask is None else token_mask[0]
-    for (idx, m, length, _), (src, front), back in zip(layouts, per_group, backs, strict=True):
-        state = None if initial_state is None else initial_state.index_select(idx)
-
-        def scatter(x, window=None, src=src, back=back, front=front, m=m, length=length):
-            out = _take_rows(x, src, back)
-            if window is not None:
-                out = out.index_put((front,), window.flatten(0, 1).to(x.dtype))
-            return out.view(m, length, *x.shape[1:])
-
-        qp = scatter(q[0])
-        kp = scatter(k[0], state.win_k if carry else None)
-        vp = scatter(v[0], state.win_v if carry else None)
-        mp = scatter(mask, state.win_mask if carry else None)
-        if carry:
-            state = HybridState(state.kv, state.ksum, torch.zeros_like(state.win_k), torch.zeros_like(state.win_v),
-                                torch.zeros_like(state.win_mask))  # fmt: skip
-        out, final = impl(qp, kp, vp, wq, wk, window_factor, window, scale, softcap, mp, state, output_final_state,
-                          chunk_size)  # fmt: skip
-        outs.append(out.reshape(m * length, *out.shape[2:]))
-        finals.append(final)
-    padded = outs[0] if len(outs) == 1 else torch.cat(outs)
-    out = _take_rows(padded, placed, unplaced).unsqueeze(0)
+    qp = lay_out(q[0])
+    kp = lay_out(k[0], initial_state.win_k if carry else None)
+    vp = lay_out(v[0], initial_state.win_v if carry else None)
+    mp = lay_out(mask, initial_state.win_mask if carry else None)
+    state = initial_state
+    if carry:
+        state = HybridState(state.kv, state.ksum, torch.zeros_like(state.win_k), torch.zeros_like(state.win_v),
+                            torch.zeros_like(state.win_mask))  # fmt: skip
+    if aligned:
+        out, final = impl(qp[None], kp[None], vp[None], wq, wk, window_factor, window, scale, softcap, mp[None],
+                          state, output_final_state, chunk_size, chunk_offsets=moved[-1])  # fmt: skip
+        out = out[0]
+    else:
+        outs, finals = [], []
+        bounds = [0, *itertools.accumulate(idx.numel() for idx in groups)]
+        sizes = [int(row_len[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        parts = [t.split(sizes) for t in (qp, kp, vp, mp)]
+        for g, idx in enumerate(groups):
+            m = idx.numel()
+            rows = [t[g].view(m, -1, *t[g].shape[1:]) for t in parts]
+            st = None if state is None else state.index_select(idx)
+            o, f = impl(*rows[:3], wq, wk, window_factor, window, scale, softcap, rows[3], st, output_final_state,
+                        chunk_size)  # fmt: skip
+            outs.append(o.reshape(m * o.shape[1], *o.shape[2:]))
+            finals.append(f)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        final = finals[0] if len(finals) == 1 else None
+        if output_final_state and len(finals) > 1:
+            final = HybridState(*(torch.cat(ts, 0) for ts in zip(*(f.tensors() for f in finals), strict=True)))
+    # Back to packed order: the buffer's padding gets no gradient.
+    out = _take_rows(out, placed, src).unsqueeze(0)
     if not output_final_state:
         return out, None
-    final = finals[0] if len(finals) == 1 else HybridState(
-        *(torch.cat(ts, 0) for ts in zip(*(f.tensors() for f in finals), strict=True))
-    )  # fmt: skip
-    order = torch.cat(groups)
     # Groups hold the sequences longest first: their final states go back to the packed order.
     return out, final if torch.equal(order, torch.arange(n)) else final.index_select(torch.argsort(order))
