@@ -1,6 +1,7 @@
 """Forward+backward time of the hybrid kernels on packed variable-length batches (`cu_seqlens`), by how the
-sequences are laid out: one left-padded call over all of them (the default), the grouped calls `plan_groups` picks
-(`varlen.GROUPED`), and, as the floor, the same number of tokens as one unbroken sequence.
+sequences are laid out: in one row at chunk boundaries (`varlen.ALIGNED`, the default), as one left-padded batch,
+as the grouped padded calls `plan_groups` picks (`varlen.GROUPED`), and, as the floor, the same number of tokens as
+one unbroken sequence.
 
 Document lengths are drawn from a log-normal distribution (seeded), packed into rows of `--tokens` tokens as a
 flattening data collator would; H = 32, D = 128, F = 64, W = 64, bf16; ms, median of `triton.testing.do_bench`.
@@ -58,21 +59,29 @@ def main() -> None:
     print(f"# {len(lens)} documents in {args.tokens} tokens (median {sorted(lens)[len(lens) // 2]}, longest "
           f"{max(lens)}), H={HEADS}, D={HEAD_DIM}, W={WINDOW}, bf16, gradients: {args.grads}")  # fmt: skip
     groups = varlen.plan_groups(torch.tensor(lens))
-    step = varlen.GROUP_ROUND
-    one = len(lens) * (-(-max(lens) // step) * step)
-    grouped = sum(len(g) * (-(-max(lens[i] for i in g.tolist()) // step) * step) for g in groups)
-    print("| layout | calls | padded tokens | fwd ms | fwd+bwd ms |")
+    step = varlen.CHUNK
+
+    def whole(n):
+        return -(-n // step) * step
+
+    aligned = sum(whole(n) for n in lens)
+    one = len(lens) * whole(max(lens))
+    grouped = sum(len(g) * whole(max(lens[i] for i in g.tolist())) for g in groups)
+    print("| layout | calls | tokens with padding | fwd ms | fwd+bwd ms |")
     print("|---|---|---|---|---|")
-    default = varlen.GROUPED
-    for name, grouping, run, calls, tokens in (
-        ("one padded call", False, packed, 1, one),
-        ("grouped (GROUPED)", True, packed, len(groups), grouped),
-        ("one unbroken sequence", False, unbroken, 1, args.tokens),
-    ):
-        varlen.GROUPED = grouping
-        fwd, both = _fwd_bwd(partial(run, *leaves), asked)
-        print(f"| {name} | {calls} | {tokens} | {fwd:.3f} | {both:.3f} |", flush=True)
-    varlen.GROUPED = default
+    defaults = varlen.ALIGNED, varlen.GROUPED
+    try:
+        for name, aligning, grouping, run, calls, tokens in (
+            ("one row at chunk boundaries (ALIGNED)", True, False, packed, 1, aligned),
+            ("one padded batch", False, False, packed, 1, one),
+            ("padded groups (GROUPED)", False, True, packed, len(groups), grouped),
+            ("one unbroken sequence", True, False, unbroken, 1, args.tokens),
+        ):
+            varlen.ALIGNED, varlen.GROUPED = aligning, grouping
+            fwd, both = _fwd_bwd(partial(run, *leaves), asked)
+            print(f"| {name} | {calls} | {tokens} | {fwd:.3f} | {both:.3f} |", flush=True)
+    finally:
+        varlen.ALIGNED, varlen.GROUPED = defaults
 
 
 if __name__ == "__main__":

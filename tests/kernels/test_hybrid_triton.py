@@ -630,6 +630,52 @@ def test_gpu_partial_gradients_match_the_full_ones(W):
             assert_rel(g.float(), full[i].float(), 1e-3, f"{case}: {names[i]}")
 
 
+def _varlen_layouts_against_fp32(monkeypatch, W, lens, H, Hkv, D, F, dtype, device):
+    """A packed batch in one row at chunk boundaries against the padded batch, both in `dtype` on the Triton
+    kernels, each against the fp32 PyTorch path: outputs, every gradient and the final states, with carried states.
+    The aligned layout's error is at most twice the padded one's."""
+    from linearize.kernels.hybrid import varlen
+
+    leaves, _ = make_inputs(1, sum(lens), H, Hkv, D, F, device=device, seed=7)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device)
+    history, _ = make_inputs(len(lens), 90, H, Hkv, D, F, device=device, seed=8)
+    init = hybrid_attention_chunked(*history[:3], *leaves[3:], W, D**-0.5, None, None, None, True)[1]
+    dout = torch.randn(1, sum(lens), H, D, generator=torch.Generator().manual_seed(4)).to(device)
+    trained = range(6) if W else range(5)
+
+    def run(dt, kernels, aligned):
+        monkeypatch.setenv("LINEARIZE_KERNELS", kernels)
+        monkeypatch.setattr(varlen, "ALIGNED", aligned)
+        xs = [t.detach().clone() for t in leaves]
+        xs = [t.to(dt).requires_grad_(i in trained) if i < 3 else t.requires_grad_(i in trained) for i, t in
+              enumerate(xs)]  # fmt: skip
+        out, final = hybrid_attention(*xs, W, D**-0.5, None, None, init, True, cu_seqlens=cu)
+        return [out, *grads(out, [xs[i] for i in trained], dout.to(dt)), final.kv, final.ksum, final.win_k]
+
+    want = run(torch.float32, "torch", False)
+    padded = run(dtype, "triton", False)
+    aligned = run(dtype, "triton", True)
+    names = ["output", "dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"][: 1 + len(trained)] + ["kv", "ksum", "win_k"]
+    for name, w, p, a in zip(names, want, padded, aligned, strict=True):
+        if not w.numel():
+            continue
+        assert not torch.isnan(a).any(), name
+        err_p, err_a = rel_rmse(p, w), rel_rmse(a, w)
+        assert err_a <= 2 * err_p + 1e-4, f"{name}: aligned {err_a:.2e} against padded {err_p:.2e}"
+
+
+@interpreted
+def test_varlen_aligned_fp16_as_accurate_as_padded(interpreter, monkeypatch):
+    _varlen_layouts_against_fp32(monkeypatch, 16, [70, 3, 140], 2, 1, 32, 16, torch.float16, "cpu")
+
+
+@cuda
+@pytest.mark.parametrize("W", [64, 16, 0])
+def test_gpu_varlen_aligned_as_accurate_as_padded(monkeypatch, W):
+    _varlen_layouts_against_fp32(monkeypatch, W, [700, 3, 2048, 130, 64, 1500, 1, 300], 8, 2, 128, 64,
+                                 torch.bfloat16, "cuda")  # fmt: skip
+
+
 @cuda
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9, reason="needs TMA (sm_90 or newer)"

@@ -284,19 +284,19 @@ def _bwd_kv_linear_visit(
 
 @triton.jit
 def _bwd_kv_pairs_visit(
-    phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, r0, b, h, T,
+    phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, r0, b, h, T, TQ,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, W: tl.constexpr, BT: tl.constexpr, BQ: tl.constexpr,
     BV: tl.constexpr, BF: tl.constexpr, PREC: tl.constexpr, QKV: tl.constexpr,
 ):  # fmt: skip
     # With a window: adds what all pairs (window and linear) of the BQ query rows from r0 on (head h) send back to
     # key chunk `pos`, from `_bwd_q_window_kernel`'s [rows, keys] tile x of those rows (window weights a, linear
     # score gradients dl, zeros elsewhere): dv += (a + l)^T dN with l = phi_q . phi_k on the linear pairs, and
-    # dphi_k += dl^T phi_q (dv only with QKV). Key-major, as `_bwd_kv_linear_visit`.
+    # dphi_k += dl^T phi_q (dv only with QKV). Key-major, as `_bwd_kv_linear_visit`. Query rows from TQ on (T, or
+    # in a packed row the start of the next sequence) send nothing.
     rows = r0 + tl.arange(0, BQ)
     qrow = (b * T + rows).to(tl.int64) * H + h
-    rmask = rows < T
+    rmask = rows < TQ
     keys = tl.arange(0, BT)
-    # Rows past T load as zeros and send nothing.
     xt = tl.trans(tl.load(x + qrow[:, None] * BT + keys[None, :], mask=rmask[:, None], other=0.0))
     dt = xt.dtype
     phq_p, phq_n = _load_phi_pair(phq, phq, b, h, rows, T, 0, H, F, BF, False)
@@ -361,19 +361,18 @@ def _bwd_kv_linear_kernel(
         # The rows of query chunk j (when W < BT: a window as long as the chunk leaves no linear pair within it)
         # and of query chunk j + 1 (when LAG), in one loop over row blocks, each reading its chunk's tile.
         first = 0 if W < BT else BT // BQ
+        rows_end = T
         if VARLEN:
-            # In a packed row, query chunk j + 1 may start the next sequence, and then sees none of these keys.
-            nxt = _continues(seg, j + 1, NT)
+            # In a packed row (B == 1), query chunk j + 1 may start the next sequence, and then sees none of these
+            # keys: its rows count as past the end.
+            rows_end = tl.where(_continues(seg, j + 1, NT), T, (j + 1) * BT)
         for sub in range(first, (1 + LAG) * (BT // BQ)):
             if W < BT:
                 x = tl.where(sub < BT // BQ, xc, xp)
             else:
                 x = xp
-            ok_v = ok_j
-            if VARLEN:
-                ok_v = ok_j & ((sub < BT // BQ) | nxt)
             dph_p, dph_n, dv_acc = _bwd_kv_pairs_visit(
-                phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_v, pos, j * BT + sub * BQ, b, h, T,
+                phq, dn, x, dph_p, dph_n, dv_acc, pk_p, pk_n, ok_j, pos, j * BT + sub * BQ, b, h, T, rows_end,
                 H, DV, F, W, BT, BQ, BV, BF, PREC, QKV,
             )  # fmt: skip
     gk = _feature_map_bwd(pk_p.to(tl.float32), pk_n.to(tl.float32), dph_p, dph_n)
