@@ -630,6 +630,38 @@ def test_gpu_partial_gradients_match_the_full_ones(W):
             assert_rel(g.float(), full[i].float(), 1e-3, f"{case}: {names[i]}")
 
 
+@interpreted
+@pytest.mark.parametrize("kind", ["hedgehog", "lolcats"])
+def test_model_runs_packed_sequences_in_one_triton_row(interpreter, monkeypatch, kind):
+    # A converted model given packed sequences (transformers' flash-attention kwargs, as DataCollatorWithFlattening
+    # makes them) hands them to the dispatcher, which runs them on the Triton kernels in one row at chunk boundaries:
+    # the same logits as separate forwards.
+    from tiny_models import VOCAB, randomise_new_parameters, tiny_model
+
+    from linearize import AttentionConfig, convert
+    from linearize.kernels.hybrid import triton_chunk
+
+    rows = []
+    segments = triton_chunk._segments
+    monkeypatch.setattr(triton_chunk, "_segments", lambda *a: rows.append(a[0].numel() - 1) or segments(*a))
+    model = tiny_model("llama")
+    convert(model, AttentionConfig(kind=kind, window=8, feature_dim=8))
+    randomise_new_parameters(model)
+    lens = [5, 70, 17]
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, VOCAB, (1, n), generator=gen) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    with torch.no_grad():
+        packed = model(
+            torch.cat(seqs, 1), position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu
+        ).logits
+        calls = len(rows)
+        separate = torch.cat([model(x, use_cache=False).logits for x in seqs], 1)
+    torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
+    assert calls == model.config.num_hidden_layers and set(rows) == {len(lens)}
+
+
 def _varlen_layouts_against_fp32(monkeypatch, W, lens, H, Hkv, D, F, dtype, device):
     """A packed batch in one row at chunk boundaries against the padded batch, both in `dtype` on the Triton
     kernels, each against the fp32 PyTorch path: outputs, every gradient and the final states, with carried states.
