@@ -747,13 +747,15 @@ def test_gpu_window_descriptors_match_pointer_loads(monkeypatch, dtype, D, W):
         assert_rel(a.float(), b.float(), 1e-6, name)
 
 
-def _varlen_against_separate_calls(lens, W, with_state, Hkv=2, partial=False):
+def _varlen_against_separate_calls(lens, W, with_state, Hkv=2, partial=False, masked=False):
     """Packed call with cu_seqlens against one call per sequence: outputs, final states, every gradient; with
-    `partial`, also the gradients of attention transfer alone (wq, wk, window factor) against the full backward's."""
+    `partial`, also the gradients of attention transfer alone (wq, wk, window factor) against the full backward's;
+    with `masked`, a padding mask over a fifth of the tokens."""
     H, D, F, Dv = 4, 32, 16, 24
     total = sum(lens)
     leaves, _ = make_inputs(1, total, H, Hkv, D, F, Dv=Dv, seed=len(lens) + W)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    mask = torch.rand(1, total, generator=torch.Generator().manual_seed(9)) > 0.2 if masked else None
     args = (W, D**-0.5, None)
     states = []
     if with_state:
@@ -769,14 +771,15 @@ def _varlen_against_separate_calls(lens, W, with_state, Hkv=2, partial=False):
     for t in trained:
         t.requires_grad_()
     q, k, v, wq, wk, wf = leaves
-    out, final = hybrid_attention(*leaves, *args, None, init, True, cu_seqlens=cu)
+    out, final = hybrid_attention(*leaves, *args, mask, init, True, cu_seqlens=cu)
     dout = torch.randn_like(out)
     got = grads(out, trained, dout)
     outs, finals = [], []
     for i in range(len(lens)):
         sl = slice(int(cu[i]), int(cu[i + 1]))
-        o, f = hybrid_attention_chunked(q[:, sl], k[:, sl], v[:, sl], wq, wk, wf, *args, None,
-                                        states[i] if with_state else None, True)  # fmt: skip
+        o, f = hybrid_attention_chunked(q[:, sl], k[:, sl], v[:, sl], wq, wk, wf, *args,
+                                        mask[:, sl] if masked else None, states[i] if with_state else None,
+                                        True)  # fmt: skip
         outs.append(o)
         finals.append(f)
     ref = torch.cat(outs, 1)
@@ -794,7 +797,7 @@ def _varlen_against_separate_calls(lens, W, with_state, Hkv=2, partial=False):
         assert torch.equal(final.win_mask[i], f.win_mask[0])
     if partial:
         frozen = [t.detach() for t in leaves[:3]]
-        out2, _ = hybrid_attention(*frozen, *leaves[3:], *args, None, init, False, cu_seqlens=cu)
+        out2, _ = hybrid_attention(*frozen, *leaves[3:], *args, mask, init, False, cu_seqlens=cu)
         for name, a, b in zip(names[3:], grads(out2, trained[3:], dout), got[3:], strict=False):
             assert torch.equal(a, b), f"transfer: {name}"
 
@@ -836,6 +839,13 @@ def varlen_layout(request, monkeypatch):
 def test_varlen_triton_matches_separate_calls(interpreter, varlen_layout, lens, W, with_state):
     _varlen_against_separate_calls(lens, W, with_state, partial=varlen_layout.layout == "aligned")
     _check_layout(varlen_layout, lens, W, with_state)
+
+
+@interpreted
+@pytest.mark.parametrize("varlen_layout", ["aligned", "padded"], indirect=True)
+def test_varlen_triton_with_a_padding_mask(interpreter, varlen_layout):
+    _varlen_against_separate_calls((90, 7, 150), 16, True, masked=True, partial=varlen_layout.layout == "aligned")
+    _check_layout(varlen_layout, (90, 7, 150), 16, True)
 
 
 @interpreted
