@@ -639,11 +639,12 @@ def test_model_runs_packed_sequences_in_one_triton_row(interpreter, monkeypatch,
     from tiny_models import VOCAB, randomise_new_parameters, tiny_model
 
     from linearize import AttentionConfig, convert
-    from linearize.kernels.hybrid import triton_chunk
+    from linearize.kernels.hybrid import triton_chunk, varlen
 
-    rows = []
-    segments = triton_chunk._segments
+    rows, plans = [], []
+    segments, plan = triton_chunk._segments, varlen._plan_layout
     monkeypatch.setattr(triton_chunk, "_segments", lambda *a: rows.append(a[0].numel() - 1) or segments(*a))
+    monkeypatch.setattr(varlen, "_plan_layout", lambda *a: plans.append(a[0]) or plan(*a))
     model = tiny_model("llama")
     convert(model, AttentionConfig(kind=kind, window=8, feature_dim=8))
     randomise_new_parameters(model)
@@ -660,6 +661,8 @@ def test_model_runs_packed_sequences_in_one_triton_row(interpreter, monkeypatch,
         separate = torch.cat([model(x, use_cache=False).logits for x in seqs], 1)
     torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
     assert calls == model.config.num_hidden_layers and set(rows) == {len(lens)}
+    # Every layer got the same offsets: the layout was planned (and moved to the device) once.
+    assert plans == [cu]
 
 
 def _varlen_layouts_against_fp32(monkeypatch, W, lens, H, Hkv, D, F, dtype, device):
@@ -896,6 +899,36 @@ def test_chunk_offsets_reject_bad_layouts(interpreter, B, T, offsets, match):
     with pytest.raises(ValueError, match=match):
         hybrid_attention_triton(*leaves, 4, 0.25, initial_state=state if match.startswith("initial") else None,
                                 chunk_offsets=torch.tensor(offsets))  # fmt: skip
+
+
+def test_varlen_layout_planned_once_per_offsets_tensor(monkeypatch):
+    from linearize.kernels.hybrid import varlen
+
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    plans = []
+    plan = varlen._plan_layout
+    monkeypatch.setattr(varlen, "_plan_layout", lambda *a: plans.append(a[0].tolist()) or plan(*a))
+    leaves, _ = make_inputs(1, 30, 2, 2, 16, 8, seed=3)
+    cu = torch.tensor([0, 10, 30])
+    first, _ = hybrid_attention(*leaves, 4, 0.25, cu_seqlens=cu)
+    again, _ = hybrid_attention(*leaves, 4, 0.25, cu_seqlens=cu)
+    assert plans == [[0, 10, 30]] and torch.equal(first, again)
+    # Other settings, an equal but distinct tensor, and the tensor changed in place each plan anew.
+    hybrid_attention(*leaves, 8, 0.25, cu_seqlens=cu)
+    copy = cu.clone()
+    hybrid_attention(*leaves, 4, 0.25, cu_seqlens=copy)
+    copy[1] = 20
+    moved, _ = hybrid_attention(*leaves, 4, 0.25, cu_seqlens=copy)
+    assert plans == [[0, 10, 30]] * 3 + [[0, 20, 30]]
+    assert not torch.equal(moved, first)
+    copy[1] = 40
+    with pytest.raises(ValueError, match="not decrease"):
+        hybrid_attention(*leaves, 4, 0.25, cu_seqlens=copy)
+    # A freed tensor's layout is not reused by a new one at the same address.
+    del copy
+    hybrid_attention(*leaves, 4, 0.25, cu_seqlens=torch.tensor([0, 20, 30]))
+    assert plans[-1] == [0, 20, 30] and len(plans) == 6
+    assert len(varlen._LAYOUTS) <= varlen.LAYOUT_CACHE
 
 
 def test_plan_groups_pads_less_than_one_call():

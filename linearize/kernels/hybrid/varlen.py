@@ -20,8 +20,10 @@ row, so that its distance to the new tokens is the same as in an unpadded call.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import weakref
 
 import torch
 
@@ -121,6 +123,87 @@ def _take_rows(x: torch.Tensor, src: torch.Tensor, back: torch.Tensor) -> torch.
     return _TakeRows.apply(x, src, back) if x.requires_grad else _rows(x, src)
 
 
+@dataclasses.dataclass
+class _Layout:
+    """Where a packed batch's tokens go in the buffer of rows that the implementation takes, and back.
+
+    The rows of all calls (groups) lie one after another in one buffer of `size` positions, in the order `order` of
+    the sequences. `src[i]` is the packed token at position i (`total`: a row of zeros), which is also the way back;
+    `placed[t]` the position of packed token t; `front` the positions of the carried windows, `slots` in front of
+    each sequence; `chunk_offsets` (aligned) the sequences' offsets in chunks. The index tensors are on the device.
+    """
+
+    n: int
+    groups: list[torch.Tensor]
+    order: torch.Tensor
+    row_len: torch.Tensor
+    src: torch.Tensor
+    placed: torch.Tensor
+    front: torch.Tensor | None
+    chunk_offsets: torch.Tensor | None
+
+
+def _plan_layout(cu_seqlens: torch.Tensor, total: int, carried: int, slots: int, aligned: bool,
+                 device: torch.device) -> _Layout:  # fmt: skip
+    lens = check_cu_seqlens(cu_seqlens, total, 1)
+    n = lens.numel()
+    if aligned:
+        # One row: each sequence (its carried window in front) padded in front to whole chunks.
+        groups = [torch.arange(n)]
+        row_len = (lens + carried).clamp_min(1).add(CHUNK - 1).div(CHUNK, rounding_mode="floor").mul(CHUNK)
+    else:
+        # Rows of a padded batch per group, each as long as the group's longest sequence.
+        groups = plan_groups(lens + carried) if GROUPED else [torch.arange(n)]
+        row_len = torch.cat([(lens[idx].max() + carried).expand(idx.numel()) for idx in groups])
+    order = torch.cat(groups)
+    ordered = lens[order]
+    row_start = torch.cumsum(row_len, 0) - row_len
+    size = int(row_len.sum())
+    # Token `within` of row r sits at row_start + row_len - len + within: padded in front, so that each sequence's
+    # last tokens end its row, where the final window is read.
+    row = torch.repeat_interleave(torch.arange(n), ordered)
+    within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(ordered, 0) - ordered, ordered)
+    starts = torch.cumsum(lens, 0) - lens
+    tok = torch.repeat_interleave(starts[order], ordered) + within
+    placed = torch.empty(total, dtype=torch.long)
+    placed[tok] = (row_start + row_len - ordered)[row] + within
+    src = torch.full((size,), total, dtype=torch.long)
+    src[placed] = torch.arange(total)
+    index = [src, placed]
+    if carried and slots:
+        # The carried window becomes the `slots` positions in front of each sequence.
+        index.append(((row_start + row_len - ordered - slots)[:, None] + torch.arange(slots)).reshape(-1))
+    if aligned:
+        index.append(torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(row_len // CHUNK, 0)]))
+    # The index tensors move to the device in one copy (from pageable memory, each copy waits for the stream).
+    moved = torch.cat(index).to(device).split([t.numel() for t in index])
+    return _Layout(n, groups, order, row_len, moved[0], moved[1], moved[2] if carried and slots else None,
+                   moved[-1] if aligned else None)  # fmt: skip
+
+
+# Layouts of recent calls, by the identity of their `cu_seqlens` tensor: every layer of a model gets the same one
+# in a step (transformers passes it down unchanged), so the layout, its checks (which read cu_seqlens on the host:
+# a wait for the device) and its copy to the device are made once per step rather than once per layer.
+_LAYOUTS: dict[tuple, tuple[weakref.ref, _Layout]] = {}
+LAYOUT_CACHE = 16
+
+
+def _layout(cu_seqlens, total, carried, slots, aligned, device) -> _Layout:
+    key = (id(cu_seqlens), cu_seqlens._version, total, carried, slots, aligned, not aligned and GROUPED,
+           GROUP_OVERHEAD_TOKENS, str(device))  # fmt: skip
+    hit = _LAYOUTS.get(key)
+    # The weak reference tells a live tensor from a new one that reuses a freed one's id.
+    if hit is not None and hit[0]() is cu_seqlens:
+        return hit[1]
+    layout = _plan_layout(cu_seqlens, total, carried, slots, aligned, device)
+    for stale in [k for k, (ref, _) in _LAYOUTS.items() if ref() is None]:
+        del _LAYOUTS[stale]
+    while len(_LAYOUTS) >= LAYOUT_CACHE:
+        del _LAYOUTS[next(iter(_LAYOUTS))]
+    _LAYOUTS[key] = (weakref.ref(cu_seqlens), layout)
+    return layout
+
+
 def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale, softcap=None, token_mask=None,
                             initial_state=None, output_final_state=False, chunk_size=128, *, cu_seqlens,
                             aligned=False):  # fmt: skip
@@ -132,52 +215,21 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
     from a chunk boundary, rather than as the rows of a padded batch. Returns `([1, total, H, Dv]`, final state of
     batch N or None).
     """
-    lens = check_cu_seqlens(cu_seqlens, q.shape[1], q.shape[0])
-    n = lens.numel()
-    if initial_state is not None and initial_state.kv.shape[0] != n:
-        raise ValueError(f"initial_state holds {initial_state.kv.shape[0]} sequences, cu_seqlens {n}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens the inputs are packed along T with batch size 1, got batch {q.shape[0]}")
     total, device = q.shape[1], q.device
     slots = max(window - 1, 0)
     carried = slots if initial_state is not None else 0
-    carry = initial_state is not None and slots > 0
-    if aligned:
-        # One row: each sequence (its carried window in front) padded in front to whole chunks.
-        groups = [torch.arange(n)]
-        row_len = (lens + carried).clamp_min(1).add(CHUNK - 1).div(CHUNK, rounding_mode="floor").mul(CHUNK)
-    else:
-        # Rows of a padded batch per group, each as long as the group's longest sequence.
-        groups = plan_groups(lens + carried) if GROUPED else [torch.arange(n)]
-        row_len = torch.cat([(lens[idx].max() + carried).expand(idx.numel()) for idx in groups])
-    # The rows of all groups, one after another in one buffer, in the order of the groups' sequences.
-    order = torch.cat(groups)
-    ordered = lens[order]
-    row_start = torch.cumsum(row_len, 0) - row_len
-    size = int(row_len.sum())
-    # Token `within` of row r sits at row_start + row_len - len + within: padded in front, so that each sequence's
-    # last tokens end its row, where the final window is read.
-    row = torch.repeat_interleave(torch.arange(n), ordered)
-    within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(ordered, 0) - ordered, ordered)
-    tok = torch.repeat_interleave(cu_seqlens.to("cpu", torch.int64)[:-1][order], ordered) + within
-    placed = torch.empty(total, dtype=torch.long)
-    placed[tok] = (row_start + row_len - ordered)[row] + within
-    # Where each slot of the buffer takes its token from (total: a row of zeros), which is also the way back.
-    src = torch.full((size,), total, dtype=torch.long)
-    src[placed] = torch.arange(total)
-    index = [src, placed]
-    if carry:
-        # The carried window becomes the `slots` positions in front of each sequence; the state keeps no window.
-        index.append(((row_start + row_len - ordered - slots)[:, None] + torch.arange(slots)).reshape(-1))
-    if aligned:
-        index.append(torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(row_len // CHUNK, 0)]))
-    # The index tensors move to the device in one copy (from pageable memory, each copy waits for the stream).
-    moved = torch.cat(index).to(device).split([t.numel() for t in index])
-    src, placed = moved[:2]
-    front = moved[2] if carry else None
+    lay = _layout(cu_seqlens, total, carried, slots, aligned, device)
+    n, order = lay.n, lay.order
+    if initial_state is not None and initial_state.kv.shape[0] != n:
+        raise ValueError(f"initial_state holds {initial_state.kv.shape[0]} sequences, cu_seqlens {n}")
+    carry = lay.front is not None
 
     def lay_out(x, window=None):
-        out = _take_rows(x, src, placed)
+        out = _take_rows(x, lay.src, lay.placed)
         if window is not None:
-            out = out.index_put((front,), window[order].flatten(0, 1).to(x.dtype))
+            out = out.index_put((lay.front,), window[order].flatten(0, 1).to(x.dtype))
         return out
 
     mask = torch.ones(total, dtype=torch.bool, device=device) if token_mask is None else token_mask[0]
@@ -187,18 +239,19 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
     mp = lay_out(mask, initial_state.win_mask if carry else None)
     state = initial_state
     if carry:
+        # The carried windows are tokens of the rows now; the state keeps none.
         state = HybridState(state.kv, state.ksum, torch.zeros_like(state.win_k), torch.zeros_like(state.win_v),
                             torch.zeros_like(state.win_mask))  # fmt: skip
     if aligned:
         out, final = impl(qp[None], kp[None], vp[None], wq, wk, window_factor, window, scale, softcap, mp[None],
-                          state, output_final_state, chunk_size, chunk_offsets=moved[-1])  # fmt: skip
+                          state, output_final_state, chunk_size, chunk_offsets=lay.chunk_offsets)  # fmt: skip
         out = out[0]
     else:
         outs, finals = [], []
-        bounds = [0, *itertools.accumulate(idx.numel() for idx in groups)]
-        sizes = [int(row_len[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        bounds = [0, *itertools.accumulate(idx.numel() for idx in lay.groups)]
+        sizes = [int(lay.row_len[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         parts = [t.split(sizes) for t in (qp, kp, vp, mp)]
-        for g, idx in enumerate(groups):
+        for g, idx in enumerate(lay.groups):
             m = idx.numel()
             rows = [t[g].view(m, -1, *t[g].shape[1:]) for t in parts]
             st = None if state is None else state.index_select(idx)
@@ -211,7 +264,7 @@ def hybrid_attention_varlen(impl, q, k, v, wq, wk, window_factor, window, scale,
         if output_final_state and len(finals) > 1:
             final = HybridState(*(torch.cat(ts, 0) for ts in zip(*(f.tensors() for f in finals), strict=True)))
     # Back to packed order: the buffer's padding gets no gradient.
-    out = _take_rows(out, placed, src).unsqueeze(0)
+    out = _take_rows(out, lay.placed, lay.src).unsqueeze(0)
     if not output_final_state:
         return out, None
     # Groups hold the sequences longest first: their final states go back to the packed order.
