@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILY_CONFIGS, VOCAB, randomise_new_parameters, tiny_model
+from tiny_models import FAMILY_CONFIGS, VOCAB, packed_forwards, randomise_new_parameters, tiny_model
 
 from linearize import AttentionConfig, LinearizeCache, convert
 from linearize._compat import CACHE_KWARG, output_cache
@@ -129,15 +129,7 @@ def test_packed_sequences_equal_separate_forwards(family, kind):
     # makes them): positions restart and the converted layers keep the sequences apart.
     model = _model(family, kind=kind)
     lens = [5, WINDOW + 3, 2 * WINDOW + 1]
-    seqs = [_ids(1, n, seed=i) for i, n in enumerate(lens)]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lens])[None]
-    with torch.no_grad():
-        packed = model(
-            torch.cat(seqs, 1), position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu
-        ).logits
-        separate = torch.cat([model(s, use_cache=False).logits for s in seqs], 1)
-        mixed = model(torch.cat(seqs, 1), position_ids=positions, use_cache=False).logits
+    packed, separate, mixed = packed_forwards(model, lens, mixed=True)
     torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
     # Without the offsets the later sequences see the earlier ones.
     assert not torch.allclose(mixed[:, lens[0] :], separate[:, lens[0] :], atol=1e-3)

@@ -77,6 +77,23 @@ WORDS = (
 ).split()
 
 
+def packed_forwards(model, lens, seed=0, mixed=False):
+    """Logits of sequences of lengths `lens` (random ids) packed into one row with transformers' flash-attention
+    kwargs, as DataCollatorWithFlattening makes them (positions restart per sequence), and of each sequence on its
+    own, concatenated: `(packed, separate, mixed)`, where `mixed` (with `mixed`, else None) is the packed row
+    without the offsets."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randint(3, VOCAB, (1, n), generator=gen) for n in lens]
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    positions = torch.cat([torch.arange(n) for n in lens])[None]
+    row = torch.cat(seqs, 1)
+    with torch.no_grad():
+        packed = model(row, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits
+        separate = torch.cat([model(x, use_cache=False).logits for x in seqs], 1)
+        mixed = model(row, position_ids=positions, use_cache=False).logits if mixed else None
+    return packed, separate, mixed
+
+
 def tiny_tokenizer():
     """A word-level tokenizer with VOCAB ids: <pad>=0, <s>=1, </s>=2, <unk>=3, then words."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

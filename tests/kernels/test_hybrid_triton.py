@@ -636,7 +636,7 @@ def test_model_runs_packed_sequences_in_one_triton_row(interpreter, monkeypatch,
     # A converted model given packed sequences (transformers' flash-attention kwargs, as DataCollatorWithFlattening
     # makes them) hands them to the dispatcher, which runs them on the Triton kernels in one row at chunk boundaries:
     # the same logits as separate forwards.
-    from tiny_models import VOCAB, randomise_new_parameters, tiny_model
+    from tiny_models import packed_forwards, randomise_new_parameters, tiny_model
 
     from linearize import AttentionConfig, convert
     from linearize.kernels.hybrid import triton_chunk, varlen
@@ -649,20 +649,12 @@ def test_model_runs_packed_sequences_in_one_triton_row(interpreter, monkeypatch,
     convert(model, AttentionConfig(kind=kind, window=8, feature_dim=8))
     randomise_new_parameters(model)
     lens = [5, 70, 17]
-    gen = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(3, VOCAB, (1, n), generator=gen) for n in lens]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    positions = torch.cat([torch.arange(n) for n in lens])[None]
-    with torch.no_grad():
-        packed = model(
-            torch.cat(seqs, 1), position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu
-        ).logits
-        calls = len(rows)
-        separate = torch.cat([model(x, use_cache=False).logits for x in seqs], 1)
+    packed, separate, _ = packed_forwards(model, lens)
     torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
-    assert calls == model.config.num_hidden_layers and set(rows) == {len(lens)}
+    # One Triton call per layer took all three sequences.
+    assert rows == [len(lens)] * model.config.num_hidden_layers
     # Every layer got the same offsets: the layout was planned (and moved to the device) once.
-    assert plans == [cu]
+    assert len(plans) == 1 and plans[0].tolist() == [0, 5, 75, 92]
 
 
 def _varlen_layouts_against_fp32(monkeypatch, W, lens, H, Hkv, D, F, dtype, device):
