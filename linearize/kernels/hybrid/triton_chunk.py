@@ -58,6 +58,10 @@ or dv need and write none of them, which makes its forward+backward 22-29% faste
 for those of q, k and v alone: no pre-activation gradient is stored and the weight-gradient launch is left out (6%).
 
 Keys of the window carried in `initial_state` sit at the negative positions -S..-1, in front of the new tokens.
+
+Sequences packed in one row (`chunk_offsets`, B = 1) each start at a chunk: the sequential passes take one row of
+programs per sequence, over its own chunks, and the kernels that look one chunk back read each chunk's sequence, so
+that nothing reaches from a sequence into the one before it.
 """
 
 from __future__ import annotations
@@ -198,7 +202,7 @@ def _pow2(n: int) -> int:
 class _Plan:
     """Sizes, flags and the (int8) masks shared by the kernels of one call."""
 
-    def __init__(self, q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg=None):
+    def __init__(self, q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg=None, offs=None):
         self.B, self.T, self.H, self.D = q.shape
         self.HKV, self.DV, self.F = k.shape[2], v.shape[-1], wq.shape[-1]
         self.W, self.scale, self.softcap = window, float(scale), float(softcap or 0.0)
@@ -220,9 +224,15 @@ class _Plan:
         # Kernels take a pointer even where a flag turns the tensor off.
         self.win_k = win_k.contiguous() if self.S else k
         self.HAS_MASK = token_mask is not None
-        # A packed row of sequences that each start at a chunk (`chunk_offsets`): each chunk's sequence.
+        # A packed row of sequences that each start at a chunk (`chunk_offsets`): each chunk's sequence (for the
+        # kernels that look back one chunk) and the sequences' chunk offsets (for the sequential passes, one program
+        # row per sequence); the final states are per sequence.
         self.VARLEN = seg is not None
         self.seg = seg if seg is not None else dummy
+        self.offs = offs if offs is not None else dummy
+        self.R = offs.numel() - 1 if offs is not None else self.B
+        # Steps of the longest sequential pass, which the interpreter needs as a constant (`niter`).
+        self.longest = int(offs.diff().max()) if offs is not None and self.interpreted else self.NT
 
     def niter(self, n: int) -> int:
         return n if self.interpreted else 0
@@ -264,20 +274,20 @@ def _chunk_state_buffers(p: _Plan, dtype: torch.dtype, device: torch.device) -> 
     )
 
 
-def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool, rows: int):
+def _states(p: _Plan, phk, phw, v, win_v, kv0, z0, store_final: bool):
     """Per-chunk linear states `[B, H, NT, 2F, DV]` in the input type, `[B, H, NT, 2F]` in fp32 (and the final ones
-    of the `rows` batch rows or packed sequences, both fp32, if asked)."""
+    of the batch rows or packed sequences, both fp32, if asked)."""
     dev = v.device
     hkv, hz = _chunk_state_buffers(p, v.dtype, dev)
-    kv_out = _empty(rows, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
-    z_out = _empty(rows, p.H, 2 * p.F, device=dev) if store_final else hz
-    grid = (triton.cdiv(p.DV, p.BV_STATE), p.B * p.H, 2)
+    kv_out = _empty(p.R, p.H, 2 * p.F, p.DV, device=dev) if store_final else hkv
+    z_out = _empty(p.R, p.H, 2 * p.F, device=dev) if store_final else hz
+    grid = (triton.cdiv(p.DV, p.BV_STATE), p.R * p.H, 2)
     _fwd_state_kernel[grid](
         phk, phw, v, p.tm, win_v, p.wm, kv0 if kv0 is not None else hkv, z0 if z0 is not None else hz,
-        hkv, hz, kv_out, z_out, p.seg, p.T, p.NT, p.S, p.SOUT,
+        hkv, hz, kv_out, z_out, p.offs, p.T, p.NT, p.S, p.SOUT,
         H=p.H, HKV=p.HKV, DV=p.DV, F=p.F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
         HAS_MASK=p.HAS_MASK, HAS_WIN=p.S > 0, HAS_INIT=kv0 is not None, STORE_FINAL=store_final,
-        NITER=p.niter(p.NT if p.VARLEN else p.NT + p.LAG), VARLEN=p.VARLEN, **_launch("fwd_state"),
+        NITER=p.niter(p.longest + p.LAG), VARLEN=p.VARLEN, **_launch("fwd_state"),
     )  # fmt: skip
     return hkv, hz, kv_out, z_out
 
@@ -298,12 +308,12 @@ def _weight_grads(p: _Plan, q, gq, k, gk):
 
 class _HybridChunk(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, rows, window, scale,
+    def forward(ctx, q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, offs, window, scale,
                 softcap, output_final_state):  # fmt: skip
-        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg)
+        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg, offs)
         win_v = win_v.contiguous() if p.S else v
         phq, phk, phw = _all_features(p, q, wq, k, wk)
-        hkv, hz, kv_out, z_out = _states(p, phk, phw, v, win_v, kv0, z0, output_final_state, rows)
+        hkv, hz, kv_out, z_out = _states(p, phk, phw, v, win_v, kv0, z0, output_final_state)
         o = _empty(p.B, p.T, p.H, p.DV, dtype=q.dtype, device=q.device)
         den = _empty(p.B, p.T, p.H, device=q.device)
         _fwd_out_kernel[(triton.cdiv(p.T, BQ_OUT), p.B * p.H)](
@@ -313,7 +323,8 @@ class _HybridChunk(torch.autograd.Function):
             BQ=BQ_OUT, **_launch("fwd_out"),
         )  # fmt: skip
         kept = (phq, phk, phw, hkv, hz) if save_states() else (None,) * 5
-        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, o, den, *kept)
+        ctx.save_for_backward(q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, offs, o, den,
+                              *kept)  # fmt: skip
         ctx.plan_args = (window, scale, softcap)
         if not output_final_state:
             return o, None, None
@@ -322,9 +333,9 @@ class _HybridChunk(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dkv, _dz):
-        q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, o, den, *kept = ctx.saved_tensors
+        q, k, v, wq, wk, wf, token_mask, kv0, z0, win_k, win_v, win_mask, seg, offs, o, den, *kept = ctx.saved_tensors
         window, scale, softcap = ctx.plan_args
-        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg)
+        p = _Plan(q, k, v, wq, token_mask, win_k, win_mask, window, scale, softcap, seg, offs)
         win_v = win_v.contiguous() if p.S else v
         B, T, H, D, DV, F, HKV = p.B, p.T, p.H, p.D, p.DV, p.F, p.HKV
         dev = q.device
@@ -337,7 +348,7 @@ class _HybridChunk(torch.autograd.Function):
         qkv, wgrad, wf_grad = any(need[:3]), need[3] or need[4], window > 0 and need[5]
         linear = qkv or wgrad
         if not (linear or wf_grad):
-            return (None,) * 18
+            return (None,) * 18  # one per input of forward
         do = do.contiguous()
         # The output's gradient factors, dN = do / den and d(den), once for the kernels that read them.
         dn = _empty(B, T, H, DV, dtype=q.dtype, device=dev)
@@ -354,10 +365,10 @@ class _HybridChunk(torch.autograd.Function):
             phq, phk, phw = kept[:3] if saved else _all_features(p, q, wq, k, wk)
             dhkv, dhz = _chunk_state_buffers(p, q.dtype, dev)
             with par.side():
-                _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), B * H, 2)](
-                    phq, dn, dd, dhkv, dhz, p.seg, T, p.NT,
+                _bwd_state_kernel[(triton.cdiv(DV, p.BV_STATE), p.R * H, 2)](
+                    phq, dn, dd, dhkv, dhz, p.offs, T, p.NT,
                     H=H, DV=DV, F=F, BT=BLOCK_T, BV=p.BV_STATE, BF=p.BF, LAG=p.LAG, PREC=p.PREC,
-                    NITER=p.niter(p.NT + p.LAG), VARLEN=p.VARLEN, **_launch("bwd_state"),
+                    NITER=p.niter(p.longest + p.LAG), VARLEN=p.VARLEN, **_launch("bwd_state"),
                 )  # fmt: skip
         try:
             if linear:
@@ -366,7 +377,7 @@ class _HybridChunk(torch.autograd.Function):
                 else:
                     # By default the features and states are recomputed rather than kept from the forward: they are
                     # the largest intermediates (`LINEARIZE_SAVE_STATES`).
-                    hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False, 0)
+                    hkv, hz, _, _ = _states(p, phk, phw, v, win_v, kv0, z0, False)
             lin_flags = dict(W=p.W, BV=p.BV, HAS_MASK=p.HAS_MASK, QKV=qkv, **p.common())
             # Buffers a flag leaves unused are not allocated: a tensor of the call stands in for the pointer.
             groups = H // HKV
@@ -505,13 +516,13 @@ def hybrid_attention_triton(
     k, v = k.to(q.dtype), v.to(q.dtype)
     wf = window_factor if window > 0 else torch.zeros(H, dtype=torch.float32, device=q.device)
     st = initial_state
-    seg, rows = _segments(chunk_offsets, B, T, st) if chunk_offsets is not None else (None, B)
+    seg = _segments(chunk_offsets, B, T, st) if chunk_offsets is not None else None
     has_win = st is not None and slots > 0 and seg is None
     o, kv, ksum = _HybridChunk.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), wq.contiguous(), wk.contiguous(), wf.contiguous(),
         token_mask, st.kv.contiguous() if st is not None else None, st.ksum.contiguous() if st is not None else None,
         st.win_k.to(q.dtype) if has_win else None, st.win_v.to(q.dtype) if has_win else None,
-        st.win_mask if has_win else None, seg, rows, window, scale, softcap, output_final_state,
+        st.win_mask if has_win else None, seg, chunk_offsets, window, scale, softcap, output_final_state,
     )  # fmt: skip
     if not output_final_state:
         return o, None
@@ -521,7 +532,7 @@ def hybrid_attention_triton(
 
 
 def _segments(chunk_offsets, B, T, state):
-    """Each chunk's sequence (`[NT]` int32, on the device) and the number of sequences, checked against the inputs."""
+    """Each chunk's sequence (`[NT]` int32, on the device), checked against the inputs."""
     n = chunk_offsets.numel() - 1
     if B != 1 or T % BLOCK_T or n < 1:
         raise ValueError(f"chunk_offsets needs a packed row of whole chunks (batch 1, T a multiple of {BLOCK_T}), "
@@ -531,7 +542,7 @@ def _segments(chunk_offsets, B, T, state):
     counts = chunk_offsets.diff()
     seg = torch.repeat_interleave(torch.arange(n, dtype=torch.int32, device=counts.device), counts,
                                   output_size=T // BLOCK_T)  # fmt: skip
-    return seg, n
+    return seg
 
 
 def _final_windows(k, v, token_mask, chunk_offsets, slots):

@@ -24,8 +24,8 @@ from .triton_common import (
     _load_w_as,
     _mm,
     _query_block,
+    _row_chunks,
     _soft_cap_grad,
-    _starts,
     _store_block,
     _store_sums,
     _weighted_col_sums,
@@ -50,18 +50,19 @@ def _delta_kernel(do, o, den, dn, dd_out, N, DV: tl.constexpr, BR: tl.constexpr,
 
 @triton.jit
 def _bwd_state_kernel(
-    phq, dn, dd_ptr, dhkv, dhz, seg,
+    phq, dn, dd_ptr, dhkv, dhz, offs,
     T, NT,
     H: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     PREC: tl.constexpr, NITER: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
-    # Programs split the state as in `_fwd_state_kernel`; with VARLEN the state gradients stay within each sequence
-    # of the packed row.
+    # Programs split the state and the rows (or with VARLEN the packed sequences) as in `_fwd_state_kernel`.
     iv = tl.program_id(0)
-    bh = tl.program_id(1)
+    rh = tl.program_id(1)
     f0 = tl.program_id(2) * F
-    b, h, _ = _heads(bh, H, H)
+    r, h, _ = _heads(rh, H, H)
+    c0, nt, _, end, b = _row_chunks(offs, r, T, NT, BT, VARLEN)
+    sb = b * H + h
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
@@ -70,31 +71,28 @@ def _bwd_state_kernel(
     # The gradient of the key sums as a [BF, 16] tile of equal columns (`_weighted_col_sums`).
     dz = tl.zeros([BF, 16], dtype=tl.float32)
     # Walk the chunks backwards; key chunk i - LAG sees the state gradients of query chunks after i.
-    for j in range(NITER if NITER > 0 else NT + LAG):
-        i = NT - 1 + LAG - j
-        if VARLEN:
-            # Key chunk i - LAG is the last of its sequence: no later query chunk sees it. With LAG that is where
-            # query chunk i starts a sequence, whose queries see no key older than the chunk before them.
-            brk = _starts(seg, i + 1 - LAG, NT)
-            if brk:
-                acc = tl.zeros([BF, BV], dtype=tl.float32)
-                dz = tl.zeros([BF, 16], dtype=tl.float32)
-        if i >= LAG:
-            hst = ((bh * NT + i - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
-            tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
-            if iv == 0:
-                _store_sums(dhz + (bh * NT + i - LAG) * 2 * F + f0 + of, dz, fm)
-        # Unconditional (rows past T load as zeros when i == NT), so that the loads are pipelined across steps.
-        rows = i * BT + tl.arange(0, BT)
-        rmask = rows < T
-        qrow = (b * T + rows).to(tl.int64) * H + h
-        prow = rows
-        if VARLEN and LAG:
-            prow = tl.where(brk, T, rows)
-        ph = _load_phi(phq, phq, b, h, prow, T, 0, f0, H, F, BF, False)
-        dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, iv * BV, DV, BV)
-        acc += _mm(tl.trans(ph), dN, PREC)
-        dz += _weighted_col_sums(ph, dD, BT, PREC)
+    for j in range(NITER if NITER > 0 else nt + LAG):
+        go = True
+        if NITER > 0:
+            go = j < nt + LAG
+        if go:
+            c = c0 + nt - 1 + LAG - j
+            if c >= c0 + LAG:
+                hst = ((sb * NT + c - LAG) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
+                tl.store(dhkv + hst, acc.to(dhkv.dtype.element_ty), mask=smask)
+                if iv == 0:
+                    _store_sums(dhz + (sb * NT + c - LAG) * 2 * F + f0 + of, dz, fm)
+            # Unconditional (rows past the end load as zeros when c is the chunk after the last), so that the loads
+            # are pipelined across steps.
+            rows = c * BT + tl.arange(0, BT)
+            rmask = rows < end
+            qrow = (b * T + rows).to(tl.int64) * H + h
+            if VARLEN:
+                rows = tl.where(rmask, rows, T)
+            ph = _load_phi(phq, phq, b, h, rows, T, 0, f0, H, F, BF, False)
+            dN, dD = _load_out_grads(dn, dd_ptr, qrow, rmask, iv * BV, DV, BV)
+            acc += _mm(tl.trans(ph), dN, PREC)
+            dz += _weighted_col_sums(ph, dD, BT, PREC)
 
 
 @triton.jit

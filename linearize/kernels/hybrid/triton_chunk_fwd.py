@@ -20,8 +20,8 @@ from .triton_common import (
     _mm,
     _proj_w,
     _query_block,
+    _row_chunks,
     _softmax_half,
-    _starts,
     _store_sums,
     _window_scores,
 )
@@ -61,14 +61,17 @@ def _phi_kernel(x, w, phi, x2, w2, phi2, T, H: tl.constexpr, HX, HX2, D: tl.cons
 
 
 @triton.jit
-def _chunk_kv(phk, phw, v, tm, win_v, win_m, b, h, hk, j, end, T, S, f0, c0,
+def _chunk_kv(phk, phw, v, tm, win_v, win_m, b, h, hk, j, start, end, T, S, f0, c0,
               H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, F: tl.constexpr, BT: tl.constexpr,
               BV: tl.constexpr, BF: tl.constexpr, HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr,
-              PREC: tl.constexpr):  # fmt: skip
+              PREC: tl.constexpr, VARLEN: tl.constexpr):  # fmt: skip
     # What key chunk j adds to the state (columns c0.. of Dv, features f0..f0 + F), its keys before position `end`
-    # only: the key sums as a [BF, 16] tile of equal columns (`_col_sums`) and phi_k^T v.
+    # (and with VARLEN from `start` on) only: the key sums as a [BF, 16] tile of equal columns (`_col_sums`) and
+    # phi_k^T v.
     pos = j * BT + tl.arange(0, BT)
     ok = _key_ok(tm, win_m, b, pos, T, S, HAS_MASK, HAS_WIN) & (pos < end)
+    if VARLEN:
+        ok = ok & (pos >= start)
     vv = _load_rows(v, win_v, b, hk, pos, T, S, c0, HKV, DV, BV, HAS_WIN)
     # Rows to leave out load as zeros (position T is past the sequence), rather than being zeroed after the load.
     phi = _load_phi(phk, phw, b, h, tl.where(ok, pos, T), T, S, f0, H, F, BF, HAS_WIN)
@@ -77,97 +80,61 @@ def _chunk_kv(phk, phw, v, tm, win_v, win_m, b, h, hk, j, end, T, S, f0, c0,
 
 @triton.jit
 def _fwd_state_kernel(
-    phk, phw, v, tm, win_v, win_m, kv0, z0, hkv, hz, kv_out, z_out, seg,
+    phk, phw, v, tm, win_v, win_m, kv0, z0, hkv, hz, kv_out, z_out, offs,
     T, NT, S, SOUT,
     H: tl.constexpr, HKV: tl.constexpr, DV: tl.constexpr, F: tl.constexpr,
     BT: tl.constexpr, BV: tl.constexpr, BF: tl.constexpr, LAG: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_WIN: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
     PREC: tl.constexpr, NITER: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
-    # Program (iv, bh, j) carries the Dv columns of block iv of feature half j (softmax(x W) or softmax(-x W)) of
-    # head bh. With VARLEN the row (B == 1) packs sequences that each start at a chunk, seg [NT] holding each chunk's
-    # sequence n: the state restarts from sequence n's initial state (row n of kv0, z0) at its first chunk, and its
-    # final state goes to row n of kv_out, z_out.
+    # Program (iv, rh, j) carries the Dv columns of block iv of feature half j (softmax(x W) or softmax(-x W)) of
+    # head h of row r (rh = r * H + h): a batch row, or with VARLEN one of the sequences packed in the row (B == 1),
+    # each over its own chunks offs[r]..offs[r + 1] (so the sequences' passes run side by side). Its initial and
+    # final states are row r of kv0, z0 and kv_out, z_out.
     iv = tl.program_id(0)
-    bh = tl.program_id(1)
+    rh = tl.program_id(1)
     f0 = tl.program_id(2) * F
-    b, h, hk = _heads(bh, H, HKV)
+    r, h, hk = _heads(rh, H, HKV)
+    c0, nt, start, end, b = _row_chunks(offs, r, T, NT, BT, VARLEN)
+    sb = b * H + h
     of = tl.arange(0, BF)
     ov = iv * BV + tl.arange(0, BV)
     fm = of < F
     smask = fm[:, None] & (ov[None, :] < DV)
-    # Offsets of state row r (the batch row, or with VARLEN the sequence) are r * H * 2F * DV + st.
-    st = (h * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
-    sz = h * 2 * F + f0 + of
-    r0 = tl.load(seg).to(tl.int64) if VARLEN else b.to(tl.int64)
+    st = ((r * H + h) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    sz = (r * H + h) * 2 * F + f0 + of
     if HAS_INIT:
-        kv = tl.load(kv0 + r0 * H * 2 * F * DV + st, mask=smask, other=0.0)
-        z = tl.load(z0 + r0 * H * 2 * F + sz, mask=fm, other=0.0)
+        kv = tl.load(kv0 + st, mask=smask, other=0.0)
+        z = tl.load(z0 + sz, mask=fm, other=0.0)
     else:
         kv = tl.zeros([BF, BV], dtype=tl.float32)
         z = tl.zeros([BF], dtype=tl.float32)
     # The key sums as a [BF, 16] tile of equal columns, accumulated as products on the tensor cores (`_col_sums`):
     # a sum over rows would reduce across warps, with barriers, at every step.
     z = tl.broadcast_to(z[:, None], [BF, 16])
-    if VARLEN:
-        for i in range(NITER if NITER > 0 else NT):
-            # Where chunk i starts a sequence, the one before is complete: with LAG its last chunk, i - 1, enters
-            # first (its keys older than the final window only). A uniform branch, rarely taken, so that the common
-            # step is the unpacked one: the products accumulate into the state in place.
-            new = _starts(seg, i, NT)
-            if new:
-                if LAG:
-                    dz, dkv = _chunk_kv(phk, phw, v, tm, win_v, win_m, b, h, hk, i - 1, i * BT - SOUT, T, S, f0,
-                                        iv * BV, H, HKV, DV, F, BT, BV, BF, HAS_MASK, HAS_WIN, PREC)  # fmt: skip
-                    kv += dkv
-                    z += dz
-                if STORE_FINAL:
-                    prev = tl.load(seg + i - 1).to(tl.int64)
-                    tl.store(kv_out + prev * H * 2 * F * DV + st, kv, mask=smask)
-                    if iv == 0:
-                        _store_sums(z_out + prev * H * 2 * F + sz, z, fm)
-                if HAS_INIT:
-                    r = tl.load(seg + i).to(tl.int64)
-                    kv = tl.load(kv0 + r * H * 2 * F * DV + st, mask=smask, other=0.0)
-                    z = tl.broadcast_to(tl.load(z0 + r * H * 2 * F + sz, mask=fm, other=0.0)[:, None], [BF, 16])
-                else:
-                    kv = tl.zeros([BF, BV], dtype=tl.float32)
-                    z = tl.zeros([BF, 16], dtype=tl.float32)
-            hst = ((bh * NT + i) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
-            tl.store(hkv + hst, kv.to(hkv.dtype.element_ty), mask=smask)
-            if iv == 0:
-                _store_sums(hz + (bh * NT + i) * 2 * F + f0 + of, z, fm)
-            # Chunk i - LAG enters, unless it completed the sequence before (end 0 leaves every key out).
-            end = tl.where(new, 0, T) if LAG else T
-            dz, dkv = _chunk_kv(phk, phw, v, tm, win_v, win_m, b, h, hk, i - LAG, end, T, S, f0, iv * BV,
-                                H, HKV, DV, F, BT, BV, BF, HAS_MASK, HAS_WIN, PREC)  # fmt: skip
-            z += dz
-            kv += dkv
-        if LAG:
-            # The last chunk completes the last sequence.
-            dz, dkv = _chunk_kv(phk, phw, v, tm, win_v, win_m, b, h, hk, NT - 1, T - SOUT, T, S, f0, iv * BV,
-                                H, HKV, DV, F, BT, BV, BF, HAS_MASK, HAS_WIN, PREC)  # fmt: skip
-            kv += dkv
-            z += dz
-        r0 = tl.load(seg + NT - 1).to(tl.int64)
-    else:
-        # The interpreter of some Triton versions (3.6) cannot take a run-time loop bound: there NITER holds it.
-        for i in range(NITER if NITER > 0 else NT + LAG):
-            if i < NT:
-                hst = ((bh * NT + i) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
+    # The interpreter of some Triton versions (3.6) cannot take a run-time loop bound: there NITER holds the
+    # longest row's, and each program runs its own steps.
+    for i in range(NITER if NITER > 0 else nt + LAG):
+        go = True
+        if NITER > 0:
+            go = i < nt + LAG
+        if go:
+            c = c0 + i
+            if i < nt:
+                hst = ((sb * NT + c) * 2 * F + f0 + of[:, None]).to(tl.int64) * DV + ov[None, :]
                 tl.store(hkv + hst, kv.to(hkv.dtype.element_ty), mask=smask)
                 if iv == 0:
-                    _store_sums(hz + (bh * NT + i) * 2 * F + f0 + of, z, fm)
-            # Chunk i - LAG enters the state. Only keys older than the final window count towards the final state;
+                    _store_sums(hz + (sb * NT + c) * 2 * F + f0 + of, z, fm)
+            # Chunk c - LAG enters the state. Only keys older than the final window count towards the final state;
             # that bound never cuts into a chunk whose state was stored above.
-            dz, dkv = _chunk_kv(phk, phw, v, tm, win_v, win_m, b, h, hk, i - LAG, T - SOUT, T, S, f0, iv * BV,
-                                H, HKV, DV, F, BT, BV, BF, HAS_MASK, HAS_WIN, PREC)  # fmt: skip
+            dz, dkv = _chunk_kv(phk, phw, v, tm, win_v, win_m, b, h, hk, c - LAG, start, end - SOUT, T, S, f0,
+                                iv * BV, H, HKV, DV, F, BT, BV, BF, HAS_MASK, HAS_WIN, PREC, VARLEN)  # fmt: skip
             z += dz
             kv += dkv
     if STORE_FINAL:
-        tl.store(kv_out + r0 * H * 2 * F * DV + st, kv, mask=smask)
+        tl.store(kv_out + st, kv, mask=smask)
         if iv == 0:
-            _store_sums(z_out + r0 * H * 2 * F + sz, z, fm)
+            _store_sums(z_out + sz, z, fm)
 
 
 @triton.jit

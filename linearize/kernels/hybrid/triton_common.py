@@ -176,9 +176,15 @@ def _continues(seg, c, NT):
 
 
 @triton.jit
-def _starts(seg, c, NT):
-    # Whether chunk c (0 < c < NT) starts a later sequence of a packed row (see `_continues`).
-    return (c > 0) & (c < NT) & ~_continues(seg, c, NT)
+def _row_chunks(offs, r, T, NT, BT: tl.constexpr, VARLEN: tl.constexpr):
+    # The chunks a sequential pass of row r walks: (first chunk, chunk count, first and end token, batch row). Batch
+    # row r, or with VARLEN the sequence r of a packed row (B == 1) whose chunks are offs[r]..offs[r + 1].
+    if VARLEN:
+        c0 = tl.load(offs + r).to(tl.int32)
+        nt = tl.load(offs + r + 1).to(tl.int32) - c0
+        return c0, nt, c0 * BT, (c0 + nt) * BT, 0
+    else:
+        return 0, NT, 0, T, r
 
 
 @triton.jit

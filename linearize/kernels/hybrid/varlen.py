@@ -4,9 +4,9 @@ The packed tokens are gathered into a buffer laid out for the implementation, ru
 and gathered back, so every kernel takes packed input and the sequences never see each other:
 
 - the Triton kernels (`aligned`) take the sequences one after another in one row, each starting at a chunk and
-  padded in front to whole chunks (`hybrid_attention_triton`'s `chunk_offsets`): their state passes restart at
-  each sequence's first chunk and no window reaches across. The row is the packed tokens plus under a chunk of
-  padding per sequence, so a batch costs about what one sequence of its length does;
+  padded in front to whole chunks (`hybrid_attention_triton`'s `chunk_offsets`): each sequence's state passes run
+  as programs of their own, side by side, and no window reaches across. The row is the packed tokens plus under a
+  chunk of padding per sequence, so a batch costs about what one sequence of its length does, or less;
 - any other implementation (the PyTorch path) takes a left-padded `[N, L, ...]` batch. A padded row costs as much
   as the longest sequence; with `GROUPED` on, sequences of very different lengths are split into groups of similar
   length, one padded call each (`plan_groups`). It is off by default: on an H200 an earlier form of it ran the
