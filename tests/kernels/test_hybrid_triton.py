@@ -950,3 +950,9 @@ def test_varlen_rejects_bad_offsets(cu, match):
     leaves, _ = make_inputs(1, 10, 2, 2, 16, 8)
     with pytest.raises(ValueError, match=match):
         hybrid_attention(*leaves, 4, 0.25, cu_seqlens=torch.tensor(cu))
+
+
+def test_varlen_rejects_a_batch():
+    leaves, _ = make_inputs(2, 10, 2, 2, 16, 8)
+    with pytest.raises(ValueError, match="packed along T with batch size 1, got batch 2"):
+        hybrid_attention(*leaves, 4, 0.25, cu_seqlens=torch.tensor([0, 10]))

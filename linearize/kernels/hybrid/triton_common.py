@@ -170,7 +170,7 @@ def _key_ok(tm_ptr, wm_ptr, b, pos, T, S, HAS_MASK: tl.constexpr, HAS_WIN: tl.co
 def _continues(seg, c, NT):
     # In a packed row (B == 1) whose sequences each start at a chunk, seg [NT] holding each chunk's sequence: whether
     # chunk c belongs to the sequence of chunk c - 1 (never for chunk 0 nor past the last chunk), that is, whether
-    # chunk c's queries may see chunk c - 1's keys and chunk c - 1's states reach chunk c.
+    # chunk c's queries may see chunk c - 1's keys.
     inside = (c > 0) & (c < NT)
     return inside & (tl.load(seg + c - 1, mask=inside, other=0) == tl.load(seg + c, mask=inside, other=-1))
 

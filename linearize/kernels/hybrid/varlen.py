@@ -41,10 +41,8 @@ GROUP_ROUND = CHUNK
 GROUP_OVERHEAD_TOKENS = 2048
 
 
-def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, batch: int) -> torch.Tensor:
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """Validate `cu_seqlens` (`[N + 1]` int, 0 first, non-decreasing, `total` last) and return the lengths `[N]`."""
-    if batch != 1:
-        raise ValueError(f"with cu_seqlens the inputs are packed along T with batch size 1, got batch {batch}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
         raise ValueError(f"cu_seqlens must be a 1-D integer tensor [N + 1], got {tuple(cu_seqlens.shape)}")
     cu = cu_seqlens.to("cpu", torch.int64)
@@ -127,10 +125,11 @@ def _take_rows(x: torch.Tensor, src: torch.Tensor, back: torch.Tensor) -> torch.
 class _Layout:
     """Where a packed batch's tokens go in the buffer of rows that the implementation takes, and back.
 
-    The rows of all calls (groups) lie one after another in one buffer of `size` positions, in the order `order` of
-    the sequences. `src[i]` is the packed token at position i (`total`: a row of zeros), which is also the way back;
-    `placed[t]` the position of packed token t; `front` the positions of the carried windows, `slots` in front of
-    each sequence; `chunk_offsets` (aligned) the sequences' offsets in chunks. The index tensors are on the device.
+    The rows of all calls (groups of sequences, `groups`) lie one after another in one buffer, in the order `order`
+    of the sequences, row i `row_len[i]` positions long. `src[i]` is the packed token at position i (`total`: a row
+    of zeros), which is also the way back; `placed[t]` the position of packed token t; `front` the positions of the
+    carried windows, in front of each sequence; `chunk_offsets` (aligned) the sequences' offsets in chunks. The
+    index tensors are on the device.
     """
 
     n: int
@@ -145,7 +144,7 @@ class _Layout:
 
 def _plan_layout(cu_seqlens: torch.Tensor, total: int, carried: int, slots: int, aligned: bool,
                  device: torch.device) -> _Layout:  # fmt: skip
-    lens = check_cu_seqlens(cu_seqlens, total, 1)
+    lens = check_cu_seqlens(cu_seqlens, total)
     n = lens.numel()
     if aligned:
         # One row: each sequence (its carried window in front) padded in front to whole chunks.
