@@ -20,6 +20,27 @@ RECIPE_DIR = Path(__file__).parent / "recipes"
 
 
 @dataclass
+class ProbeConfig:
+    """The copy probe that scores where retrieval lives in the teacher (`attention.softmax_budget` and
+    `attention.softmax_head_budget`): random blocks of `block` tokens, each followed by itself.
+
+    Attributes:
+        block: tokens per random block (default 512); keep it longer than the window, so the window alone cannot
+            reach the copied token.
+        samples: random blocks averaged (default 8).
+        seed: seed of the random blocks (default 0); the same seed gives the same choice.
+    """
+
+    block: int = 512
+    samples: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        _positive("attention.probe.block", self.block)
+        _positive("attention.probe.samples", self.samples)
+
+
+@dataclass
 class AttentionConfig:
     """Which attention replaces softmax, and where.
 
@@ -34,6 +55,13 @@ class AttentionConfig:
         chunk_size: tokens per chunk in the PyTorch path (default 128); does not change results.
         options: settings of the chosen kind alone, checked against the dataclass the kind declares
             (`AttentionKind.options`); kinds without one take none.
+        softmax_budget: fraction of the model's layers kept as softmax, chosen at conversion among the layers that
+            would be converted by the teacher's retrieval score (default 0: none).
+        softmax_head_budget: fraction of the model's key/value heads kept as exact softmax over every past token
+            (with their whole group of query heads), chosen at conversion by retrieval score (default 0: none).
+        softmax_heads: key/value heads kept as exact softmax, by layer (`{"5": [0, 2]}`); conversion writes its
+            choice here, so a reload never scores again.
+        probe: the copy probe the budgets are chosen with.
     """
 
     kind: str = "lolcats"
@@ -44,6 +72,10 @@ class AttentionConfig:
     convert_sliding_layers: bool = False
     chunk_size: int = 128
     options: dict = field(default_factory=dict)
+    softmax_budget: float = 0.0
+    softmax_head_budget: float = 0.0
+    softmax_heads: dict = field(default_factory=dict)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def __post_init__(self):
         from .attention import ATTENTION_KINDS
@@ -59,6 +91,37 @@ class AttentionConfig:
             raise LinearizeError(f"attention.window must be >= 0, got {self.window}")
         if any(i < 0 for i in self.softmax_layers):
             raise LinearizeError(f"attention.softmax_layers must be layer indices >= 0, got {self.softmax_layers}")
+        self._check_softmax_choice()
+
+    def _check_softmax_choice(self) -> None:
+        """Budgets are chosen by score, lists are given: one of the two per granularity, and only fractions."""
+        for key in ("softmax_budget", "softmax_head_budget"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                raise LinearizeError(f"attention.{key} must be a fraction in [0, 1], got {value}")
+        if self.softmax_budget and self.softmax_layers:
+            raise LinearizeError(
+                "attention.softmax_budget and attention.softmax_layers both choose softmax layers: set only one"
+            )
+        if self.softmax_head_budget and self.softmax_heads:
+            raise LinearizeError(
+                "attention.softmax_head_budget and attention.softmax_heads both choose softmax heads: set only one"
+            )
+        heads = {}
+        for layer, kv_heads in self.softmax_heads.items():
+            ok = (
+                str(layer).isdigit() and isinstance(kv_heads, list) and all(type(h) is int and h >= 0 for h in kv_heads)
+            )
+            if not ok:
+                raise LinearizeError(
+                    f"attention.softmax_heads maps layer indices to lists of key/value head indices, "
+                    f"e.g. {{5: [0, 2]}}; got {layer!r}: {kv_heads!r}"
+                )
+            if int(layer) in self.softmax_layers:
+                raise LinearizeError(f"attention.softmax_heads names layer {layer}, which softmax_layers keeps whole")
+            if kv_heads:
+                heads[str(int(layer))] = sorted(set(kv_heads))
+        self.softmax_heads = dict(sorted(heads.items(), key=lambda item: int(item[0])))
 
     def kind_options(self):
         """The kind's own settings (its `options` dataclass filled from `attention.options`), or None."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..kernels.hybrid import hybrid_attention, hybrid_attention_chunked, naive
 from .cache import RecurrentLayer
+from .heads import HeadSplit, softmax_heads_bytes
 from .hybrid import HybridLinearAttention
 from .registry import AttentionKind, register_attention_kind
 
@@ -25,7 +26,22 @@ def build_hedgehog(original, cfg, layer_idx: int, window: int = 0) -> HybridLine
         window=window,
         init_window_factor=cfg.init_window_factor,
         chunk_size=cfg.chunk_size,
+        softmax_kv_heads=cfg.softmax_heads.get(str(layer_idx), ()),
     )
+
+
+def hybrid_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dtype_bytes: int, window: int) -> int:
+    """Bytes of a Hedgehog-family layer's cache after `tokens` tokens: per linear query head the fp32 state
+    `[2F, Dv]` and normaliser `[2F]`, the last W-1 raw keys/values of the linear key/value heads and their mask;
+    plus the kept softmax heads' keys, values and mask, which grow with `tokens`."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    split = HeadSplit(config.num_attention_heads, config.num_key_value_heads, cfg.softmax_heads.get(str(layer_idx), ()))
+    features, slots = 2 * cfg.feature_dim, max(window - 1, 0)
+    linear = 0
+    if split.num_linear_heads:
+        heads, kv_heads = split.num_linear_heads, len(split.linear_kv)
+        linear = batch * (4 * heads * features * (head_dim + 1) + slots * (2 * kv_heads * head_dim * dtype_bytes + 1))
+    return linear + softmax_heads_bytes(len(split.softmax_kv), head_dim, tokens, batch, dtype_bytes)
 
 
 register_attention_kind(
@@ -36,5 +52,8 @@ register_attention_kind(
         build=build_hedgehog,
         cache_layer=RecurrentLayer,
         ops=HYBRID_OPS,
+        state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: hybrid_state_bytes(
+            config, cfg, idx, tokens, batch, nbytes, window=0
+        ),
     )
 )

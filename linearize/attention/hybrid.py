@@ -3,7 +3,8 @@
 `hedgehog` (hedgehog.py) is this module with window 0; `lolcats` (lolcats.py) is it with a window (64 by default)
 and a learned per-head window weight. The module keeps the teacher's projections under their original names and
 adds only the feature maps and the window factors. Its decoding state is a `HybridState` (linear state plus the
-last W-1 raw keys/values) kept in a `RecurrentLayer` of the cache.
+last W-1 raw keys/values) kept in a `RecurrentLayer` of the cache. Key/value heads listed in `softmax_kv_heads`
+keep exact softmax over every token (heads.py); the feature maps and window factors cover the other heads only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..kernels.hybrid import (
     hybrid_attention_weights,
 )
 from .feature_maps import HedgehogFeatureMap
+from .heads import HeadSplit, split_attention, split_weights
 from .projection import project_qkv, rope_function
 from .registry import Control, ConvertedAttention
 
@@ -40,6 +42,7 @@ class HybridLinearAttention(ConvertedAttention):
         window: exact-softmax window in tokens (current token included); 0 for plain linear attention.
         init_window_factor: initial logit of the per-head window weight.
         chunk_size: tokens per chunk on the PyTorch path.
+        softmax_kv_heads: key/value heads kept as exact softmax over every past token, with their query heads.
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class HybridLinearAttention(ConvertedAttention):
         window: int,
         init_window_factor: float = -2.1972,
         chunk_size: int = 128,
+        softmax_kv_heads: tuple[int, ...] = (),
     ):
         super().__init__(original, layer_idx)
         self.config = config
@@ -66,11 +70,14 @@ class HybridLinearAttention(ConvertedAttention):
         self.chunk_size = chunk_size
         # Evaluation controls switch the linear branch off (window-only); training never does.
         self.use_linear = True
+        self.split = HeadSplit(self.num_heads, self.num_kv_heads, softmax_kv_heads)
+        # Kept softmax heads have no feature maps and no window weight: nothing of theirs can train.
+        n_linear = self.split.num_linear_heads
         ref = next(original.parameters())
-        self.feature_map_q = HedgehogFeatureMap(self.num_heads, self.head_dim, feature_dim).to(ref.device, ref.dtype)
-        self.feature_map_k = HedgehogFeatureMap(self.num_heads, self.head_dim, feature_dim).to(ref.device, ref.dtype)
+        self.feature_map_q = HedgehogFeatureMap(n_linear, self.head_dim, feature_dim).to(ref.device, ref.dtype)
+        self.feature_map_k = HedgehogFeatureMap(n_linear, self.head_dim, feature_dim).to(ref.device, ref.dtype)
         if window > 0:
-            self.window_factors = nn.Parameter(torch.empty(self.num_heads, device=ref.device, dtype=ref.dtype))
+            self.window_factors = nn.Parameter(torch.empty(n_linear, device=ref.device, dtype=ref.dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -105,6 +112,13 @@ class HybridLinearAttention(ConvertedAttention):
         """
         q, k, v = project_qkv(self, hidden_states, position_embeddings)
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
+        out = split_attention(
+            self.split, self.linear_heads, q, k, v, self.scaling, self.softcap, token_mask, layer, cu_seqlens
+        )
+        return out.reshape(*hidden_states.shape[:-1], -1)
+
+    def linear_heads(self, q, k, v, token_mask, initial_state, output_final_state: bool, cu_seqlens):
+        """The hybrid op on the linear heads' q `[B, T, H', D]`, k and v `[B, T, H'kv, D]`: `(out, state)`."""
         if self.use_linear:
             # The dispatcher takes packed sequences itself, so that the Triton kernels get them in one row.
             op = partial(hybrid_attention, cu_seqlens=cu_seqlens)
@@ -123,27 +137,25 @@ class HybridLinearAttention(ConvertedAttention):
             scale=self.scaling,
             softcap=self.softcap,
             token_mask=token_mask,
-            initial_state=layer.state if layer is not None else None,
-            output_final_state=layer is not None,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
             chunk_size=self.chunk_size,
         )
-        if layer is not None:
-            layer.advance(state, hidden_states.shape[1])
-        return out.reshape(*hidden_states.shape[:-1], -1)
+        return out, state
 
     def attention_weights(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
         """Normalised attention weights `[B, H, T, T]` of this layer (quadratic; for the transfer cross-entropy)."""
         q, k, _ = project_qkv(self, hidden_states, position_embeddings)
-        return hybrid_attention_weights(
-            q,
-            k,
-            self.feature_map_q.weight,
-            self.feature_map_k.weight,
-            self.window_factors if self.window > 0 else None,
+        linear_weights = partial(
+            hybrid_attention_weights,
+            wq=self.feature_map_q.weight,
+            wk=self.feature_map_k.weight,
+            window_factor=self.window_factors if self.window > 0 else None,
             window=self.window,
             scale=self.scaling,
             softcap=self.softcap,
         )
+        return split_weights(self.split, linear_weights, q, k, self.scaling, self.softcap)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         """Same call and return convention as the transformers attention modules: `(output, None)`."""
@@ -158,7 +170,8 @@ class HybridLinearAttention(ConvertedAttention):
         return self.o_proj(heads), None
 
     def extra_repr(self) -> str:
-        return f"layer_idx={self.layer_idx}, window={self.window}, feature_dim={self.feature_dim}"
+        heads = f", softmax_kv_heads={self.split.softmax_kv}" if self.split else ""
+        return f"layer_idx={self.layer_idx}, window={self.window}, feature_dim={self.feature_dim}{heads}"
 
 
 def _window_only(module: HybridLinearAttention):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .cache import RecurrentLayer
-from .hedgehog import HYBRID_OPS, build_hedgehog
+from .hedgehog import HYBRID_OPS, build_hedgehog, hybrid_state_bytes
 from .hybrid import WINDOW_CONTROLS
 from .registry import AttentionKind, register_attention_kind
 
@@ -17,5 +17,8 @@ register_attention_kind(
         cache_layer=RecurrentLayer,
         ops=HYBRID_OPS,
         controls=WINDOW_CONTROLS,
+        state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: hybrid_state_bytes(
+            config, cfg, idx, tokens, batch, nbytes, window=cfg.window
+        ),
     )
 )

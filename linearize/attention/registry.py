@@ -95,6 +95,8 @@ class AttentionKind:
         ops: the ops the module calls, by name (for tests and compile checks).
         controls: evaluation controls by name (`window-only`, `linear-only`), for kinds with several branches.
         options: dataclass of kind-specific settings read from `attention.options`; None when there are none.
+        state_bytes: `(model_config, attention_config, layer_idx, tokens, batch, dtype_bytes) -> int`, the bytes
+            its cache layer holds after `tokens` tokens (what `cache_bytes_at` reports); None when not declared.
     """
 
     name: str
@@ -105,6 +107,7 @@ class AttentionKind:
     ops: dict[str, Callable] = field(default_factory=dict)
     controls: dict[str, Control] = field(default_factory=dict)
     options: type | None = None
+    state_bytes: Callable[..., int] | None = None
 
 
 ATTENTION_KINDS: dict[str, AttentionKind] = {}

@@ -176,3 +176,43 @@ def select_softmax_layers(scores: RetrievalScores, budget: float, candidates: li
     count = min(len(pool), math.floor(budget * len(layer_scores) + 0.5))
     ranked = sorted(pool, key=lambda i: (-layer_scores[i], i))
     return sorted(ranked[:count])
+
+
+def kv_group_scores(scores: RetrievalScores, num_kv_heads: int) -> torch.Tensor:
+    """`[L, Hkv]` score of each key/value head: the sum of its query heads' scores.
+
+    A kept key/value head costs its cache whatever its query heads do, and makes all of them exact, so the gain
+    bought with that cache is the copying all of them do: the sum. A group with one strong retrieval head still
+    ranks high (retrieval heads score near 1, the others near 0), and of two groups with one strong head each the
+    one whose siblings copy too wins, which the max would not see.
+    """
+    L, H = scores.heads.shape
+    return scores.heads.view(L, num_kv_heads, H // num_kv_heads).sum(dim=-1)
+
+
+def select_softmax_heads(
+    scores: RetrievalScores, budget: float, num_kv_heads: int, candidates: list[int] | None = None
+) -> dict[str, list[int]]:
+    """The key/value heads kept as exact softmax under `budget`: the highest group scores, ties to the lower
+    (layer, head).
+
+    Args:
+        scores: the teacher's retrieval scores.
+        budget: fraction of all the model's key/value heads to keep, in [0, 1]; rounded to the nearest head.
+        num_kv_heads: key/value heads per layer.
+        candidates: layer indices whose heads may be kept (default all), e.g. the layers being converted.
+
+    Returns:
+        `{"layer": [kv heads]}` for the layers with kept heads, as `attention.softmax_heads` takes it.
+    """
+    if not 0.0 <= budget <= 1.0:
+        raise LinearizeError(f"attention.softmax_head_budget must be a fraction in [0, 1], got {budget}")
+    groups = kv_group_scores(scores, num_kv_heads).tolist()
+    layers = range(len(groups)) if candidates is None else candidates
+    pool = [(layer, head) for layer in layers for head in range(num_kv_heads)]
+    count = min(len(pool), math.floor(budget * len(groups) * num_kv_heads + 0.5))
+    ranked = sorted(pool, key=lambda lh: (-groups[lh[0]][lh[1]], lh))
+    chosen: dict[str, list[int]] = {}
+    for layer, head in sorted(ranked[:count]):
+        chosen.setdefault(str(layer), []).append(head)
+    return chosen

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import AttentionConfig, to_dict
 from ..errors import LinearizeError
+from .choose import choose_softmax
 from .families import family_for
 from .hf import CONFIG_CLASSES, MODEL_CLASSES, auto_map_for, is_linearized
 from .swap import swap_attention
@@ -68,6 +69,8 @@ def convert(model: nn.Module, attention: AttentionConfig, base_model: str | None
         raise LinearizeError(
             f"expected a {family.causal_lm_class}, got {type(model).__name__}; load the model with AutoModelForCausalLM"
         )
+    # Budgets become explicit lists here, on the teacher's attention, before any module is swapped.
+    attention, selection = choose_softmax(model, attention, family.attention_cls, plan_layers(config, attention))
     settings = {
         "version": SETTINGS_VERSION,
         "family": family.model_type,
@@ -75,6 +78,8 @@ def convert(model: nn.Module, attention: AttentionConfig, base_model: str | None
         "attention": to_dict(attention),
         "layers": plan_layers(config, attention),
     }
+    if selection is not None:
+        settings["selection"] = selection
     replaced = swap_attention(model, settings)
     if not replaced:
         logger.warning("no attention layer was converted: every layer is kept as softmax")
