@@ -225,3 +225,24 @@ def test_head_split_groups_query_heads_with_their_kv_head():
     heads = torch.arange(6)
     order = torch.cat([heads[split.linear_q], heads[split.softmax_q]])
     assert torch.equal(order[split.restore], heads)
+
+
+def test_the_retrieval_recipe_keeps_the_smollm2_cache_at_4k_under_a_fifth_of_the_teachers():
+    """The arithmetic in lolcats-retrieval.yaml: 9 of 90 kv heads kept on SmolLM2-135M's shape."""
+    import transformers
+
+    from linearize.config import load_recipe, to_dict
+
+    config = transformers.LlamaConfig(
+        num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576, head_dim=64
+    )
+    attention = load_recipe("lolcats-retrieval").attention
+    kept = round(attention.softmax_head_budget * 30 * 3)
+    assert kept == 9
+    heads = {str(layer): [0] for layer in range(kept)}
+    resolved = from_dict(AttentionConfig, to_dict(attention) | {"softmax_head_budget": 0.0, "softmax_heads": heads})
+    config.linearize = {"attention": to_dict(resolved), "layers": {str(i): "lolcats" for i in range(30)}}
+    at_4k = cache_bytes_at(config, 4096)
+    assert at_4k["teacher"] == 30 * 3 * 128 * 4096 * 2
+    assert 0.19 < at_4k["ratio"] <= 0.20
+    assert cache_bytes_at(config, 32768)["ratio"] < 0.12

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import Recipe, from_dict, to_dict
+from ..config import AttentionConfig, Recipe, from_dict, to_dict
 from ..errors import LinearizeError
 from .loop import Dist, StageResult, run_stage
 
@@ -254,7 +254,7 @@ def run_pipeline(
             )
             trained = peft_model
         if sharded:
-            final_model = _rebuild_unsharded(trained, model, dtype, recipe, ctx)
+            final_model = _rebuild_unsharded(trained, model, dtype, recipe, ctx, student.config.linearize)
         else:
             final_model = trained.merge_and_unload() if recipe.finetune.enabled else trained
         if final_model is not None:
@@ -337,7 +337,7 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
     return write_report(report, out / "report")
 
 
-def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Dist):
+def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Dist, settings: dict):
     """Gather the sharded weights and rebuild a plain merged model on the main process (None elsewhere)."""
     from ..models.convert import convert
     from ..models.loading import load_model
@@ -349,7 +349,10 @@ def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Di
     if not ctx.main:
         return None
     fresh = load_model(source, dtype=dtype).model
-    convert(fresh, recipe.attention, base_model=source)
+    # The layers and heads chosen at conversion, not the recipe's budgets: choosing again could choose otherwise.
+    convert(fresh, from_dict(AttentionConfig, settings["attention"]), base_model=source)
+    if "selection" in settings:
+        fresh.config.linearize["selection"] = settings["selection"]
     for module in student_attention_modules(fresh).values():
         module.float_new_parameters()
     if recipe.finetune.enabled:
