@@ -16,7 +16,7 @@ from linearize.attention.hybrid import HybridLinearAttention
 from linearize.attention.selection import RetrievalScores, select_softmax_heads
 from linearize.config import AttentionConfig, ProbeConfig, from_dict
 from linearize.errors import LinearizeError
-from linearize.models.convert import convert
+from linearize.models.convert import convert, plan_layers
 
 PROBE = ProbeConfig(block=12, samples=2, seed=3)
 
@@ -84,13 +84,33 @@ def test_probe_shorter_than_the_window_and_heads_out_of_range_are_refused():
         _converted(softmax_head_budget=0.25, probe=ProbeConfig(block=4))
     with pytest.raises(LinearizeError, match="kv heads 0..1"):
         _converted(softmax_heads={"1": [2]})
+    with pytest.raises(LinearizeError, match="layer 7, which is not converted"):
+        _converted(softmax_heads={"7": [0]})
+    # Gemma 2's local layers (0, 2) stay softmax unless converted.
+    with pytest.raises(LinearizeError, match="layer 2, which is not converted"):
+        _converted("gemma2", softmax_heads={"2": [0]})
+
+
+def test_a_kind_that_cannot_keep_heads_is_refused():
+    from test_kinds import ToyLayer, ToyLinear
+
+    from linearize.attention import ATTENTION_KINDS, AttentionKind, register_attention_kind
+
+    register_attention_kind(AttentionKind("toy-heads", "test kind", False, build=ToyLinear, cache_layer=ToyLayer))
+    try:
+        with pytest.raises(LinearizeError, match="does not keep softmax heads"):
+            convert(tiny_model("llama"), AttentionConfig(kind="toy-heads", softmax_heads={"1": [0]}))
+    finally:
+        del ATTENTION_KINDS["toy-heads"]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
 def test_layers_whose_every_head_is_softmax_equal_the_teacher(family):
     teacher = tiny_model(family)
     n_kv = teacher.config.num_key_value_heads
-    every = {str(i): list(range(n_kv)) for i in range(teacher.config.num_hidden_layers)}
+    # Every converted layer (Gemma 2 keeps its local layers 0 and 2 as they are).
+    plan = plan_layers(teacher.config, AttentionConfig())
+    every = {i: list(range(n_kv)) for i, kind in plan.items() if kind != "softmax"}
     student = _converted(family, softmax_heads=every)
     assert converted_modules(student)
     randomise_new_parameters(student)
@@ -175,7 +195,7 @@ def test_generate_with_the_cache_equals_the_full_forward_and_reports_its_size():
     prompt = _ids(batch=2, length=9)
     cache = LinearizeCache(model.config)
     with torch.no_grad():
-        out = model.generate(prompt, max_new_tokens=7, do_sample=False, past_key_values=cache, pad_token_id=0)
+        out = model.generate(prompt, max_new_tokens=7, do_sample=False, cache=cache, pad_token_id=0)
         full = model(out).logits
     assert torch.equal(out[:, 9:], full[:, 8:-1].argmax(-1))
     # The cache holds 15 tokens (the last generated one was never fed back); fp32 model, 4 bytes per element.

@@ -35,6 +35,7 @@ def choose_softmax(
         (attention settings with the budgets replaced by the chosen lists, the record of the choice or None when
         there is no budget).
     """
+    _check_head_layers(attention, plan)
     if not (attention.softmax_budget or attention.softmax_head_budget):
         return attention, None
     window = attention.effective_window
@@ -89,3 +90,27 @@ def choose_softmax(
         config.num_hidden_layers * config.num_key_value_heads,
     )
     return resolved, record
+
+
+def _check_head_layers(attention: AttentionConfig, plan: dict[str, str]) -> None:
+    """Explicit softmax heads must sit in layers that are converted (a softmax layer keeps every head anyway)."""
+    for layer in attention.softmax_heads:
+        if plan.get(layer, "softmax") == "softmax":
+            raise LinearizeError(
+                f"attention.softmax_heads names layer {layer}, which is not converted (the model has layers "
+                f"0..{len(plan) - 1}; kept softmax layers keep every head): name converted layers only"
+            )
+
+
+def check_heads_built(model: nn.Module, attention: AttentionConfig) -> None:
+    """After the swap: every layer with softmax heads was built by a kind that keeps them (has a `HeadSplit`)."""
+    from ..attention import converted_modules
+
+    modules = converted_modules(model)
+    for layer, heads in attention.softmax_heads.items():
+        split = getattr(modules[int(layer)], "split", None)
+        if split is None or split.softmax_kv != heads:
+            raise LinearizeError(
+                f"attention kind '{attention.kind}' does not keep softmax heads inside a layer; use "
+                "softmax_layers / softmax_budget with it, or a kind that does (hedgehog, lolcats)"
+            )

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import AttentionConfig, to_dict
 from ..errors import LinearizeError
-from .choose import choose_softmax
+from .choose import check_heads_built, choose_softmax
 from .families import family_for
 from .hf import CONFIG_CLASSES, MODEL_CLASSES, auto_map_for, is_linearized
 from .swap import swap_attention
@@ -81,6 +81,7 @@ def convert(model: nn.Module, attention: AttentionConfig, base_model: str | None
     if selection is not None:
         settings["selection"] = selection
     replaced = swap_attention(model, settings)
+    check_heads_built(model, attention)
     if not replaced:
         logger.warning("no attention layer was converted: every layer is kept as softmax")
     config_cls, model_cls = CONFIG_CLASSES[family.model_type], MODEL_CLASSES[family.model_type]
