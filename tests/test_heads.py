@@ -187,10 +187,16 @@ def test_stage_one_parameters_exclude_the_softmax_heads():
     }
     assert all(p.numel() == 0 for p in modules[2].new_parameters())
     assert modules[0].named_new_parameters()["window_factors"].shape == (4,)
+    from linearize.train.registry import _new_attention_parameters
+
+    # What the attention stage trains: query heads 4 + 2 + 0 + 4, each with two [16, 8] maps and a window weight.
+    trained = _new_attention_parameters(model)
+    assert sum(p.numel() for p in trained.values()) == (4 + 2 + 0 + 4) * (2 * 16 * 8 + 1)
 
 
-def test_generate_with_the_cache_equals_the_full_forward_and_reports_its_size():
-    model = _converted(softmax_heads={"1": [1], "3": [0]}, softmax_layers=[2])
+@pytest.mark.parametrize("kind", ["lolcats", "hedgehog"])
+def test_generate_with_the_cache_equals_the_full_forward_and_reports_its_size(kind):
+    model = _converted(kind=kind, softmax_heads={"1": [1], "3": [0]}, softmax_layers=[2])
     randomise_new_parameters(model)
     prompt = _ids(batch=2, length=9)
     cache = LinearizeCache(model.config)
@@ -218,8 +224,11 @@ def test_left_padded_decoding_matches_the_unpadded_row():
     torch.testing.assert_close(torch.stack(batch.logits), torch.stack(alone.logits), atol=1e-5, rtol=1e-4)
 
 
-def test_export_reloads_strictly_with_the_same_logits_and_without_scoring(tmp_path, monkeypatch):
-    model = _converted(softmax_head_budget=0.25)
+@pytest.mark.parametrize(
+    "choice", [dict(softmax_head_budget=0.25), dict(softmax_heads={"1": [0, 1], "2": [1]})], ids=["budget", "listed"]
+)
+def test_export_reloads_strictly_with_the_same_logits_and_without_scoring(tmp_path, monkeypatch, choice):
+    model = _converted(**choice)
     randomise_new_parameters(model)
     ids = _ids()
     with torch.no_grad():
