@@ -206,6 +206,8 @@ def test_generate_with_the_cache_equals_the_full_forward_and_reports_its_size(ki
     assert torch.equal(out[:, 9:], full[:, 8:-1].argmax(-1))
     # The cache holds 15 tokens (the last generated one was never fed back); fp32 model, 4 bytes per element.
     assert cache.nbytes() == cache_bytes_at(model.config, 15, batch=2, dtype_bytes=4)["total"]
+    # One kept kv head of size 16 in layers 1 and 3: keys and values in fp32 plus a mask byte, per row.
+    assert cache.layers[1].state.bytes_per_token() == 2 * (2 * 16 * 4 + 1)
     teacher_bytes = cache_bytes_at(tiny_model("llama").config, 15, batch=2, dtype_bytes=4)
     assert teacher_bytes["total"] == teacher_bytes["teacher"] == 4 * 2 * 2 * 16 * 15 * 2 * 4
 

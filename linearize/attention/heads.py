@@ -93,6 +93,12 @@ class SoftmaxHeadsState:
         own = [self.keys, self.values, self.mask]
         return (list(self.linear.tensors()) if self.linear is not None else []) + own
 
+    def bytes_per_token(self) -> int:
+        """Bytes the kept heads add per token seen (keys, values and mask of the whole batch)."""
+        tokens = self.keys.shape[1]
+        own = sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.mask))
+        return own // tokens if tokens else 0
+
     def index_select(self, index: torch.Tensor) -> SoftmaxHeadsState:
         return self._map(lambda t: t.index_select(0, index.to(t.device)), lambda s: s.index_select(index))
 
