@@ -32,6 +32,8 @@ class AttentionConfig:
         convert_sliding_layers: also convert layers that already use local sliding-window attention
             (Gemma 2/3); by default they are kept, since their cache is already bounded.
         chunk_size: tokens per chunk in the PyTorch path (default 128); does not change results.
+        options: settings of the chosen kind alone, checked against the dataclass the kind declares
+            (`AttentionKind.options`); kinds without one take none.
     """
 
     kind: str = "lolcats"
@@ -41,6 +43,7 @@ class AttentionConfig:
     softmax_layers: list[int] = field(default_factory=list)
     convert_sliding_layers: bool = False
     chunk_size: int = 128
+    options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from .attention import ATTENTION_KINDS
@@ -49,12 +52,24 @@ class AttentionConfig:
             raise LinearizeError(
                 f"attention.kind '{self.kind}' is unknown; choose one of: {', '.join(sorted(ATTENTION_KINDS))}"
             )
+        self.kind_options()
         _positive("attention.feature_dim", self.feature_dim)
         _positive("attention.chunk_size", self.chunk_size)
         if self.window < 0:
             raise LinearizeError(f"attention.window must be >= 0, got {self.window}")
         if any(i < 0 for i in self.softmax_layers):
             raise LinearizeError(f"attention.softmax_layers must be layer indices >= 0, got {self.softmax_layers}")
+
+    def kind_options(self):
+        """The kind's own settings (its `options` dataclass filled from `attention.options`), or None."""
+        from .attention import ATTENTION_KINDS
+
+        options_cls = ATTENTION_KINDS[self.kind].options
+        if options_cls is None:
+            if self.options:
+                raise LinearizeError(f"attention.options: kind '{self.kind}' takes no options, got {self.options}")
+            return None
+        return from_dict(options_cls, self.options, prefix="attention.options.")
 
     @property
     def effective_window(self) -> int:
@@ -375,11 +390,14 @@ def apply_overrides(data: dict, overrides: list[str], cls=Recipe) -> dict:
         node, node_cls = data, cls
         for depth, part in enumerate(path):
             names = {f.name: f for f in dataclasses.fields(node_cls)} if dataclasses.is_dataclass(node_cls) else {}
-            if part not in names:
+            if part not in names and node_cls is not dict:
                 key = ".".join(path[: depth + 1])
                 raise LinearizeError(f"--set: unknown recipe key '{key}'")
-            if depth == len(path) - 1:
-                node[part] = value
+            if depth == len(path) - 1 or node_cls is dict:
+                # A free-form mapping (e.g. attention.options) takes the rest of the path as one key; its owner
+                # validates the keys.
+                node[".".join(path[depth:]) if node_cls is dict else part] = value
+                break
             else:
                 node_cls = typing.get_type_hints(node_cls)[part]
                 node = node.setdefault(part, {})

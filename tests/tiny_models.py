@@ -57,12 +57,12 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32):
 
 def randomise_new_parameters(model, seed: int = 1) -> None:
     """Move the conversion's new parameters off their identity start, so tests see them travel."""
-    from linearize.attention import HybridLinearAttention
+    from linearize.attention import ConvertedAttention
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, HybridLinearAttention):
+            if isinstance(module, ConvertedAttention):
                 for p in module.new_parameters():
                     p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 

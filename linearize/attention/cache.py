@@ -2,27 +2,42 @@
 
 `LinearizeCache` is a transformers `DynamicCache`, so layers kept as softmax (and Gemma's local sliding-window
 layers) keep their usual key/value cache and every part of `generate` works unchanged; each converted layer's
-slot is a `RecurrentLayer` that holds a `HybridState` (linear state plus the last W-1 raw keys/values), whose size
-does not depend on how many tokens have been seen.
+slot is the cache layer its attention kind declares (`AttentionKind.cache_layer`), by default a `RecurrentLayer`
+that holds the kind's state object, whose size does not depend on how many tokens have been seen.
 """
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache
 
-from ..kernels.hybrid import HybridState
+from .registry import get_attention_kind
+
+
+class LayerState(Protocol):
+    """What a kind's decoding state offers the cache (e.g. `HybridState`; any immutable bundle of tensors)."""
+
+    def index_select(self, indices: torch.Tensor) -> LayerState: ...
+
+    def repeat_interleave(self, repeats: int) -> LayerState: ...
+
+    def to(self, device: torch.device) -> LayerState: ...
+
+    def tensors(self) -> list[torch.Tensor]: ...
 
 
 class RecurrentLayer(CacheLayerMixin):
-    """Cache slot of one converted layer: a fixed-size recurrent state and a token count."""
+    """Cache slot of one converted layer: a fixed-size recurrent state (the kind's `LayerState`) and a token
+    count. The converted module reads `state` and hands back the next one through `advance`."""
 
     is_compileable = False
     is_sliding = False
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.state: HybridState | None = None
+        self.state: LayerState | None = None
         self.seen_tokens = 0
 
     def lazy_initialization(self, key_states=None, value_states=None) -> None:
@@ -31,7 +46,7 @@ class RecurrentLayer(CacheLayerMixin):
     def update(self, *args, **kwargs):
         raise RuntimeError("a converted (linear) layer keeps a recurrent state, not a key/value cache")
 
-    def advance(self, state: HybridState, n_tokens: int) -> None:
+    def advance(self, state: LayerState, n_tokens: int) -> None:
         """Store the state after `n_tokens` more tokens."""
         self.state = state
         self.seen_tokens += n_tokens
@@ -87,11 +102,10 @@ class LinearizeCache(DynamicCache):
 
     def __init__(self, config, **kwargs):
         super().__init__(config=config)
-        converted = converted_layer_indices(config)
         while len(self.layers) < config.num_hidden_layers:
             self.layers.append(_plain_layer())
-        for idx in converted:
-            self.layers[idx] = RecurrentLayer()
+        for idx, kind in converted_layer_kinds(config).items():
+            self.layers[idx] = get_attention_kind(kind).cache_layer()
 
     def recurrent_layer(self, layer_idx: int) -> RecurrentLayer:
         layer = self.layers[layer_idx]
@@ -123,7 +137,8 @@ def _plain_layer():
     return DynamicLayer()
 
 
-def converted_layer_indices(config) -> list[int]:
-    """Indices of layers whose attention was converted, from the config's conversion settings."""
+def converted_layer_kinds(config) -> dict[int, str]:
+    """Attention kind of each layer that holds a decoding state of its own, from the config's conversion settings."""
     layers = (getattr(config, "linearize", None) or {}).get("layers", {})
-    return sorted(int(i) for i, kind in layers.items() if kind != "softmax")
+    plan = {int(i): kind for i, kind in layers.items()}
+    return {i: plan[i] for i in sorted(plan) if get_attention_kind(plan[i]).cache_layer is not None}

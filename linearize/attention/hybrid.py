@@ -1,8 +1,9 @@
-"""The converted attention module: Hedgehog linear attention, optionally with an exact sliding window.
+"""The converted attention module of the Hedgehog family: linear attention, optionally with an exact window.
 
-`hedgehog` is this module with window 0; `lolcats` is it with a window (64 by default) and a learned per-head
-window weight. The module keeps the teacher's projections under their original names and adds only the feature
-maps and the window factors.
+`hedgehog` (hedgehog.py) is this module with window 0; `lolcats` (lolcats.py) is it with a window (64 by default)
+and a learned per-head window weight. The module keeps the teacher's projections under their original names and
+adds only the feature maps and the window factors. Its decoding state is a `HybridState` (linear state plus the
+last W-1 raw keys/values) kept in a `RecurrentLayer` of the cache.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from ..kernels.hybrid import (
 )
 from .feature_maps import HedgehogFeatureMap
 from .projection import project_qkv, rope_function
+from .registry import Control, ConvertedAttention
 
 TOKEN_MASK_KWARG = "linearize_token_mask"
 # The offsets of packed sequences, under the name transformers gives them for flash attention.
 PACKED_KWARG = "cu_seq_lens_q"
 
 
-class HybridLinearAttention(nn.Module):
+class HybridLinearAttention(ConvertedAttention):
     """Drop-in replacement for a decoder's softmax attention module.
 
     Args:
@@ -50,11 +52,8 @@ class HybridLinearAttention(nn.Module):
         init_window_factor: float = -2.1972,
         chunk_size: int = 128,
     ):
-        super().__init__()
-        for name, child in original.named_children():
-            self.add_module(name, child)
+        super().__init__(original, layer_idx)
         self.config = config
-        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = original.head_dim
@@ -76,28 +75,25 @@ class HybridLinearAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """Deterministic start: identity feature maps and window weight sigmoid(init_window_factor)."""
-        self.feature_map_q.reset_parameters()
-        self.feature_map_k.reset_parameters()
-        self.reset_window_factors()
+        self.reset_new_parameters()
 
-    def reset_window_factors(self) -> None:
-        if self.window > 0:
+    def reset_new_parameters(self, names=None) -> None:
+        """Identity feature maps and window weight sigmoid(init_window_factor); the teacher is not consulted."""
+        names = set(self.named_new_parameters() if names is None else names)
+        if "feature_map_q.weight" in names:
+            self.feature_map_q.reset_parameters()
+        if "feature_map_k.weight" in names:
+            self.feature_map_k.reset_parameters()
+        if "window_factors" in names:
             with torch.no_grad():
                 self.window_factors.fill_(self.init_window_factor)
 
-    def float_new_parameters(self) -> None:
-        """Keep the new parameters in fp32 (they are trained; the op computes in fp32 anyway)."""
-        self.feature_map_q.float()
-        self.feature_map_k.float()
+    def named_new_parameters(self) -> dict[str, nn.Parameter]:
+        """The feature maps and, with a window, the per-head window weight (what attention transfer trains)."""
+        named = {"feature_map_q.weight": self.feature_map_q.weight, "feature_map_k.weight": self.feature_map_k.weight}
         if self.window > 0:
-            self.window_factors.data = self.window_factors.data.float()
-
-    def new_parameters(self) -> list[nn.Parameter]:
-        """Parameters that conversion added (what attention transfer trains)."""
-        params = [self.feature_map_q.weight, self.feature_map_k.weight]
-        if self.window > 0:
-            params.append(self.window_factors)
-        return params
+            named["window_factors"] = self.window_factors
+        return named
 
     def attention_heads(
         self, hidden_states: torch.Tensor, position_embeddings, token_mask=None, cache=None, cu_seqlens=None
@@ -163,3 +159,32 @@ class HybridLinearAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"layer_idx={self.layer_idx}, window={self.window}, feature_dim={self.feature_dim}"
+
+
+def _window_only(module: HybridLinearAttention):
+    module.use_linear = False
+
+    def restore():
+        module.use_linear = True
+
+    return restore
+
+
+def _linear_only(module: HybridLinearAttention):
+    window, module.window = module.window, 0
+
+    def restore():
+        module.window = window
+
+    return restore
+
+
+def _has_window(module: HybridLinearAttention) -> bool:
+    return module.window > 0
+
+
+# The two branches of a windowed module, each switched off in turn by the evaluation controls.
+WINDOW_CONTROLS = {
+    "window-only": Control("sliding-window softmax alone (linear branch off)", _has_window, _window_only),
+    "linear-only": Control("the trained feature maps over every token (window off)", _has_window, _linear_only),
+}

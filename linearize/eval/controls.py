@@ -1,22 +1,33 @@
 """Controls that show what each branch of a hybrid attention contributes.
 
 `window-only` switches the linear branch off (sliding-window softmax alone); `linear-only` drops the window
-(the trained feature maps attend to every token). Both apply to a loaded model temporarily and only to
-converted layers that have a window.
+(the trained feature maps attend to every token). Each kind declares the controls it has and how they switch
+its modules (`AttentionKind.controls`); a control applies to a loaded model temporarily and only to the converted
+layers that have the branch.
 """
 
 from __future__ import annotations
 
 import contextlib
 
-from ..attention import HybridLinearAttention
+from ..attention import converted_modules, kind_of
 from ..errors import LinearizeError
 
 CONTROLS = ("window-only", "linear-only")
 
 
+def _targets(model, variant: str) -> list:
+    """The converted modules that `variant` switches, with its switch."""
+    found = []
+    for module in converted_modules(model).values():
+        control = kind_of(module).controls.get(variant)
+        if control is not None and control.applies(module):
+            found.append((module, control))
+    return found
+
+
 def has_both_branches(model) -> bool:
-    return any(isinstance(m, HybridLinearAttention) and m.window > 0 for m in model.modules())
+    return all(_targets(model, variant) for variant in CONTROLS)
 
 
 @contextlib.contextmanager
@@ -24,15 +35,9 @@ def attention_variant(model, variant: str):
     """Run `model` as the `variant` control inside the block; restored on exit."""
     if variant not in CONTROLS:
         raise LinearizeError(f"control '{variant}' is unknown; choose from {', '.join(CONTROLS)}")
-    modules = [m for m in model.modules() if isinstance(m, HybridLinearAttention) and m.window > 0]
-    saved = [(m.window, m.use_linear) for m in modules]
-    for m in modules:
-        if variant == "window-only":
-            m.use_linear = False
-        else:
-            m.window = 0
+    restores = [control.switch(module) for module, control in _targets(model, variant)]
     try:
         yield model
     finally:
-        for m, (window, use_linear) in zip(modules, saved, strict=True):
-            m.window, m.use_linear = window, use_linear
+        for restore in reversed(restores):
+            restore()

@@ -11,10 +11,11 @@ import logging
 
 from torch import nn
 
-from ..attention import get_attention_kind
-from ..config import AttentionConfig, from_dict, to_dict
+from ..config import AttentionConfig, to_dict
 from ..errors import LinearizeError
 from .families import family_for
+from .hf import CONFIG_CLASSES, MODEL_CLASSES, auto_map_for, is_linearized
+from .swap import swap_attention
 
 logger = logging.getLogger(__name__)
 
@@ -48,35 +49,6 @@ def plan_layers(config, attention: AttentionConfig) -> dict[str, str]:
     return plan
 
 
-def swap_attention(model: nn.Module, settings: dict) -> list[str]:
-    """Replace the family's attention modules as `settings["layers"]` says; returns the names replaced."""
-    family = family_for_settings(settings)
-    attention_cls = family.attention_cls
-    attention = from_dict(AttentionConfig, settings["attention"])
-    plan = settings["layers"]
-    replaced = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not attention_cls:
-            continue
-        kind = get_attention_kind(plan[str(module.layer_idx)])
-        if kind.build is None:
-            continue
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, kind.build(module, attention, module.layer_idx))
-        replaced.append(name)
-    return replaced
-
-
-def family_for_settings(settings: dict):
-    from .families import FAMILIES
-
-    family = FAMILIES.get(settings.get("family"))
-    if family is None:
-        raise LinearizeError(f"conversion settings name an unknown family '{settings.get('family')}'")
-    return family
-
-
 def convert(model: nn.Module, attention: AttentionConfig, base_model: str | None = None) -> nn.Module:
     """Convert a loaded causal LM in place and return it.
 
@@ -88,8 +60,6 @@ def convert(model: nn.Module, attention: AttentionConfig, base_model: str | None
     Returns:
         The same object, now a `Linearized<X>ForCausalLM`.
     """
-    from .hf import CONFIG_CLASSES, MODEL_CLASSES, auto_map_for, is_linearized
-
     if is_linearized(model):
         raise LinearizeError("this model is already converted; load the original checkpoint to convert again")
     config = model.config

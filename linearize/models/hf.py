@@ -18,9 +18,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .. import _compat
-from ..attention import TOKEN_MASK_KWARG, HybridLinearAttention, LinearizeCache
-from ..attention.feature_maps import HedgehogFeatureMap
+from ..attention import TOKEN_MASK_KWARG, LinearizeCache, reset_missing_new_parameters
 from .families import FAMILIES, Family
+from .swap import swap_attention
 
 REMOTE_CODE_FILE = "modeling_linearize.py"
 _REMOTE_CODE = '''"""Loads a model converted by linearize (https://pypi.org/project/linearize/); needs `pip install linearize`."""
@@ -36,8 +36,6 @@ class LinearizedModelMixin:
     """Behaviour shared by every `Linearized<X>ForCausalLM`: conversion on build, recurrent cache, export."""
 
     def _linearize_init(self) -> None:
-        from .convert import swap_attention
-
         swap_attention(self, self.config.linearize)
 
     @classmethod
@@ -46,12 +44,7 @@ class LinearizedModelMixin:
         # transformers uninitialised; ours have a deterministic start that is restored here.
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        missing = set(info.get("missing_keys", ()))
-        for name, module in model.named_modules():
-            if isinstance(module, HedgehogFeatureMap) and f"{name}.weight" in missing:
-                module.reset_parameters()
-            elif isinstance(module, HybridLinearAttention) and f"{name}.window_factors" in missing:
-                module.reset_window_factors()
+        reset_missing_new_parameters(model, info.get("missing_keys", ()))
         return (model, info) if want_info else model
 
     @classmethod

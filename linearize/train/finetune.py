@@ -28,12 +28,11 @@ def add_lora(student: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     )
     model = get_peft_model(student, lora)
     if cfg.train_attention:
-        from ..attention import HybridLinearAttention
+        from ..attention import converted_modules
 
-        for module in model.modules():
-            if isinstance(module, HybridLinearAttention):
-                for p in module.new_parameters():
-                    p.requires_grad_(True)
+        for module in converted_modules(model).values():
+            for p in module.new_parameters():
+                p.requires_grad_(True)
     return model
 
 

@@ -199,10 +199,7 @@ def run_pipeline(
         if recipe.transfer.enabled and students:
             cfg = recipe.transfer
             named = {
-                f"layers.{idx}.{name}": p
-                for idx, m in students.items()
-                for name, p in m.named_parameters()
-                if name.startswith(("feature_map", "window_factors"))
+                f"layers.{idx}.{name}": p for idx, m in students.items() for name, p in m.named_new_parameters().items()
             }
             for p in named.values():
                 p.requires_grad_(True)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import HybridLinearAttention
+from ..attention import ConvertedAttention, converted_modules
 from ..config import TransferConfig
 from ..kernels.hybrid import keeping_states
 
@@ -38,8 +38,8 @@ def teacher_attention_modules(teacher: nn.Module, layers: list[int]) -> dict[int
     return {idx: decoder.layers[idx].self_attn for idx in layers}
 
 
-def student_attention_modules(student: nn.Module) -> dict[int, HybridLinearAttention]:
-    return {m.layer_idx: m for m in student.modules() if isinstance(m, HybridLinearAttention)}
+def student_attention_modules(student: nn.Module) -> dict[int, ConvertedAttention]:
+    return converted_modules(student)
 
 
 class TransferObjective:
@@ -51,7 +51,7 @@ class TransferObjective:
         cfg: loss weights and the layerwise switch.
     """
 
-    def __init__(self, teacher: nn.Module, students: dict[int, HybridLinearAttention], cfg: TransferConfig):
+    def __init__(self, teacher: nn.Module, students: dict[int, ConvertedAttention], cfg: TransferConfig):
         self.teacher, self.students, self.cfg = teacher, students, cfg
         self.teacher_attn = teacher_attention_modules(teacher, sorted(students))
 

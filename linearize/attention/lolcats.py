@@ -1,0 +1,21 @@
+"""The `lolcats` kind: Hedgehog linear attention plus exact softmax over the last `window` tokens (LoLCATs)."""
+
+from __future__ import annotations
+
+from .cache import RecurrentLayer
+from .hedgehog import HYBRID_OPS, build_hedgehog
+from .hybrid import WINDOW_CONTROLS
+from .registry import AttentionKind, register_attention_kind
+
+register_attention_kind(
+    AttentionKind(
+        name="lolcats",
+        description="Hedgehog linear attention plus exact softmax over the last `window` tokens, one shared "
+        "normaliser, learned per-head window weight (LoLCATs)",
+        uses_window=True,
+        build=lambda original, cfg, idx: build_hedgehog(original, cfg, idx, window=cfg.window),
+        cache_layer=RecurrentLayer,
+        ops=HYBRID_OPS,
+        controls=WINDOW_CONTROLS,
+    )
+)
