@@ -47,5 +47,7 @@ class ShortConv(nn.Module):
             state = x.new_zeros(B, self.kernel_size - 1, C)
         full = torch.cat([state.to(x.dtype), x], dim=1)
         w = self.weight.to(x.dtype)
-        out = sum(w[i] * full[:, self.kernel_size - 1 - i : self.kernel_size - 1 - i + T] for i in range(self.kernel_size))
+        out = sum(
+            w[i] * full[:, self.kernel_size - 1 - i : self.kernel_size - 1 - i + T] for i in range(self.kernel_size)
+        )
         return out, full[:, full.shape[1] - (self.kernel_size - 1) :]

@@ -1,0 +1,195 @@
+"""The gated kinds (gla, liger, lizard, lawcat) on tiny models: convert, train, export, reload, decode.
+
+Also checks each kind's math against an independent path: with its gate held at 1, `gla` is the `hedgehog` kind
+and `lizard` is its two branches' naive ops under one normaliser.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+from transformers import AutoModelForCausalLM
+
+from linearize import AttentionConfig, convert
+from linearize._compat import CACHE_KWARG, output_cache
+from linearize.attention import converted_modules
+from linearize.attention.gated import GatedAttention, GatedState
+from linearize.attention.projection import project_qkv
+from linearize.eval.controls import attention_variant
+from linearize.kernels.gla import gla_naive
+from linearize.kernels.gla.naive import EPS
+from linearize.kernels.window import window_naive
+
+KINDS = ["gla", "liger", "lizard", "lawcat"]
+SMALL = dict(window=4, feature_dim=8)
+
+
+def _ids(B=2, T=11, seed=0):
+    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _decode_equals_full(model, ids, prefix=5):
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :prefix], use_cache=True)
+        cache, steps = output_cache(out), [out.logits]
+        for t in range(prefix, ids.shape[1]):
+            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    return cache
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kind_trains_exports_reloads_and_decodes_as_it_prefills(kind, tmp_path):
+    model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
+    modules = converted_modules(model)
+    assert all(isinstance(m, GatedAttention) for m in modules.values())
+    new = [p for m in modules.values() for p in m.new_parameters()]
+    # Liger adds nothing; the others add their feature maps, gate (and conv or sinks).
+    assert (len(new) == 0) == (kind == "liger")
+    # A few steps: next-token loss through every parameter (the new ones, or Liger's adopted projections).
+    model.train()
+    params = new or [p for m in modules.values() for p in m.q_proj.parameters()]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = _ids(4, 16, seed=1)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+        opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    model.eval()
+    cache = _decode_equals_full(model, _ids())
+    state = cache.recurrent_layer(0).state
+    assert isinstance(state, GatedState) and (state.window is not None) == (kind in ("liger", "lizard"))
+    assert (state.conv is not None) == (kind == "lawcat")
+
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = _ids(seed=2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, use_cache=False).logits, model(ids, use_cache=False).logits)
+        generated = loaded.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        # Greedy decoding with the cache picks what the full forward over the generated text predicts.
+        logits = loaded(generated, use_cache=False).logits
+    assert torch.equal(generated[0, 4:], logits[0, 3:-1].argmax(-1))
+
+
+@pytest.mark.parametrize("kind", ["gla", "lawcat", "lizard"])
+def test_a_teacher_checkpoint_gets_the_kinds_start(kind, tmp_path):
+    model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
+    fresh = {n: p.detach().clone() for n, p in converted_modules(model)[0].named_new_parameters().items()}
+    tiny_model("llama").save_pretrained(tmp_path / "teacher")
+    skeleton = type(model).from_pretrained(tmp_path / "teacher", config=model.config)
+    for name, p in converted_modules(skeleton)[0].named_new_parameters().items():
+        if name == "gate.down.weight":
+            # Random by design (the up projection starts at zero): only its scale is the start.
+            assert abs(p.std().item() - fresh[name].std().item()) < 0.5 * fresh[name].std().item()
+        else:
+            assert torch.equal(p, fresh[name]), name
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "phi3"])
+def test_families_with_norms_softcap_and_partial_rotary(kind):
+    for name in ("lizard", "lawcat"):
+        model = convert(tiny_model(kind), AttentionConfig(kind=name, **SMALL))
+        _decode_equals_full(model, _ids(1, 9))
+
+
+def _heads(module, hidden, pe, **kw):
+    with torch.no_grad():
+        return module.attention_heads(hidden, pe, **kw)
+
+
+def _layer_inputs(family="llama", T=13):
+    teacher = tiny_model(family)
+    hidden = torch.randn(2, T, teacher.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    pe = teacher.model.rotary_emb(hidden, torch.arange(T)[None].expand(2, T))
+    return teacher, hidden, pe
+
+
+def test_gla_with_its_gate_at_one_is_hedgehog():
+    teacher, hidden, pe = _layer_inputs()
+    gla = convert(tiny_model("llama"), AttentionConfig(kind="gla", **SMALL))
+    hedgehog = convert(tiny_model("llama"), AttentionConfig(kind="hedgehog", **SMALL))
+    a, b = converted_modules(gla)[0], converted_modules(hedgehog)[0]
+    with torch.no_grad():
+        for fa, fb in ((a.feature_map_q, b.feature_map_q), (a.feature_map_k, b.feature_map_k)):
+            fa.weight.normal_(generator=torch.Generator().manual_seed(4))
+            fb.weight.copy_(fa.weight)
+        a.gate.up.bias.fill_(40.0)
+    torch.testing.assert_close(_heads(a, hidden, pe), _heads(b, hidden, pe), rtol=1e-4, atol=1e-5)
+    # A real gate forgets: the output moves.
+    with torch.no_grad():
+        a.gate.up.bias.fill_(-1.0)
+    assert (_heads(a, hidden, pe) - _heads(b, hidden, pe)).abs().max() > 1e-3
+
+
+def test_lizard_is_its_two_naive_branches_under_one_normaliser():
+    teacher, hidden, pe = _layer_inputs(T=19)
+    lizard = convert(tiny_model("llama"), AttentionConfig(kind="lizard", options={"sinks": 2}, **SMALL))
+    m = converted_modules(lizard)[0]
+    with torch.no_grad():
+        m.gate.proj.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(5))
+        m.sinks.normal_(generator=torch.Generator().manual_seed(6))
+        q, k, v = project_qkv(m, hidden, pe)
+        cos, sin = pe
+        q0, k0, _ = project_qkv(m, hidden, (torch.ones_like(cos), torch.zeros_like(sin)))
+        fq, fk = m._features(q0, k0)
+        g = m.gate(hidden, k0).expand(*fq.shape[:-1], fq.shape[-1])
+        lin, _ = gla_naive(fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], -1).float(), g, scale=1.0)
+        num_w, den_w = window_naive(q, k, v, m.window, m.scaling, m.sinks)
+        want = (num_w + lin[..., :-1]) / (den_w + lin[..., -1] + EPS)[..., None]
+    torch.testing.assert_close(_heads(m, hidden, pe), want.reshape(2, 19, -1), rtol=1e-4, atol=1e-5)
+    # Sinks add to the normaliser only: raising them shrinks every output, never turns its direction.
+    with torch.no_grad():
+        base = _heads(m, hidden, pe)
+        m.sinks.add_(3.0)
+        sunk = _heads(m, hidden, pe)
+    assert (sunk.norm(dim=-1) < base.norm(dim=-1)).all()
+
+
+def test_packed_sequences_equal_separate_forwards():
+    _, hidden, _ = _layer_inputs(T=12)
+    model = convert(tiny_model("llama"), AttentionConfig(kind="lawcat", **SMALL))
+    m = converted_modules(model)[0]
+    one = hidden[:1]
+    cu = torch.tensor([0, 5, 12])
+    # Each packed sequence restarts its positions.
+    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    packed_pe = tiny_model("llama").model.rotary_emb(one, pos)
+    packed = _heads(m, one, packed_pe, cu_seqlens=cu)
+    for a, b in ((0, 5), (5, 12)):
+        alone_pe = tiny_model("llama").model.rotary_emb(one, torch.arange(b - a)[None])
+        torch.testing.assert_close(packed[:, a:b], _heads(m, one[:, a:b], alone_pe), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["liger", "lizard"])
+def test_controls_switch_each_branch_off(kind):
+    model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
+    ids = _ids()
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        outs = {}
+        for control in ("window-only", "linear-only"):
+            with attention_variant(model, control):
+                outs[control] = model(ids, use_cache=False).logits
+        torch.testing.assert_close(model(ids, use_cache=False).logits, full)
+    assert all((o - full).abs().max() > 1e-4 for o in outs.values())
+    assert (outs["window-only"] - outs["linear-only"]).abs().max() > 1e-4
+
+
+def test_left_padding_gives_the_unpadded_outputs():
+    model = convert(tiny_model("llama"), AttentionConfig(kind="lizard", **SMALL))
+    ids = _ids(1, 9)
+    padded = torch.cat([torch.zeros(1, 3, dtype=ids.dtype), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    with torch.no_grad():
+        alone = model(ids, use_cache=False).logits
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        got = model(padded, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(got[:, 3:], alone, rtol=1e-4, atol=1e-5)
