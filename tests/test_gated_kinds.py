@@ -6,6 +6,9 @@ and `lizard` is its two branches' naive ops under one normaliser.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
@@ -193,3 +196,26 @@ def test_left_padding_gives_the_unpadded_outputs():
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         got = model(padded, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
     torch.testing.assert_close(got[:, 3:], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_exports_reload_in_a_fresh_process(tmp_path):
+    ids = _ids(seed=4)
+    for kind in KINDS:
+        model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+            torch.save(model(ids, use_cache=False).logits, tmp_path / f"{kind}.pt")
+        model.save_pretrained(tmp_path / kind)
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import sys, torch\nfrom transformers import AutoModelForCausalLM as A\nd = sys.argv[1]\n"
+        "ids = torch.load(f'{d}/ids.pt')\n"
+        f"kinds = {KINDS!r}\n"
+        "for k in kinds:\n"
+        "    m = A.from_pretrained(f'{d}/{k}', trust_remote_code=True).eval()\n"
+        "    with torch.no_grad(): torch.testing.assert_close(m(ids, use_cache=False).logits, torch.load(f'{d}/{k}.pt'))\n"
+        "print('ok')"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
