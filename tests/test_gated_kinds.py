@@ -214,7 +214,8 @@ def test_exports_reload_in_a_fresh_process(tmp_path):
         f"kinds = {KINDS!r}\n"
         "for k in kinds:\n"
         "    m = A.from_pretrained(f'{d}/{k}', trust_remote_code=True).eval()\n"
-        "    with torch.no_grad(): torch.testing.assert_close(m(ids, use_cache=False).logits, torch.load(f'{d}/{k}.pt'))\n"
+        "    with torch.no_grad():\n"
+        "        torch.testing.assert_close(m(ids, use_cache=False).logits, torch.load(f'{d}/{k}.pt'))\n"
         "print('ok')"
     )
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)

@@ -74,12 +74,14 @@ class GatedAttention(ConvertedAttention):
         sinks: learnable sink logits per head added to the window's normaliser (Lizard); 0 for none.
         mix: `shared` or `average` (see MIXES).
         conv_kernel: kernel of the short causal conv on q/k/v; 0 for none.
-        chunk_size: tokens per chunk of the PyTorch paths.
+        chunk_size: tokens per chunk of the PyTorch GLA path.
+        window_chunk_size: queries per chunk of the window branch.
     """
 
     def __init__(self, original: nn.Module, layer_idx: int, gate: nn.Module, feature: str = "hedgehog",
                  feature_dim: int = 64, rope_linear: bool = True, window: int = 0, sinks: int = 0,
-                 mix: str = "shared", conv_kernel: int = 0, chunk_size: int = 64):  # fmt: skip
+                 mix: str = "shared", conv_kernel: int = 0, chunk_size: int = 64,
+                 window_chunk_size: int = 128):  # fmt: skip
         super().__init__(original, layer_idx)
         config = original.config
         if mix not in MIXES:
@@ -89,7 +91,7 @@ class GatedAttention(ConvertedAttention):
         self.softcap = getattr(original, "attn_logit_softcapping", None)
         self.rope = rope_function(original)
         self.feature, self.feature_dim, self.rope_linear = feature, feature_dim, rope_linear
-        self.window, self.mix, self.chunk_size = window, mix, chunk_size
+        self.window, self.mix, self.chunk_size, self.window_chunk_size = window, mix, chunk_size, window_chunk_size
         # Evaluation controls switch one branch off; training never does.
         self.use_linear, self.use_window = True, True
         ref = next(original.parameters())
@@ -154,7 +156,7 @@ class GatedAttention(ConvertedAttention):
         if self.window > 0:
             num_w, den_w, window_state = window_attention(
                 qr, kr, v, self.window, self.scaling, getattr(self, "sinks", None), self.softcap, token_mask,
-                state.window if state is not None else None, output_final_state=True, chunk_size=self.chunk_size,
+                state.window if state is not None else None, output_final_state=True, chunk_size=self.window_chunk_size,
             )  # fmt: skip
             num_w, den_w = num_w * self.use_window, den_w * self.use_window
             if self.mix == "shared":

@@ -34,7 +34,7 @@ class LigerOptions:
 def build_liger(original, cfg, layer_idx: int) -> GatedAttention:
     gate = PooledKeyGate(original.head_dim, cfg.kind_options().gate_tau)
     return GatedAttention(original, layer_idx, gate, feature="softmax", window=cfg.window, mix="average",
-                          chunk_size=min(cfg.chunk_size, MAX_CHUNK))  # fmt: skip
+                          chunk_size=min(cfg.chunk_size, MAX_CHUNK), window_chunk_size=cfg.chunk_size)  # fmt: skip
 
 
 register_attention_kind(

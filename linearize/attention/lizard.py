@@ -40,7 +40,7 @@ def build_lizard(original, cfg, layer_idx: int) -> GatedAttention:
     gate = HeadGate(original.config.hidden_size, original.config.num_attention_heads, opts.gate_tau)
     return GatedAttention(original, layer_idx, gate, feature="hedgehog", feature_dim=cfg.feature_dim,
                           rope_linear=False, window=cfg.window, sinks=opts.sinks, mix="shared",
-                          chunk_size=min(cfg.chunk_size, MAX_CHUNK))  # fmt: skip
+                          chunk_size=min(cfg.chunk_size, MAX_CHUNK), window_chunk_size=cfg.chunk_size)  # fmt: skip
 
 
 register_attention_kind(

@@ -3,12 +3,21 @@
 Tokens go in chunks of C. Within a chunk the gates are summed from the chunk's start (G), and the scores use
 exp(G_i - G_j) for j <= i, formed as a difference of log decays before the exponential, as fla does, so no factor
 ever exceeds 1 however strong the gates; across chunks a [K, V] state is carried, decayed by the chunk's total
-gate. Memory is O(T * C * K) for the intra-chunk decays, against O(T^2 * K) for the naive reference.
+gate. The intra-chunk decays ([C, C, K] per chunk) are recomputed in the backward rather than kept, so what
+training holds is O(T * (C + K)) per head, as for ungated linear attention.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _intra_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
+    # [B, H, C, C]: sum_c q_ic k_jc exp(G_ic - G_jc) for j <= i; the difference is taken before the exponential.
+    diff = G[:, :, :, None, :] - G[:, :, None, :, :]
+    decay = torch.exp(diff.masked_fill(later, float("-inf")))
+    return torch.einsum("bhic,bhjc,bhijc->bhij", q, k, decay)
 
 
 def gla_chunk_torch(
@@ -56,9 +65,10 @@ def gla_chunk_torch(
     outputs = []
     for n in range(n_chunks):
         qn, kn, vn, Gn = qf[:, :, n], kf[:, :, n], vf[:, :, n], G[:, :, n]
-        diff = Gn[:, :, :, None, :] - Gn[:, :, None, :, :]
-        decay = torch.exp(diff.masked_fill(later, float("-inf")))
-        scores = torch.einsum("bhic,bhjc,bhijc->bhij", qn, kn, decay)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (qn, kn, Gn)):
+            scores = checkpoint(_intra_scores, qn, kn, Gn, later, use_reentrant=False)
+        else:
+            scores = _intra_scores(qn, kn, Gn, later)
         out = scores @ vn + (qn * torch.exp(Gn)) @ state
         outputs.append(out)
         last = Gn[:, :, -1:]

@@ -77,8 +77,8 @@ def gla_naive(
         output_final_state: return the state after them.
         cu_seqlens: `[N + 1]` offsets of N sequences packed along T (B = 1); each runs on its own.
         token_mask: `[B, T]` bool, False for padding tokens.
-        upcast: compute in fp32 (fp64 for fp64 inputs: the reference); False computes in the type of v, as a 16-bit model would: the
-            baseline whose error a 16-bit kernel is held to (flash-attention's rule).
+        upcast: compute in fp32 (fp64 for fp64 inputs: the reference); False computes in the type of v, as a
+            16-bit model would: the baseline whose error a 16-bit kernel is held to (flash-attention's rule).
 
     Returns:
         `([B, T, H, V]` output in the dtype of v, `[N, H, K, V(+1)]` fp32 final state or None).
