@@ -29,23 +29,26 @@ def expand_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _one_sequence(q, k, v, g, normalize, initial_state):
-    # q, k, g: [B, T, H, K] fp32 (q scaled), v: [B, T, H, V]; returns o [B, T, H, V], state [B, H, K, V(+1)].
+    # q, k: [B, T, H, K] (q scaled), v: [B, T, H, V], g: [B, T, H, K] fp32; returns o [B, T, H, V] and the state
+    # [B, H, K, V(+1)] in the type of q. The gate sums and decays are formed in fp32 whatever that type (a 16-bit
+    # model keeps its gates in fp32 too), and the products in the type of q.
     B, T, H, K = q.shape
-    G = g.cumsum(1)
+    ct = q.dtype
+    G = g.float().cumsum(1)
     i = torch.arange(T, device=q.device)
     causal = (i[None, :] <= i[:, None])[None, None, :, :, None]
     # diff[b, h, i, j, c] = G_ic - G_jc, only where j <= i (elsewhere it would grow and overflow exp).
     diff = G.permute(0, 2, 1, 3)[:, :, :, None, :] - G.permute(0, 2, 1, 3)[:, :, None, :, :]
-    decay = torch.exp(diff.masked_fill(~causal, float("-inf")))
+    decay = torch.exp(diff.masked_fill(~causal, float("-inf"))).to(ct)
     scores = torch.einsum("bihc,bjhc,bhijc->bhij", q, k, decay)
     if normalize:
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
     o = torch.einsum("bhij,bjhv->bihv", scores, v)
     if initial_state is not None:
-        o = o + torch.einsum("bihc,bhcv->bihv", q * torch.exp(G), initial_state)
-    state = torch.einsum("bjhc,bjhv->bhcv", k * torch.exp(G[:, -1:] - G), v)
+        o = o + torch.einsum("bihc,bhcv->bihv", q * torch.exp(G).to(ct), initial_state)
+    state = torch.einsum("bjhc,bjhv->bhcv", k * torch.exp(G[:, -1:] - G).to(ct), v)
     if initial_state is not None:
-        state = state + torch.exp(G[:, -1])[..., None] * initial_state
+        state = state + torch.exp(G[:, -1]).to(ct)[..., None] * initial_state
     if normalize:
         o = o[..., :-1] / (o[..., -1:] + EPS)
     return o, state
@@ -87,7 +90,8 @@ def gla_naive(
     scale = K**-0.5 if scale is None else scale
     ct = torch.promote_types(torch.float32, v.dtype) if upcast else v.dtype
     qf = q.to(ct) * scale
-    kf, vf, gf = (expand_heads(x, H).to(ct) for x in (k, v, g))
+    kf, vf = (expand_heads(x, H).to(ct) for x in (k, v))
+    gf = expand_heads(g, H).to(torch.promote_types(torch.float32, ct))
     if token_mask is not None:
         keep = token_mask[:, :, None, None].to(kf.dtype)
         kf, gf = kf * keep, gf * keep
