@@ -125,7 +125,18 @@ class GatedAttention(ConvertedAttention):
         # The Hedgehog maps are per query head: keys are shared out to the query heads first.
         return self.feature_map_q(q), self.feature_map_k(expand_heads(k, self.num_heads))
 
-    def _core(self, hidden, position_embeddings, token_mask, state: GatedState | None):
+    def _conv(self, x, state, token_mask, cu_seqlens):
+        if cu_seqlens is None:
+            return self.conv(x, state, token_mask)
+        # Each packed sequence starts its conv from zeros.
+        bounds = cu_seqlens.tolist()
+        parts = [
+            self.conv(x[:, a:b], None, token_mask[:, a:b] if token_mask is not None else None)[0]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        return torch.cat(parts, 1), None
+
+    def _core(self, hidden, position_embeddings, token_mask, state: GatedState | None, cu_seqlens=None):
         B, T, _ = hidden.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
         cos, sin = position_embeddings
@@ -135,7 +146,7 @@ class GatedAttention(ConvertedAttention):
         conv_state = None
         if hasattr(self, "conv"):
             x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)
-            x, conv_state = self.conv(x, state.conv if state is not None else None, token_mask)
+            x, conv_state = self._conv(x, state.conv if state is not None else None, token_mask, cu_seqlens)
             q, k, v = (t.unflatten(-1, (-1, D)) for t in x.split([H * D, Hkv * D, Hkv * D], -1))
         qr, kr = (t.transpose(1, 2) for t in self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin))
 
@@ -148,7 +159,7 @@ class GatedAttention(ConvertedAttention):
         out, linear = gated_linear_attention(
             fq.to(dtype), fk.to(dtype), v_aug, g, scale=1.0,
             initial_state=state.linear if state is not None else None, output_final_state=True,
-            token_mask=token_mask, chunk_size=self.chunk_size,
+            token_mask=token_mask, cu_seqlens=cu_seqlens, chunk_size=self.chunk_size,
         )  # fmt: skip
         out = out.float() * self.use_linear
         num, den = out[..., :-1], out[..., -1]
@@ -171,10 +182,13 @@ class GatedAttention(ConvertedAttention):
     def attention_heads(self, hidden_states, position_embeddings, token_mask=None, cache=None, cu_seqlens=None):
         """Per-head attention output before `o_proj`: `[B, T, hidden]` -> `[B, T, H * Dv]`.
 
-        `cu_seqlens` (`[N + 1]`) marks sequences packed along T (B = 1): each runs from an empty state.
+        `cu_seqlens` (`[N + 1]`) marks sequences packed along T (B = 1): each runs from an empty state. Without a
+        window they go to the GLA op in one call (fla takes them in one row); with one, sequence by sequence.
         """
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
-        if cu_seqlens is None:
+        if cu_seqlens is not None and self.window == 0:
+            out, _ = self._core(hidden_states, position_embeddings, token_mask, None, cu_seqlens)
+        elif cu_seqlens is None:
             out, state = self._core(hidden_states, position_embeddings, token_mask, layer.state if layer else None)
             if layer is not None:
                 layer.advance(state, hidden_states.shape[1])

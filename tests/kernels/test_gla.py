@@ -198,7 +198,7 @@ GPU_CASES = [
     pytest.param(2, 500, 4, 2, 64, 64, False, id="B2-T500-H4-Hkv2-K64"),
     pytest.param(1, 63, 2, 2, 60, 60, False, id="B1-T63-H2-K60"),
     pytest.param(2, 300, 4, 4, 128, 128, True, id="B2-T300-H4-K128-normalised"),
-    pytest.param(1, 40, 4, 2, 64, 64, False, id="B1-T40-H4-Hkv2-K64-recurrent"),
+    pytest.param(1, 40, 4, 2, 64, 64, False, id="B1-T40-H4-Hkv2-K64-short"),
 ]
 
 
