@@ -130,30 +130,38 @@ def _attention_section(settings: dict) -> list[str]:
     return ["## Attention", "", *_table(["setting", "value"], rows), ""]
 
 
+# How the card names a stage, from its objective and what it trains.
+_STAGE_LABELS = {"attention_output": "attention transfer", "hidden_state": "hidden-state transfer"}
+
+
+def _stage_line(number: int, stage: dict) -> str:
+    lora = stage.get("lora", {})
+    trains = stage.get("trains", "attention")
+    label = _STAGE_LABELS.get(stage.get("objective"), "LoRA fine-tune" if "lora" in trains else "fine-tune")
+    if not stage.get("enabled", True):
+        return f"- stage {number}, {label}: skipped"
+    parts = [f"{_cell(stage.get('tokens'))} tokens"]
+    if stage.get("objective") in _STAGE_LABELS:
+        parts.append(f"MSE weight {_cell(stage.get('mse_weight'))}")
+    else:
+        parts.append(f"objective {stage.get('objective')}")
+    if "lora" in trains:
+        targets = ", ".join(lora.get("target_modules", []))
+        parts.append(f"r={lora.get('r')} alpha={lora.get('alpha')} on {targets or 'default modules'}")
+    parts.append(f"lr {_cell(stage.get('optim', {}).get('lr'))}")
+    return f"- stage {number}, {label}: " + ", ".join(parts)
+
+
 def _recipe_section(recipe: dict, summary: dict | None) -> list[str]:
-    data, transfer, finetune = recipe.get("data", {}), recipe.get("transfer", {}), recipe.get("finetune", {})
+    from .config import with_stages
+
+    data = recipe.get("data", {})
     lines = ["## Recipe", ""]
     if recipe.get("name"):
         lines.append(f"`{recipe['name']}`" + (f": {recipe['description']}" if recipe.get("description") else ""))
         lines.append("")
     lines.append(f"- data: {_describe_data(data.get('dataset'), summary)}, sequences of {data.get('seq_len')} tokens")
-    if transfer.get("enabled", True):
-        lines.append(
-            f"- stage 1, attention transfer: {_cell(transfer.get('tokens'))} tokens, "
-            f"MSE weight {_cell(transfer.get('mse_weight'))}, lr {_cell(transfer.get('optim', {}).get('lr'))}"
-        )
-    else:
-        lines.append("- stage 1, attention transfer: skipped")
-    if finetune.get("enabled", True):
-        lora = finetune.get("lora", {})
-        targets = ", ".join(lora.get("target_modules", []))
-        lines.append(
-            f"- stage 2, LoRA fine-tune: {_cell(finetune.get('tokens'))} tokens, r={lora.get('r')} "
-            f"alpha={lora.get('alpha')} on {targets or 'default modules'}, cross-entropy weight "
-            f"{_cell(finetune.get('ce_weight'))}, KD weight {_cell(finetune.get('kd_weight'))}"
-        )
-    else:
-        lines.append("- stage 2, LoRA fine-tune: skipped")
+    lines += [_stage_line(i, stage) for i, stage in enumerate(with_stages(recipe)["stages"], start=1)]
     lines.append(f"\nThe full recipe is in [`{RECIPE_FILE}`]({RECIPE_FILE}).")
     return [*lines, ""]
 

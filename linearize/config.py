@@ -144,40 +144,8 @@ class OptimConfig:
 
 
 @dataclass
-class TransferConfig:
-    """Stage 1, attention transfer: new attention parameters learn to reproduce the teacher's attention outputs.
-
-    Attributes:
-        enabled: run the stage (default true); false gives the no-transfer control.
-        tokens: token budget of the stage.
-        batch_size: sequences per step (per process).
-        mse_weight: weight of the MSE between student and teacher per-head attention outputs (LoLCATs: 1000).
-        xent_weight: weight of the cross-entropy between teacher and student attention weights; > 0 materialises
-            the T x T attention matrices, so keep sequences short (default 0).
-        layerwise: back-propagate each layer's loss as soon as the teacher has run that layer, so one layer's
-            graph is alive at a time instead of all of them (same result as the joint mode).
-        optim: optimiser settings (LoLCATs: lr 1e-2, no weight decay).
-    """
-
-    enabled: bool = True
-    tokens: int = 131072
-    batch_size: int = 4
-    mse_weight: float = 1000.0
-    xent_weight: float = 0.0
-    layerwise: bool = False
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-2, max_grad_norm=0.0))
-
-    def __post_init__(self):
-        _positive("transfer.batch_size", self.batch_size)
-        if self.enabled and self.tokens <= 0:
-            raise LinearizeError(f"transfer.tokens must be > 0, got {self.tokens}")
-        if self.mse_weight < 0 or self.xent_weight < 0 or self.mse_weight + self.xent_weight == 0:
-            raise LinearizeError("transfer.mse_weight and transfer.xent_weight must be >= 0 and not both 0")
-
-
-@dataclass
 class LoraSettings:
-    """LoRA adapters of stage 2 (peft).
+    """LoRA adapters of the stages that train them (peft); the first such stage adds them, later ones reuse them.
 
     Attributes:
         r: rank (LoLCATs: 8).
@@ -191,45 +159,78 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
-    def __post_init__(self):
-        _positive("finetune.lora.r", self.r)
-        if not self.target_modules:
-            raise LinearizeError("finetune.lora.target_modules must name at least one module")
-
 
 @dataclass
-class FinetuneConfig:
-    """Stage 2: LoRA fine-tuning of the converted model, then merging the adapters into the weights.
+class StageConfig:
+    """One training stage: what it optimises, what it trains, on how much data.
 
     Attributes:
-        enabled: run the stage (default true).
+        name: names the stage's checkpoints, metrics and `--set <name>.key=value` overrides (unique in a recipe).
+        objective: registered objective (`linearize.train.objectives.OBJECTIVES`): "attention_output" (MSE
+            between student and teacher per-head attention outputs, plus the attention-weight cross-entropy
+            when xent_weight > 0), "hidden_state" (L2 between the layers' attention outputs after o_proj),
+            "ce" (next-token cross-entropy), "kl" (KL(teacher || student) on next-token distributions, at
+            kd_temperature) or "mix" (ce_weight x CE + kd_weight x KL).
+        trains: registered trainable set (`linearize.train.trainables.TRAINABLES`): "attention" (the new
+            attention parameters), "lora" (LoRA adapters), "lora+attention" or "all" (every weight).
+        enabled: run the stage (default true); false gives, e.g., the no-transfer control.
         tokens: token budget of the stage.
         batch_size: sequences per step (per process).
-        ce_weight: weight of next-token cross-entropy on the data.
-        kd_weight: weight of KL(teacher || student) on the next-token distributions.
-        kd_temperature: softmax temperature of the KD term.
-        train_attention: also train the new attention parameters (default false: they stay as stage 1 left them).
-        lora: adapter settings.
-        optim: optimiser settings (LoLCATs: lr 1e-4).
+        seq_len: packed sequence length of this stage's data; 0 uses data.seq_len (a long-context stage sets more).
+        mse_weight: weight of the MSE of "attention_output" and "hidden_state" (LoLCATs: 1000).
+        xent_weight: weight of the attention-weight cross-entropy; > 0 materialises the T x T attention
+            matrices, so keep sequences short (default 0).
+        layerwise: back-propagate each layer's loss as soon as the teacher has run that layer, so one layer's
+            graph is alive at a time instead of all of them (same result as the joint mode).
+        ce_weight: weight of the cross-entropy in "mix" (default 1).
+        kd_weight: weight of the KL term in "mix" (default 0).
+        kd_temperature: softmax temperature of the KL term ("kl" and "mix").
+        lora: adapter settings (stages that train LoRA).
+        optim: optimiser settings.
     """
 
+    name: str = "stage"
+    objective: str = "attention_output"
+    trains: str = "attention"
     enabled: bool = True
-    tokens: int = 32768
+    tokens: int = 131072
     batch_size: int = 4
+    seq_len: int = 0
+    mse_weight: float = 1000.0
+    xent_weight: float = 0.0
+    layerwise: bool = False
     ce_weight: float = 1.0
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
-    train_attention: bool = False
     lora: LoraSettings = field(default_factory=LoraSettings)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self):
-        _positive("finetune.batch_size", self.batch_size)
+        from .train.registry import OBJECTIVES, TRAINABLES
+
+        for key, value, registry in (("objective", self.objective, OBJECTIVES), ("trains", self.trains, TRAINABLES)):
+            if value not in registry:
+                raise LinearizeError(
+                    f"{self.name}.{key} '{value}' is unknown; choose one of: {', '.join(sorted(registry))}"
+                )
+        _positive(f"{self.name}.batch_size", self.batch_size)
         if self.enabled and self.tokens <= 0:
-            raise LinearizeError(f"finetune.tokens must be > 0, got {self.tokens}")
-        if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
-            raise LinearizeError("finetune.ce_weight and finetune.kd_weight must be >= 0 and not both 0")
-        _positive("finetune.kd_temperature", self.kd_temperature)
+            raise LinearizeError(f"{self.name}.tokens must be > 0, got {self.tokens}")
+        if self.seq_len < 0:
+            raise LinearizeError(f"{self.name}.seq_len must be >= 0 (0: data.seq_len), got {self.seq_len}")
+        _positive(f"{self.name}.lora.r", self.lora.r)
+        if not self.lora.target_modules:
+            raise LinearizeError(f"{self.name}.lora.target_modules must name at least one module")
+        _positive(f"{self.name}.kd_temperature", self.kd_temperature)
+        OBJECTIVES[self.objective].check(self)
+
+
+def default_stages() -> list[StageConfig]:
+    """The two LoLCATs stages: attention transfer of the new parameters, then LoRA with next-token CE."""
+    return [
+        StageConfig(name="transfer", optim=OptimConfig(lr=1e-2, max_grad_norm=0.0)),
+        StageConfig(name="finetune", objective="mix", trains="lora", tokens=32768, optim=OptimConfig(lr=1e-4)),
+    ]
 
 
 @dataclass
@@ -286,16 +287,79 @@ class ReportConfig:
 
 @dataclass
 class Recipe:
-    """A complete recipe: the attention swap, the data, both training stages and the run settings."""
+    """A complete recipe: the attention swap, the data, the training stages in order and the run settings."""
 
     name: str = "custom"
     description: str = ""
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    transfer: TransferConfig = field(default_factory=TransferConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    stages: list[StageConfig] = field(default_factory=default_stages)
     run: RunConfig = field(default_factory=RunConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self):
+        names = [stage.name for stage in self.stages]
+        reserved = {f.name for f in dataclasses.fields(self)}
+        for name in names:
+            if names.count(name) > 1 or name in reserved or "." in name:
+                raise LinearizeError(
+                    f"stage name '{name}' must be unique in the recipe, free of dots and none of {sorted(reserved)}"
+                )
+
+    def stage(self, name: str) -> StageConfig:
+        """The stage called `name`."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise LinearizeError(f"the recipe has no stage '{name}'; its stages: {', '.join(s.name for s in self.stages)}")
+
+
+# First-wave recipes had two fixed sections; each becomes a stage with the defaults it had then.
+LEGACY_SECTIONS = {
+    "transfer": {
+        "name": "transfer",
+        "objective": "attention_output",
+        "trains": "attention",
+        "tokens": 131072,
+        "mse_weight": 1000.0,
+        "xent_weight": 0.0,
+        "optim": {"lr": 1e-2, "max_grad_norm": 0.0},
+    },
+    "finetune": {
+        "name": "finetune",
+        "objective": "mix",
+        "trains": "lora",
+        "tokens": 32768,
+        "ce_weight": 1.0,
+        "kd_weight": 0.0,
+        "optim": {"lr": 1e-4},
+    },
+}
+
+
+def with_stages(data: dict) -> dict:
+    """A recipe mapping with a `stages` list: first-wave `transfer:`/`finetune:` sections become the stages they
+    describe, and a recipe naming no stages gets the default two."""
+    legacy = [key for key in LEGACY_SECTIONS if key in data]
+    if legacy and "stages" in data:
+        raise LinearizeError(
+            f"the recipe has both 'stages' and a '{legacy[0]}:' section; move its settings into the stage of that name"
+        )
+    if not legacy:
+        if "stages" not in data:
+            data = {**data, "stages": [to_dict(stage) for stage in default_stages()]}
+        return data
+    data = dict(data)
+    stages = []
+    for key, defaults in LEGACY_SECTIONS.items():
+        section = dict(data.pop(key, None) or {})
+        if not isinstance(section, dict):
+            raise LinearizeError(f"recipe key '{key}': expected a mapping of settings, got {section!r}")
+        if section.pop("train_attention", False):
+            section["trains"] = "lora+attention"
+        stages.append({**defaults, **section})
+    data["stages"] = stages
+    return data
 
 
 def _positive(key: str, value: int) -> None:
@@ -326,7 +390,10 @@ def _coerce(value, tp, key: str):
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
             raise LinearizeError(f"recipe key '{key}': expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        # A stage's keys are named as `--set` addresses them: by the stage's name.
+        keys = [v["name"] if item_tp is StageConfig and isinstance(v, dict) and "name" in v else f"{key}[{i}]"
+                for i, v in enumerate(value)]  # fmt: skip
+        return [_coerce(v, item_tp, k) for k, v in zip(keys, value, strict=True)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise LinearizeError(f"recipe key '{key}': expected a mapping of settings, got {value!r}")
@@ -352,6 +419,8 @@ def _coerce(value, tp, key: str):
 
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from a plain mapping, rejecting unknown keys and mistyped values by name."""
+    if cls is Recipe:
+        data = with_stages(data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -383,26 +452,48 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.split("."), value
 
 
+def _stage_node(data: dict, selector: str, key: str) -> dict:
+    """The stage mapping that `selector` (a stage name or index) picks in `data["stages"]`."""
+    stages = data.get("stages") or []
+    for i, stage in enumerate(stages):
+        if isinstance(stage, dict) and (stage.get("name") == selector or str(i) == selector):
+            return stage
+    names = ", ".join(str(s.get("name")) for s in stages if isinstance(s, dict))
+    raise LinearizeError(f"--set: unknown recipe key '{key}'; the recipe's stages are: {names}")
+
+
 def apply_overrides(data: dict, overrides: list[str], cls=Recipe) -> dict:
-    """Apply `--set` overrides to a recipe mapping, checking each dotted key exists in `cls`."""
+    """Apply `--set` overrides to a recipe mapping, checking each dotted key exists in `cls`.
+
+    A stage's settings are addressed by its name, `transfer.tokens=2e6`, or as `stages.transfer.tokens=2e6`.
+    """
     for text in overrides:
         path, value = parse_override(text)
-        node, node_cls = data, cls
-        for depth, part in enumerate(path):
-            names = {f.name: f for f in dataclasses.fields(node_cls)} if dataclasses.is_dataclass(node_cls) else {}
-            if part not in names and node_cls is not dict:
-                key = ".".join(path[: depth + 1])
-                raise LinearizeError(f"--set: unknown recipe key '{key}'")
-            if depth == len(path) - 1 or node_cls is dict:
+        node, node_cls, first = data, cls, 0
+        if cls is Recipe:
+            fields = {f.name for f in dataclasses.fields(Recipe)}
+            if path[0] == "stages" and len(path) > 2:
+                node, node_cls, first = _stage_node(data, path[1], ".".join(path[:2])), StageConfig, 2
+            elif path[0] not in fields:
+                node, node_cls, first = _stage_node(data, path[0], path[0]), StageConfig, 1
+        for depth in range(first, len(path)):
+            part = path[depth]
+            if node_cls is dict:
                 # A free-form mapping (e.g. attention.options) takes the rest of the path as one key; its owner
-                # validates the keys.
-                node[".".join(path[depth:]) if node_cls is dict else part] = value
+                # checks the keys.
+                node[".".join(path[depth:])] = value
                 break
-            else:
-                node_cls = typing.get_type_hints(node_cls)[part]
-                node = node.setdefault(part, {})
-                if not isinstance(node, dict):
-                    raise LinearizeError(f"--set: '{'.'.join(path[: depth + 1])}' is not a group of settings")
+            if part not in {f.name for f in dataclasses.fields(node_cls)}:
+                raise LinearizeError(f"--set: unknown recipe key '{'.'.join(path[: depth + 1])}'")
+            if depth == len(path) - 1:
+                node[part] = value
+                break
+            node_cls = typing.get_type_hints(node_cls)[part]
+            if not (dataclasses.is_dataclass(node_cls) or node_cls is dict):
+                raise LinearizeError(f"--set: '{'.'.join(path[: depth + 1])}' is not a group of settings")
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LinearizeError(f"--set: '{'.'.join(path[: depth + 1])}' is not a group of settings")
     return data
 
 
@@ -428,5 +519,6 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     if not isinstance(data, dict):
         raise LinearizeError(f"recipe file {path} must hold a mapping of settings at the top level")
     data.setdefault("name", path.stem)
+    data = with_stages(data)
     apply_overrides(data, overrides or [])
     return from_dict(Recipe, data)

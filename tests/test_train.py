@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import WORDS, save_tiny, tiny_model
 
-from linearize.config import AttentionConfig, OptimConfig, RunConfig, TransferConfig, load_recipe
+from linearize.config import AttentionConfig, OptimConfig, RunConfig, StageConfig, load_recipe
 from linearize.errors import LinearizeError
 from linearize.models.convert import convert
 from linearize.models.twin import shallow_twin
@@ -59,7 +59,7 @@ def _transfer_setup(model, layerwise=False, window=8, layers=None):
     params = [p for m in students.values() for p in m.new_parameters()]
     for p in params:
         p.requires_grad_(True)
-    objective = TransferObjective(model, students, TransferConfig(layerwise=layerwise))
+    objective = TransferObjective(model, students, StageConfig(layerwise=layerwise))
     return objective, params
 
 
@@ -227,7 +227,7 @@ def test_every_bundled_recipe_loads():
     assert {"lolcats", "hedgehog", "lolcats-hybrid"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
-        assert recipe.description and recipe.transfer.tokens > 0
+        assert recipe.description and [s.name for s in recipe.stages] == ["transfer", "finetune"]
 
 
 def test_hybrid_recipe_distils_and_keeps_softmax_layers(tmp_path, tiny_dir, corpus):
@@ -312,6 +312,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         (["transfer.tokens=-5"], "transfer.tokens must be > 0"),
         (["finetune.lora.r=0"], "finetune.lora.r must be > 0"),
         (["finetune.ce_weight=0"], "not both 0"),
+        (["transfer.objective=mse"], "transfer.objective 'mse' is unknown; choose one of: attention_output"),
+        (["stages.finetune.trains=everything"], "finetune.trains 'everything' is unknown"),
+        (["polish.tokens=5"], "unknown recipe key 'polish'; the recipe's stages are: transfer, finetune"),
         (["transfer.optim.schedule=linear"], "schedule must be 'constant' or 'cosine'"),
         (["data.chat_template=maybe"], "data.chat_template must be"),
         (["finetune.lora.alpha=big"], "recipe key 'finetune.lora.alpha': expected int"),
@@ -325,9 +328,10 @@ def test_recipe_validation(sets, message):
 
 def test_user_recipe_file(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("attention: {kind: hedgehog, feature_dim: 32}\ntransfer: {tokens: 1000}\n")
-    recipe = load_recipe(str(path), ["finetune.lora.r=4"])
-    assert recipe.name == "mine" and recipe.attention.feature_dim == 32 and recipe.finetune.lora.r == 4
+    path.write_text("attention: {kind: hedgehog, feature_dim: 32}\nstages: [{name: only, tokens: 1000}]\n")
+    recipe = load_recipe(str(path), ["only.lora.r=4"])
+    assert recipe.name == "mine" and recipe.attention.feature_dim == 32 and recipe.stage("only").lora.r == 4
+    assert [s.name for s in recipe.stages] == ["only"] and recipe.stage("only").objective == "attention_output"
     path.write_text("attention: {kind: hedgehog, colour: red}\n")
     with pytest.raises(LinearizeError, match="unknown recipe key 'attention.colour'"):
         load_recipe(str(path))
@@ -398,7 +402,7 @@ def test_attention_weight_cross_entropy_term():
     params = [p for m in students.values() for p in m.new_parameters()]
     for p in params:
         p.requires_grad_(True)
-    objective = TransferObjective(model, students, TransferConfig(mse_weight=0.0, xent_weight=1.0))
+    objective = TransferObjective(model, students, StageConfig(mse_weight=0.0, xent_weight=1.0))
     gen = torch.Generator().manual_seed(0)
     held_out = torch.randint(3, 128, (2, 20), generator=gen)
     stats = objective.backward(held_out)

@@ -1,8 +1,9 @@
-"""Stage 2: LoRA fine-tuning of the converted student with next-token cross-entropy, teacher-logit KD, or both.
+"""Fine-tuning the converted student with next-token cross-entropy, teacher-logit KD, or both; LoRA adapters.
 
 Adapters come from peft and wrap only the student's projections (the teacher shares the frozen base weights
-but not the adapters), so the teacher's logits stay those of the original model for the KD term. After training
-the adapters are merged into the weights, which changes the shared base weights: the teacher is not used after.
+but not the adapters), so the teacher's logits stay those of the original model for the KD term. After the last
+stage the adapters are merged into the weights, which changes the shared base weights: the teacher is not used
+after.
 """
 
 from __future__ import annotations
@@ -11,45 +12,34 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import FinetuneConfig
+from ..config import LoraSettings
 
 
-def add_lora(student: nn.Module, cfg: FinetuneConfig) -> nn.Module:
-    """Wrap `student` with LoRA adapters; only adapter (and optionally attention) parameters train."""
+def add_lora(student: nn.Module, lora: LoraSettings) -> nn.Module:
+    """Wrap `student` with LoRA adapters; afterwards only the adapters' parameters require gradients."""
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(
-        r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(student, lora)
-    if cfg.train_attention:
-        from ..attention import converted_modules
-
-        for module in converted_modules(model).values():
-            for p in module.new_parameters():
-                p.requires_grad_(True)
-    return model
-
-
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+    return get_peft_model(student, config)
 
 
 class FinetuneObjective:
-    """Computes the stage-2 loss of a batch.
+    """Computes the language-model loss of a batch (objectives `ce`, `kl` and `mix`).
 
     Args:
-        student: the (peft-wrapped) converted model.
+        student: the converted model (peft-wrapped when LoRA trains).
         teacher: the original model, used only when `kd_weight > 0`.
-        cfg: loss weights.
+        cfg: `ce_weight`, `kd_weight` and `kd_temperature`.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg: FinetuneConfig):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg):
         self.student, self.teacher, self.cfg = student, teacher, cfg
 
     def _loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -1,4 +1,4 @@
-"""The training loop both stages share: steps, schedule, gradient sync, logging, checkpoints, resume, NaN stop.
+"""The training loop every stage shares: steps, schedule, gradient sync, logging, checkpoints, resume, NaN stop.
 
 A stage hands the loop a `step_fn(step) -> metrics` that runs forward and backward for batch `step`; the loop
 does everything around it. Gradients of the (small) trainable set are averaged across processes explicitly, so
@@ -109,10 +109,13 @@ def run_stage(
     resume: bool,
     eval_fn: Callable[[], float] | None = None,
     on_resume: Callable[[dict], None] | None = None,
+    extra_fn: Callable[[], dict] | None = None,
 ) -> StageResult:
     """Train `named_params` for `steps` steps of `step_fn`, checkpointing under `run_dir/checkpoints/<name>`.
 
-    A stage whose final checkpoint exists is not run again on resume: its trained tensors are loaded instead.
+    A stage whose final checkpoint exists is not run again on resume: its trained tensors are loaded instead, and
+    its result, with the `extra` that `extra_fn` gave after the final evaluation (e.g. per-layer errors), comes
+    back from that checkpoint.
     """
     folder = Path(run_dir) / "checkpoints" / name
     final_path = folder / FINAL_FILE
@@ -208,6 +211,7 @@ def run_stage(
         first_loss=first_loss,
         final_loss=loss,
         val_loss=val_loss,
+        extra=extra_fn() if extra_fn is not None else {},
     )
     if ctx.main:
         atomic_save({"params": trainable_state(named_params), "result": result.__dict__}, final_path)

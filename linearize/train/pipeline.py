@@ -1,4 +1,5 @@
-"""The job users come for: load, convert, attention transfer, LoRA fine-tuning, merge, export.
+"""The job users come for: load, convert, run the recipe's stages (attention transfer, LoRA fine-tuning, ...),
+merge, export, report.
 
 Layout of the output folder `<out>`:
 
@@ -7,7 +8,8 @@ Layout of the output folder `<out>`:
     <out>/run/metrics.jsonl                     one JSON line per logged step
     <out>/run/log.txt                           the run's log
     <out>/run/checkpoints/<stage>/              atomic checkpoints (state.pt while running, final.pt when done)
-    <out>/run/summary.json                      what was trained: stages, tokens, losses, per-layer transfer error
+    <out>/run/summary.json                      what was trained: stages, tokens, losses, per-layer transfer error;
+                                                "finished": true once the export and the report are written
 """
 
 from __future__ import annotations
@@ -27,12 +29,11 @@ import yaml
 
 from ..config import Recipe, from_dict, to_dict
 from ..errors import LinearizeError
-from .loop import Dist, StageResult, run_stage
+from .loop import Dist
 
 logger = logging.getLogger(__name__)
 
 RUN_DIR = "run"
-VAL_SEQUENCES = 16
 
 
 @dataclass
@@ -80,13 +81,15 @@ def _resolve_dtype(name: str, ctx: Dist) -> str:
     return "float32"
 
 
-def _load_data(recipe: Recipe, tokenizer, run_dir: Path, ctx: Dist):
+def _load_data(recipe: Recipe, tokenizer, run_dir: Path, ctx: Dist, seq_len: int | None = None):
     from ..data import PackedData, load_documents, pack_documents
 
-    path = run_dir / "data.pt"
+    # A stage with a sequence length of its own (e.g. a long-context stage) gets its own packing.
+    seq_len = seq_len or recipe.data.seq_len
+    path = run_dir / ("data.pt" if seq_len == recipe.data.seq_len else f"data-{seq_len}.pt")
     if ctx.main and not path.is_file():
         docs, where = load_documents(recipe.data, tokenizer)
-        sequences = pack_documents(docs, tokenizer, recipe.data.seq_len)
+        sequences = pack_documents(docs, tokenizer, seq_len)
         packed = PackedData.split(sequences, recipe.data.validation_fraction, recipe.run.seed, where)
         from .checkpoint import atomic_save
 
@@ -109,31 +112,13 @@ def _export(student, tokenizer, out: Path, recipe: Recipe) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _batches(data: torch.Tensor, plan, device):
-    def get(step: int) -> torch.Tensor:
-        return data[plan.indices(step)].to(device)
-
-    return get
-
-
-def _evaluator(objective, data: torch.Tensor, batch_size: int, ctx: Dist, per_layer: dict | None = None):
-    val = data[:VAL_SEQUENCES]
-
-    def evaluate() -> float | None:
-        if len(val) == 0:
-            return None
-        totals = []
-        for start in range(0, len(val), batch_size):
-            result = objective.evaluate(val[start : start + batch_size].to(ctx.device))
-            if isinstance(result, tuple):
-                result, layers = result
-                if per_layer is not None:
-                    for idx, mse in layers.items():
-                        per_layer.setdefault(idx, []).append(mse)
-            totals.append(result)
-        return ctx.mean_scalar(sum(totals) / len(totals))
-
-    return evaluate
+def _finished_summary(run_dir: Path) -> dict | None:
+    """The summary of a run that got to its end (export and report written), else None."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("finished") else None
 
 
 def run_pipeline(
@@ -143,26 +128,34 @@ def run_pipeline(
     resume: bool = False,
     overwrite: bool = False,
 ) -> PipelineResult:
-    """Run both stages and export the converted model into `out`.
+    """Run the recipe's stages in order and export the converted model into `out`.
 
     Args:
         model: alias, local folder, .gguf file or Hub id of the teacher.
         recipe: the resolved recipe.
         out: output folder (model files at its top, the run's files under `run/`).
-        resume: continue the run already in `out` from its last checkpoint.
+        resume: continue the run already in `out` from its last checkpoint; a finished run is left as it is.
         overwrite: start over in a non-empty `out`.
     """
-    from ..data import BatchPlan
+    from ..attention import converted_modules
     from ..models.convert import convert
     from ..models.loading import load_model
     from ..models.twin import shallow_twin
-    from .finetune import FinetuneObjective, add_lora, trainable_parameters
-    from .transfer import TransferObjective, student_attention_modules
+    from .stages import Run, run_recipe_stage
 
     ctx = _dist_context()
     out = Path(out)
     run_dir = _prepare_out(out, recipe, resume, overwrite) if ctx.main else out / RUN_DIR
     ctx.barrier()
+    finished = _finished_summary(run_dir) if resume else None
+    if finished is not None:
+        logger.info(
+            "the run in %s is finished; nothing to do (--overwrite trains it again, `linearize eval --model %s` "
+            "evaluates it again)",
+            out,
+            out,
+        )
+        return PipelineResult(out=out, summary=finished)
     log_handler = _attach_log(run_dir) if ctx.main else None
     started = time.perf_counter()
     try:
@@ -181,109 +174,76 @@ def run_pipeline(
             logger.info("fsdp: frozen weights sharded across %d processes (%d units)", ctx.world, n_units)
         student = shallow_twin(teacher)
         convert(student, recipe.attention, base_model=model)
-        students = student_attention_modules(student)
-        for module in students.values():
+        for module in converted_modules(student).values():
             module.float_new_parameters()
         data = _load_data(recipe, loaded.tokenizer, run_dir, ctx)
-        seq_len = data.train.shape[1]
         logger.info(
             "data: %s; %d training and %d validation sequences of %d tokens",
             data.source,
             len(data.train),
             len(data.validation),
-            seq_len,
+            data.train.shape[1],
         )
-
-        results: list[StageResult] = []
-        transfer_layers: dict[int, list[float]] = {}
-        if recipe.transfer.enabled and students:
-            cfg = recipe.transfer
-            named = {
-                f"layers.{idx}.{name}": p for idx, m in students.items() for name, p in m.named_new_parameters().items()
-            }
-            for p in named.values():
-                p.requires_grad_(True)
-            objective = TransferObjective(teacher, students, cfg)
-            plan = BatchPlan(len(data.train), cfg.batch_size, recipe.run.seed, ctx.world, ctx.rank)
-            steps = plan.steps_for(cfg.tokens, seq_len)
-            batch = _batches(data.train, plan, ctx.device)
-            _note_budget("transfer", cfg.tokens)
-            results.append(
-                run_stage(
-                    "transfer",
-                    named,
-                    cfg.optim,
-                    steps,
-                    plan.global_batch * seq_len,
-                    lambda step: objective.backward(batch(step)),
-                    run_dir,
-                    recipe.run,
-                    ctx,
-                    resume,
-                    eval_fn=_evaluator(objective, data.validation, cfg.batch_size, ctx, transfer_layers),
-                )
-            )
-            for p in named.values():
-                p.requires_grad_(False)
-
-        trained = student
-        if recipe.finetune.enabled:
-            cfg = recipe.finetune
-            peft_model = add_lora(student, cfg)
-            named = trainable_parameters(peft_model)
-            objective = FinetuneObjective(peft_model, teacher if cfg.kd_weight > 0 else None, cfg)
-            plan = BatchPlan(len(data.train), cfg.batch_size, recipe.run.seed + 1, ctx.world, ctx.rank)
-            steps = plan.steps_for(cfg.tokens, seq_len)
-            batch = _batches(data.train, plan, ctx.device)
-            _note_budget("finetune", cfg.tokens)
-            peft_model.train()
-            results.append(
-                run_stage(
-                    "finetune",
-                    named,
-                    cfg.optim,
-                    steps,
-                    plan.global_batch * seq_len,
-                    lambda step: objective.backward(batch(step)),
-                    run_dir,
-                    recipe.run,
-                    ctx,
-                    resume,
-                    eval_fn=_evaluator(objective, data.validation, cfg.batch_size, ctx),
-                )
-            )
-            trained = peft_model
-        if sharded:
-            final_model = _rebuild_unsharded(trained, model, dtype, recipe, ctx)
-        else:
-            final_model = trained.merge_and_unload() if recipe.finetune.enabled else trained
-        if final_model is not None:
-            final_model.eval()
-
+        run = Run(
+            recipe,
+            ctx,
+            run_dir,
+            resume,
+            teacher,
+            student,
+            lambda seq_len: _load_data(recipe, loaded.tokenizer, run_dir, ctx, seq_len),
+            sharded=sharded,
+            data={recipe.data.seq_len: data},
+        )
+        results, stage_seconds = [], 0.0
+        for index, stage in enumerate(recipe.stages):
+            if not stage.enabled:
+                continue
+            stage_started = time.perf_counter()
+            result = run_recipe_stage(run, index, stage)
+            stage_seconds += time.perf_counter() - stage_started
+            if result is not None:
+                results.append(result)
+        final_model = _final_model(run, model, dtype)
         summary = {
             "model": model,
             "recipe": recipe.name,
             "attention": recipe.attention.kind,
             "data": data.source,
-            "seq_len": seq_len,
+            "seq_len": data.train.shape[1],
             "world_size": ctx.world,
             "dtype": dtype,
             "stages": [r.__dict__ for r in results],
-            "transfer_layer_mse": {str(k): sum(v) / len(v) for k, v in sorted(transfer_layers.items())},
-            "seconds": round(time.perf_counter() - started, 1),
+            "transfer_layer_mse": next((r.extra["layer_mse"] for r in results if "layer_mse" in r.extra), {}),
+            # Stages count the time earlier processes of a resumed run spent in them.
+            "seconds": round(sum(r.seconds for r in results) + time.perf_counter() - started - stage_seconds, 1),
         }
         if ctx.main:
             _export(final_model, loaded.tokenizer, out, recipe)
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            del teacher, student, final_model, trained
+            del teacher, student, final_model, run
             if recipe.report.enabled:
                 summary["report"] = str(_write_run_report(model, out, recipe, data, dtype, ctx))
+            summary["finished"] = True
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         ctx.barrier()
         return PipelineResult(out=out, summary=summary)
     finally:
         if log_handler is not None:
             logging.getLogger("linearize").removeHandler(log_handler)
             log_handler.close()
+
+
+def _final_model(run, source: str, dtype: str):
+    """The trained student with its adapters merged, gathered onto the main process when sharded (None
+    elsewhere)."""
+    if run.sharded:
+        final = _rebuild_unsharded(run.model, source, dtype, run.recipe, run.lora, run.ctx)
+    else:
+        final = run.model.merge_and_unload() if run.lora is not None else run.model
+    if final is not None:
+        final.eval()
+    return final
 
 
 def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, ctx: Dist) -> Path:
@@ -337,35 +297,25 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
     return write_report(report, out / "report")
 
 
-def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Dist):
+def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, lora, ctx: Dist):
     """Gather the sharded weights and rebuild a plain merged model on the main process (None elsewhere)."""
+    from ..attention import converted_modules
     from ..models.convert import convert
     from ..models.loading import load_model
     from .distributed import full_state_dict
     from .finetune import add_lora
-    from .transfer import student_attention_modules
 
     state = full_state_dict(trained)
     if not ctx.main:
         return None
     fresh = load_model(source, dtype=dtype).model
     convert(fresh, recipe.attention, base_model=source)
-    for module in student_attention_modules(fresh).values():
+    for module in converted_modules(fresh).values():
         module.float_new_parameters()
-    if recipe.finetune.enabled:
-        fresh = add_lora(fresh, recipe.finetune)
+    if lora is not None:
+        fresh = add_lora(fresh, lora)
     fresh.load_state_dict(state, strict=True)
-    return fresh.merge_and_unload() if recipe.finetune.enabled else fresh
-
-
-def _note_budget(stage: str, tokens: int) -> None:
-    if tokens < 1_000_000:
-        logger.info(
-            "%s: %s tokens is a quick run; LoLCATs uses about 20M per stage (--set %s.tokens=20e6)",
-            stage,
-            f"{tokens:,}",
-            stage,
-        )
+    return fresh.merge_and_unload() if lora is not None else fresh
 
 
 def _attach_log(run_dir: Path) -> logging.Handler:

@@ -1,10 +1,11 @@
-"""Stage 1, attention transfer: the new attention learns to reproduce the teacher's attention, layer by layer.
+"""Attention transfer: the new attention learns to reproduce the teacher's attention, layer by layer.
 
 Forward hooks on the teacher's attention modules capture, for every converted layer, the layer's input (the
-teacher's own residual stream), its rotary embeddings and its per-head output (the input of `o_proj`). The
-student's attention module of that layer then runs on the same input, and the loss is the MSE between the two
-per-head outputs (times `mse_weight`), plus optionally the cross-entropy between the attention weights. The
-teacher runs under SDPA; T x T matrices exist only when the cross-entropy term asks for them.
+teacher's own residual stream), its rotary embeddings and its target: the per-head output (the input of `o_proj`,
+objective `attention_output`) or the output after `o_proj` (`hidden_state`). The student's attention module of
+that layer then runs on the same input, and the loss is the MSE between the two (times `mse_weight`), plus
+optionally the cross-entropy between the attention weights. The teacher runs under SDPA; T x T matrices exist
+only when the cross-entropy term asks for them.
 
 Layers never see each other's student outputs, so the layers' losses are independent. `layerwise` exploits
 that: each layer's loss is back-propagated inside the teacher's forward as soon as that layer has run, so only
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import ConvertedAttention, converted_modules
-from ..config import TransferConfig
+from ..config import StageConfig
 from ..kernels.hybrid import keeping_states
 
 
@@ -42,22 +43,32 @@ def student_attention_modules(student: nn.Module) -> dict[int, ConvertedAttentio
     return converted_modules(student)
 
 
+TARGETS = ("heads", "output")
+
+
 class TransferObjective:
-    """Computes the stage-1 loss of a batch from a frozen teacher and the student's converted attention modules.
+    """Computes the attention-transfer loss of a batch from a frozen teacher and the student's converted modules.
 
     Args:
         teacher: the original causal LM (frozen, unconverted).
         students: converted attention modules by layer index (they share the teacher's projections).
-        cfg: loss weights and the layerwise switch.
+        cfg: the stage: `mse_weight`, `xent_weight` and `layerwise`.
+        target: "heads" matches the per-head outputs before `o_proj`, "output" the outputs after it.
     """
 
-    def __init__(self, teacher: nn.Module, students: dict[int, ConvertedAttention], cfg: TransferConfig):
-        self.teacher, self.students, self.cfg = teacher, students, cfg
+    def __init__(
+        self, teacher: nn.Module, students: dict[int, ConvertedAttention], cfg: StageConfig, target: str = "heads"
+    ):
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        self.teacher, self.students, self.cfg, self.target = teacher, students, cfg, target
         self.teacher_attn = teacher_attention_modules(teacher, sorted(students))
 
     def _layer_loss(self, idx: int, cap: _Captured) -> tuple[torch.Tensor, dict]:
         student = self.students[idx]
         pred = student.attention_heads(cap.hidden, cap.position_embeddings)
+        if self.target == "output":
+            pred = student.o_proj(pred)
         mse = F.mse_loss(pred.float(), cap.target.float())
         loss = self.cfg.mse_weight * mse
         stats = {"mse": mse.item()}
@@ -98,8 +109,14 @@ class TransferObjective:
             def o_pre(module, args, idx=idx):
                 captured[idx].target = args[0].detach()
 
+            def out(module, args, output, idx=idx):
+                captured[idx].target = output[0].detach()
+
             handles.append(attn.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(attn.o_proj.register_forward_pre_hook(o_pre))
+            if self.target == "heads":
+                handles.append(attn.o_proj.register_forward_pre_hook(o_pre))
+            else:
+                handles.append(attn.register_forward_hook(out))
             if on_layer is not None:
 
                 def post(module, args, output, idx=idx):
