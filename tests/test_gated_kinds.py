@@ -62,8 +62,10 @@ def tiny_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_bundled_recipe_trains_exports_reloads_and_decodes_as_it_prefills(kind, tmp_path, tiny_dir, corpus):
-    sets = ["data.seq_len=32", "attention.feature_dim=8", "attention.window=4", "transfer.tokens=512",
-            "finetune.tokens=256", "run.checkpoint_every=100", "report.enabled=false", f"data.dataset={corpus}"]  # fmt: skip
+    sets = [
+        *("data.seq_len=32", "attention.feature_dim=8", "attention.window=4", "transfer.tokens=512"),
+        *("finetune.tokens=256", "run.checkpoint_every=100", "report.enabled=false", f"data.dataset={corpus}"),
+    ]
     recipe = load_recipe(kind, sets)
     run_pipeline(str(tiny_dir), recipe, tmp_path / "out")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
