@@ -106,11 +106,12 @@ def test_a_teacher_checkpoint_gets_the_kinds_start(kind, tmp_path):
             assert torch.equal(p, fresh[name]), name
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "gemma2", "phi3"])
-def test_families_with_norms_softcap_and_partial_rotary(kind):
-    for name in ("lizard", "lawcat"):
-        model = convert(tiny_model(kind), AttentionConfig(kind=name, **SMALL))
-        _decode_equals_full(model, _ids(1, 9))
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text", "phi3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_families_with_norms_softcap_and_partial_rotary(kind, family):
+    model = convert(tiny_model(family), AttentionConfig(kind=kind, **SMALL))
+    _perturb(model)
+    _decode_equals_full(model, _ids(1, 9))
 
 
 def _perturb(model, seed=9):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .. import _compat
+from ..errors import LinearizeError
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gla.naive import EPS, expand_heads
 from ..kernels.window import WindowState, window_attention
@@ -201,6 +202,11 @@ class GatedAttention(ConvertedAttention):
                 outs.append(self._core(hidden_states[:, a:b], (cos[:, a:b], sin[:, a:b]), mask, None)[0])
             out = torch.cat(outs, 1)
         return out.reshape(*hidden_states.shape[:-1], -1)
+
+    def attention_weights(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
+        raise LinearizeError(
+            "the gated kinds have no attention-weight cross-entropy term: set the transfer stage's xent_weight=0"
+        )
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
         """Same call and return convention as the transformers attention modules: `(output, None)`."""
