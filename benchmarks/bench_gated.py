@@ -45,6 +45,8 @@ def _teacher_layer():
 def _build(kind: str, teacher):
     cfg = AttentionConfig(kind=kind)
     module = get_attention_kind(kind).build(teacher, cfg, 0).to("cuda")
+    # As the pipeline keeps them: the new (trained) parameters in fp32, the teacher's in bf16.
+    module.float_new_parameters()
     return module
 
 
