@@ -167,6 +167,9 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(gla_mod, "kernel_choice", lambda: "triton")
     with pytest.raises(LinearizeError, match="fla-core"):
         gla_mod.gla_backend(q)
+    monkeypatch.setattr(gla_mod, "fla_version", lambda: "0.6.0")
+    with pytest.raises(LinearizeError, match="CUDA tensors"):
+        gla_mod.gla_backend(q)
 
 
 def test_gpu_extra_pins_the_checked_fla_versions():

@@ -70,6 +70,9 @@ def gla_backend(q: torch.Tensor) -> str:
                 f"{ENV_VAR}=triton but fla-core (the gated kinds' kernels) is not installed: "
                 f"pip install 'fla-core{FLA_VERSIONS}', or unset {ENV_VAR}"
             )
+        # fla's chunk kernels do not run under Triton's interpreter.
+        if not q.is_cuda:
+            raise LinearizeError(f"{ENV_VAR}=triton: fla's gated kernels need CUDA tensors; unset {ENV_VAR} on CPU")
         return "fla"
     if not q.is_cuda:
         return "torch"
