@@ -155,19 +155,28 @@ def test_gla_with_its_gate_at_one_is_hedgehog():
 def test_lizard_is_its_two_naive_branches_under_one_normaliser():
     teacher, hidden, pe = _layer_inputs(T=19)
     lizard = convert(tiny_model("llama"), AttentionConfig(kind="lizard", options={"sinks": 2}, **SMALL))
+    _perturb(lizard)
     m = converted_modules(lizard)[0]
-    with torch.no_grad():
-        m.gate.proj.weight.normal_(std=0.3, generator=torch.Generator().manual_seed(5))
-        m.sinks.normal_(generator=torch.Generator().manual_seed(6))
-        q, k, v = project_qkv(m, hidden, pe)
-        cos, sin = pe
-        q0, k0, _ = project_qkv(m, hidden, (torch.ones_like(cos), torch.zeros_like(sin)))
-        fq, fk = m._features(q0, k0)
-        g = m.gate(hidden, k0).expand(*fq.shape[:-1], fq.shape[-1])
-        lin, _ = gla_naive(fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], -1).float(), g, scale=1.0)
-        num_w, den_w = window_naive(q, k, v, m.window, m.scaling, m.sinks)
-        want = (num_w + lin[..., :-1]) / (den_w + lin[..., -1] + EPS)[..., None]
-    torch.testing.assert_close(_heads(m, hidden, pe), want.reshape(2, 19, -1), rtol=1e-4, atol=1e-5)
+    params = m.new_parameters()
+    q, k, v = project_qkv(m, hidden, pe)
+    cos, sin = pe
+    q0, k0, _ = project_qkv(m, hidden, (torch.ones_like(cos), torch.zeros_like(sin)))
+    fq, fk = m._features(q0, k0)
+    g = m.gate(hidden, k0).expand(*fq.shape[:-1], fq.shape[-1])
+    lin, _ = gla_naive(fq, fk, torch.cat([v, torch.ones_like(v[..., :1])], -1).float(), g, scale=1.0)
+    num_w, den_w = window_naive(q, k, v, m.window, m.scaling, m.sinks)
+    want = ((num_w + lin[..., :-1]) / (den_w + lin[..., -1] + EPS)[..., None]).reshape(2, 19, -1)
+    got = m.attention_heads(hidden, pe)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # Every new parameter's gradient (feature maps, gate, sinks) as well.
+    d_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(8))
+    for a, b, p in zip(
+        torch.autograd.grad((got * d_out).sum(), params),
+        torch.autograd.grad((want * d_out).sum(), params),
+        params,
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda text, p=p: f"{p.shape}: {text}")
     # Sinks add to the normaliser only: raising them shrinks every output, never turns its direction.
     with torch.no_grad():
         base = _heads(m, hidden, pe)
