@@ -1,7 +1,8 @@
 """Chunked PyTorch path of the window branch, with the ring buffer that decoding carries.
 
-Queries go in chunks; each chunk scores against [the last W - 1 keys, the chunk], as the hybrid op's chunked path
-does, so memory is O(T * (C + W)) and a decoding step is the same code with T = 1.
+Queries go in chunks; each chunk scores against [the W - 1 keys before it, the chunk], as the hybrid op's chunked
+path does, all chunks in one batched product, so memory is O(T * (C + W)) and a decoding step is the same code with
+T = 1.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..hybrid.naive import repeat_kv, softcap_scores
 from .naive import window_terms
@@ -56,35 +58,43 @@ def window_chunk_torch(
 ) -> tuple[torch.Tensor, torch.Tensor, WindowState | None]:
     """Window branch over a block of new tokens, continuing from `initial_state`; see `window_naive`.
 
+    Every chunk of queries is scored at once against its own [W - 1 + C] keys (an unfolded view of the carried
+    keys followed by the new ones), so there is no loop over chunks: one batched product on any device.
+
     Returns:
         (num `[B, T, H, V]` fp32, den `[B, T, H]` fp32, state after these tokens or None).
     """
-    B, T, H, _ = q.shape
+    B, T, H, D = q.shape
+    V = v.shape[-1]
     groups = H // k.shape[2]
     state = initial_state if initial_state is not None else WindowState.empty(B, window, k, v)
     if token_mask is None:
         token_mask = torch.ones(B, T, dtype=torch.bool, device=q.device)
-    win_k, win_v, win_mask = state.keys, state.values, state.mask
-    slots = win_k.shape[1]
-    nums, dens = [], []
-    for start in range(0, T, chunk_size):
-        stop = min(start + chunk_size, T)
-        n_new = stop - start
-        keys = torch.cat([win_k, k[:, start:stop].to(win_k.dtype)], dim=1)
-        values = torch.cat([win_v, v[:, start:stop].to(win_v.dtype)], dim=1)
-        key_ok = torch.cat([win_mask, token_mask[:, start:stop]], dim=1)
-        kr, vr = repeat_kv(keys, groups).float(), repeat_kv(values, groups).float()
-        scores = softcap_scores(torch.einsum("bihd,bjhd->bhij", q[:, start:stop].float(), kr) * scale, softcap)
-        # Query i of the chunk sits at position slots + i of the concatenated keys.
-        qi = torch.arange(n_new, device=q.device)[:, None] + slots
-        kj = torch.arange(slots + n_new, device=q.device)[None, :]
-        in_window = ((kj <= qi) & (kj > qi - window))[None, None] & key_ok[:, None, None, :]
-        num, den = window_terms(scores, in_window, vr, sinks)
-        nums.append(num)
-        dens.append(den)
-        win_k, win_v, win_mask = keys[:, n_new:], values[:, n_new:], key_ok[:, n_new:]
-    V = v.shape[-1]
-    num = torch.cat(nums, 1) if nums else q.new_zeros(B, 0, H, V, dtype=torch.float32)
-    den = torch.cat(dens, 1) if dens else q.new_zeros(B, 0, H, dtype=torch.float32)
-    final = WindowState(win_k, win_v, win_mask) if output_final_state else None
+    slots = state.keys.shape[1]
+    keys = torch.cat([state.keys, k.to(state.keys.dtype)], dim=1)
+    values = torch.cat([state.values, v.to(state.values.dtype)], dim=1)
+    key_ok = torch.cat([state.mask, token_mask], dim=1)
+    final = WindowState(keys[:, T:], values[:, T:], key_ok[:, T:]) if output_final_state else None
+    if T == 0:
+        return q.new_zeros(B, 0, H, V, dtype=torch.float32), q.new_zeros(B, 0, H, dtype=torch.float32), final
+    C = min(chunk_size, T)
+    pad = (-T) % C
+    n = (T + pad) // C
+    # Padding at the end: masked keys, queries whose rows are cut off below.
+    keys, values = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (keys, values))
+    key_ok = F.pad(key_ok, (0, pad), value=False)
+    qc = F.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(B, n, C, H, D)
+    span = slots + C
+    # [B, N, span, Hkv, *]: chunk i sees positions i * C .. i * C + span - 1 of the concatenated keys.
+    kc = repeat_kv(keys.unfold(1, span, C).permute(0, 1, 4, 2, 3).flatten(0, 1), groups).float().unflatten(0, (B, n))
+    vc = repeat_kv(values.unfold(1, span, C).permute(0, 1, 4, 2, 3).flatten(0, 1), groups).float().unflatten(0, (B, n))
+    ok = key_ok.unfold(1, span, C)
+    scores = softcap_scores(torch.einsum("bnihd,bnjhd->bnhij", qc, kc) * scale, softcap)
+    # Query i of a chunk sits at position slots + i of its keys.
+    qi = torch.arange(C, device=q.device)[:, None] + slots
+    kj = torch.arange(span, device=q.device)[None, :]
+    in_window = ((kj <= qi) & (kj > qi - window))[None, None, None] & ok[:, :, None, None, :]
+    num, den = window_terms(scores.flatten(0, 1), in_window.flatten(0, 1), vc.flatten(0, 1), sinks)
+    num = num.unflatten(0, (B, n)).flatten(1, 2)[:, :T]
+    den = den.unflatten(0, (B, n)).flatten(1, 2)[:, :T]
     return num, den, final
