@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..hybrid.naive import repeat_kv, softcap_scores
-from .naive import window_terms
+from ..hybrid.naive import softcap_scores
+from .naive import window_max
 
 
 @dataclass
@@ -85,16 +85,23 @@ def window_chunk_torch(
     key_ok = F.pad(key_ok, (0, pad), value=False)
     qc = F.pad(q.float(), (0, 0, 0, 0, 0, pad)).view(B, n, C, H, D)
     span = slots + C
-    # [B, N, span, Hkv, *]: chunk i sees positions i * C .. i * C + span - 1 of the concatenated keys.
-    kc = repeat_kv(keys.unfold(1, span, C).permute(0, 1, 4, 2, 3).flatten(0, 1), groups).float().unflatten(0, (B, n))
-    vc = repeat_kv(values.unfold(1, span, C).permute(0, 1, 4, 2, 3).flatten(0, 1), groups).float().unflatten(0, (B, n))
+    # [B, N, span, Hkv, *]: chunk i sees positions i * C .. i * C + span - 1 of the concatenated keys; the query
+    # heads of a group share their key/value head without copies.
+    kc = keys.unfold(1, span, C).permute(0, 1, 4, 2, 3).float()
+    vc = values.unfold(1, span, C).permute(0, 1, 4, 2, 3).float()
     ok = key_ok.unfold(1, span, C)
-    scores = softcap_scores(torch.einsum("bnihd,bnjhd->bnhij", qc, kc) * scale, softcap)
+    qg = qc.unflatten(3, (H // groups, groups))
+    scores = softcap_scores(torch.einsum("bnihgd,bnjhd->bnhgij", qg, kc).flatten(2, 3) * scale, softcap)
     # Query i of a chunk sits at position slots + i of its keys.
     qi = torch.arange(C, device=q.device)[:, None] + slots
     kj = torch.arange(span, device=q.device)[None, :]
     in_window = ((kj <= qi) & (kj > qi - window))[None, None, None] & ok[:, :, None, None, :]
-    num, den = window_terms(scores.flatten(0, 1), in_window.flatten(0, 1), vc.flatten(0, 1), sinks)
-    num = num.unflatten(0, (B, n)).flatten(1, 2)[:, :T]
-    den = den.unflatten(0, (B, n)).flatten(1, 2)[:, :T]
+    m = window_max(scores, in_window)
+    a = torch.exp((scores - m).masked_fill(~in_window, float("-inf")))
+    num = torch.einsum("bnhgij,bnjhv->bnihgv", a.unflatten(2, (H // groups, groups)), vc).flatten(3, 4)
+    den = a.sum(-1)
+    if sinks is not None:
+        den = den + torch.exp(sinks.float()[None, None, :, None, :] - m).sum(-1)
+    num = num.flatten(1, 2)[:, :T]
+    den = den.transpose(2, 3).flatten(1, 2)[:, :T]
     return num, den, final
