@@ -161,3 +161,42 @@ def test_kind_options_are_checked_against_the_kinds_dataclass(toy_kind):
         load_recipe("lolcats", ["attention.kind=toy", "attention.options.colour=red"])
     with pytest.raises(LinearizeError, match="kind 'lolcats' takes no options"):
         load_recipe("lolcats", ["attention.options.gain=2"])
+
+
+BUNDLED = sorted(name for name, kind in ATTENTION_KINDS.items() if kind.build is not None)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_every_kind_keeps_the_contract(name):
+    # What the pipeline, the cache, export and the controls rely on, for every registered kind.
+    from linearize.attention import get_attention_kind, kind_of
+
+    kind = get_attention_kind(name)
+    assert "naive" in kind.ops, "each kind names the PyTorch ground truth of its ops"
+    teacher = tiny_model("llama")
+    teacher_keys = set(teacher.state_dict())
+    model = convert(tiny_model("llama"), AttentionConfig(kind=name, window=4, feature_dim=8, chunk_size=4))
+    modules = converted_modules(model)
+    assert sorted(modules) == [0, 1, 2, 3] and all(kind_of(m) is kind for m in modules.values())
+    new = {f"model.layers.{i}.self_attn.{n}" for i, m in modules.items() for n in m.named_new_parameters()}
+    assert new and set(model.state_dict()) == teacher_keys | new and not new & teacher_keys
+
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        start = model(ids, use_cache=False).logits
+        for m in modules.values():
+            for p in m.new_parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        trained = model(ids, use_cache=False).logits
+        for variant in kind.controls:
+            with attention_variant(model, variant):
+                assert not torch.allclose(model(ids, use_cache=False).logits, trained), variant
+            torch.testing.assert_close(model(ids, use_cache=False).logits, trained)
+        out = model(ids[:, :3], use_cache=True)
+        cache, steps = output_cache(out), [out.logits]
+        for t in range(3, ids.shape[1]):
+            steps.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache}).logits)
+        torch.testing.assert_close(torch.cat(steps, 1), trained, rtol=1e-4, atol=1e-5)
+        for m in modules.values():
+            m.reset_new_parameters()
+        torch.testing.assert_close(model(ids, use_cache=False).logits, start, rtol=0, atol=0)

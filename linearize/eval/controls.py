@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 
-from ..attention import converted_modules, kind_of
+from ..attention import ATTENTION_KINDS, converted_modules, kind_of
 from ..errors import LinearizeError
 
+# The controls reports run; a kind may declare others, which `attention_variant` accepts too.
 CONTROLS = ("window-only", "linear-only")
 
 
@@ -33,8 +34,9 @@ def has_both_branches(model) -> bool:
 @contextlib.contextmanager
 def attention_variant(model, variant: str):
     """Run `model` as the `variant` control inside the block; restored on exit."""
-    if variant not in CONTROLS:
-        raise LinearizeError(f"control '{variant}' is unknown; choose from {', '.join(CONTROLS)}")
+    known = dict.fromkeys([*CONTROLS, *(name for kind in ATTENTION_KINDS.values() for name in kind.controls)])
+    if variant not in known:
+        raise LinearizeError(f"control '{variant}' is unknown; choose from {', '.join(known)}")
     restores = [control.switch(module) for module, control in _targets(model, variant)]
     try:
         yield model
