@@ -179,7 +179,8 @@ def test_every_kind_keeps_the_contract(name):
     modules = converted_modules(model)
     assert sorted(modules) == [0, 1, 2, 3] and all(kind_of(m) is kind for m in modules.values())
     new = {f"model.layers.{i}.self_attn.{n}" for i, m in modules.items() for n in m.named_new_parameters()}
-    assert new and set(model.state_dict()) == teacher_keys | new and not new & teacher_keys
+    # A kind may add nothing (liger's gate and features are the teacher's own); whatever it adds is declared new.
+    assert set(model.state_dict()) == teacher_keys | new and not new & teacher_keys
 
     ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -1,0 +1,249 @@
+"""Gated linear attention: the chunked and step-by-step PyTorch paths and fla's kernels against naive.py.
+
+Outputs, final states and every gradient (q, k, v, gates, initial state) are compared with a relative RMSE.
+fla's chunk kernels do not run under Triton's interpreter (`tl.program_id(...).to` fails there), so fla is
+tested on the GPU only, with flash-attention's bf16 rule.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from linearize.errors import LinearizeError
+from linearize.kernels import gla as gla_mod
+from linearize.kernels.gla import fla_path, gated_linear_attention, gla_naive, gla_recurrent_torch
+
+
+def rel_rmse(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
+def assert_rel(actual, expected, tol, what):
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    err = rel_rmse(actual, expected)
+    assert err <= tol, f"{what}: relative RMSE {err:.2e} > {tol:.0e}"
+
+
+def make_inputs(B, T, H, Hkv, K, V, normalize=False, gate_scale=1.0, dtype=torch.float32, device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device)
+
+    q, k, v = rnd(B, T, H, K), rnd(B, T, Hkv, K), rnd(B, T, Hkv, V)
+    if normalize:
+        # Normalised GLA runs on non-negative features.
+        q, k = q.softmax(-1), k.softmax(-1)
+    g = F.logsigmoid(rnd(B, T, Hkv, K) * gate_scale + 2) * gate_scale
+    s0 = rnd(B, H, K, V + normalize).abs() * 0.5
+    return [t.to(dtype) for t in (q, k, v)] + [g.to(dtype), s0]
+
+
+def run_with_grads(fn, leaves, seed=7):
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out, state = fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    d_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    d_state = torch.randn(state.shape, generator=gen).to(state.device)
+    loss = (out * d_out).sum() + (state * d_state).sum()
+    return [out, state, *torch.autograd.grad(loss, leaves)]
+
+
+NAMES = ["output", "final state", "dq", "dk", "dv", "dg", "dinitial_state"]
+
+CASES = [
+    pytest.param(1, 1, 2, 2, 16, 16, False, 32, id="B1-T1-H2-K16"),
+    pytest.param(2, 63, 4, 2, 60, 60, False, 32, id="B2-T63-H4-Hkv2-K60"),
+    pytest.param(2, 64, 2, 2, 16, 24, False, 32, id="B2-T64-H2-K16-V24-boundary"),
+    pytest.param(1, 65, 2, 1, 12, 8, False, 32, id="B1-T65-H2-Hkv1-K12-boundary"),
+    pytest.param(2, 33, 4, 2, 20, 12, True, 16, id="B2-T33-H4-Hkv2-K20-normalised"),
+    pytest.param(1, 40, 2, 2, 16, 16, False, 7, id="B1-T40-H2-C7"),
+]
+
+
+@pytest.mark.parametrize("path", ["chunk", "recurrent"])
+@pytest.mark.parametrize("B,T,H,Hkv,K,V,normalize,chunk", CASES)
+def test_paths_match_naive(monkeypatch, path, B, T, H, Hkv, K, V, normalize, chunk):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    if path == "recurrent":
+        # The dispatcher takes the step-by-step path for decoding; here it takes it for every input and gradient.
+        monkeypatch.setattr(gla_mod, "gla_chunk_torch", lambda *a, chunk_size: gla_recurrent_torch(*a))
+    leaves = make_inputs(B, T, H, Hkv, K, V, normalize)
+    kw = dict(normalize=normalize, output_final_state=True)
+    want = run_with_grads(lambda q, k, v, g, s: gla_naive(q, k, v, g, None, initial_state=s, **kw), leaves)
+    got = run_with_grads(
+        lambda q, k, v, g, s: gated_linear_attention(q, k, v, g, initial_state=s, chunk_size=chunk, **kw), leaves
+    )
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert a.shape == b.shape, name
+        assert_rel(a, b, 1e-5, name)
+
+
+def test_strong_gates_stay_finite_across_chunks(monkeypatch):
+    # Decays of e^-40 per step overflow any factorisation exp(G_i) * exp(-G_j) within a chunk.
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    q, k, v, g, s0 = make_inputs(1, 70, 2, 2, 8, 8, gate_scale=40.0)
+    # The naive op's global gate sums lose their small differences in fp32 at this strength: it runs in fp64.
+    want = run_with_grads(
+        lambda *t: gla_naive(*t[:4], initial_state=t[4], output_final_state=True),
+        [t.double() for t in (q, k, v, g, s0)],
+    )
+    got = run_with_grads(
+        lambda *t: gated_linear_attention(*t[:4], initial_state=t[4], output_final_state=True, chunk_size=32),
+        [q, k, v, g, s0],
+    )
+    for name, a, b in zip(NAMES, got, want, strict=True):
+        assert torch.isfinite(a).all(), name
+        # Gate sums of ~1000 within a chunk keep ~1e-4 of absolute precision in fp32, as in fla's kernels.
+        assert_rel(a, b, 1e-3, name)
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalised"])
+def test_packed_sequences_equal_separate_calls(monkeypatch, normalize):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    bounds = [0, 5, 37, 63]
+    q, k, v, g, _ = make_inputs(1, 63, 4, 2, 12, 10, normalize)
+    s0 = torch.rand(3, 4, 12, 10 + normalize)
+    cu = torch.tensor(bounds)
+    o, s = gated_linear_attention(q, k, v, g, normalize=normalize, initial_state=s0, output_final_state=True,
+                                  cu_seqlens=cu)  # fmt: skip
+    o_ref, s_ref = gla_naive(q, k, v, g, normalize=normalize, initial_state=s0, output_final_state=True,
+                             cu_seqlens=cu)  # fmt: skip
+    assert_rel(o, o_ref, 1e-5, "packed output vs naive")
+    assert_rel(s, s_ref, 1e-5, "packed states vs naive")
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        o_n, s_n = gated_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], normalize=normalize,
+                                          initial_state=s0[n : n + 1], output_final_state=True)  # fmt: skip
+        assert_rel(o[:, a:b], o_n, 1e-6, f"sequence {n} output")
+        assert_rel(s[n : n + 1], s_n, 1e-6, f"sequence {n} state")
+
+
+@pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalised"])
+def test_decoding_step_by_step_equals_the_full_forward(monkeypatch, normalize):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    q, k, v, g, _ = make_inputs(2, 45, 4, 2, 16, 8, normalize)
+    with torch.no_grad():
+        full, full_state = gated_linear_attention(q, k, v, g, normalize=normalize, output_final_state=True)
+        out, state = gated_linear_attention(q[:, :37], k[:, :37], v[:, :37], g[:, :37], normalize=normalize,
+                                            output_final_state=True)  # fmt: skip
+        steps = [out]
+        for t in range(37, 45):
+            sl = slice(t, t + 1)
+            out, state = gated_linear_attention(q[:, sl], k[:, sl], v[:, sl], g[:, sl], normalize=normalize,
+                                                initial_state=state, output_final_state=True)  # fmt: skip
+            steps.append(out)
+    assert_rel(torch.cat(steps, 1), full, 1e-6, "decoded outputs")
+    assert_rel(state, full_state, 1e-6, "state after decoding")
+
+
+def test_left_padding_leaves_the_real_tokens_as_alone(monkeypatch):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    q, k, v, g, _ = make_inputs(1, 30, 2, 2, 8, 8, normalize=True)
+    # Padding tokens with large keys and strong gates: they must neither add to the state nor decay it.
+    pad = 9
+    qp, kp, vp = (torch.cat([torch.full_like(x[:, :pad], 3.0), x], 1) for x in (q, k, v))
+    gp = torch.cat([torch.full_like(g[:, :pad], -5.0), g], 1)
+    mask = torch.ones(1, 30 + pad, dtype=torch.bool)
+    mask[:, :pad] = False
+    for run in (gated_linear_attention, gla_naive):
+        o, s = run(qp, kp, vp, gp, normalize=True, output_final_state=True, token_mask=mask)
+        o_ref, s_ref = gla_naive(q, k, v, g, normalize=True, output_final_state=True)
+        assert_rel(o[:, pad:], o_ref, 1e-6, f"{run.__name__}: outputs of real tokens")
+        assert_rel(s, s_ref, 1e-6, f"{run.__name__}: final state")
+
+
+def test_backend_choice(monkeypatch):
+    q = torch.zeros(1, 1, 1, 4)
+    monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
+    assert gla_mod.gla_backend(q) == "torch"
+    monkeypatch.setattr(fla_path, "fla_version", lambda: None)
+    monkeypatch.setattr(gla_mod, "fla_version", lambda: None)
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    monkeypatch.setattr(gla_mod, "kernel_choice", lambda: "triton")
+    with pytest.raises(LinearizeError, match="fla-core"):
+        gla_mod.gla_backend(q)
+    monkeypatch.setattr(gla_mod, "fla_version", lambda: "0.6.0")
+    with pytest.raises(LinearizeError, match="CUDA tensors"):
+        gla_mod.gla_backend(q)
+
+
+def test_gpu_extra_pins_the_checked_fla_versions():
+    from pathlib import Path
+
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    assert f"fla-core{fla_path.FLA_VERSIONS}" in pyproject["project"]["optional-dependencies"]["gpu"]
+
+
+needs_fla = pytest.mark.skipif(fla_path.fla_version() is None, reason="needs fla-core")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_fla
+def test_fla_signatures_match_the_pinned_version():
+    from fla.ops.gla import chunk_gla, fused_recurrent_gla
+    from packaging.specifiers import SpecifierSet
+
+    assert fla_path.fla_version() in SpecifierSet(fla_path.FLA_VERSIONS)
+    for fn, names in ((chunk_gla, fla_path.CHUNK_GLA_ARGS), (fused_recurrent_gla, fla_path.FUSED_RECURRENT_GLA_ARGS)):
+        params = inspect.signature(fn).parameters
+        missing = [n for n in names if n not in params]
+        assert not missing, f"{fn.__name__} lacks {missing}"
+
+
+GPU_CASES = [
+    pytest.param(2, 500, 4, 2, 64, 64, False, id="B2-T500-H4-Hkv2-K64"),
+    pytest.param(1, 63, 2, 2, 60, 60, False, id="B1-T63-H2-K60"),
+    pytest.param(2, 300, 4, 4, 128, 128, True, id="B2-T300-H4-K128-normalised"),
+    pytest.param(1, 40, 4, 2, 64, 64, False, id="B1-T40-H4-Hkv2-K64-short"),
+]
+
+
+@cuda
+@needs_fla
+@pytest.mark.parametrize("B,T,H,Hkv,K,V,normalize", GPU_CASES)
+def test_gpu_fla_bf16_within_twice_naive_bf16_error(monkeypatch, B, T, H, Hkv, K, V, normalize):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    leaves = make_inputs(B, T, H, Hkv, K, V, normalize, dtype=torch.bfloat16, device="cuda", seed=3)
+    leaves[3], leaves[4] = leaves[3].float(), leaves[4].float()
+    kw = dict(normalize=normalize, output_final_state=True)
+    want = run_with_grads(lambda q, k, v, g, s: gla_naive(q.float(), k.float(), v.float(), g, None,
+                                                          initial_state=s, **kw), leaves)  # fmt: skip
+    low = run_with_grads(lambda q, k, v, g, s: gla_naive(q, k, v, g, None, initial_state=s, upcast=False, **kw),
+                         leaves)  # fmt: skip
+    got = run_with_grads(lambda q, k, v, g, s: gated_linear_attention(q, k, v, g, initial_state=s, **kw), leaves)
+    assert gla_mod.gla_backend(leaves[0]) == "fla"
+    for name, a, b, ref in zip(NAMES, got, low, want, strict=True):
+        assert not torch.isnan(a).any(), name
+        kernel, naive = rel_rmse(a.float(), ref.float()), rel_rmse(b.float(), ref.float())
+        assert kernel <= 2 * naive + 1e-3, f"{name}: fla {kernel:.2e} vs naive bf16 {naive:.2e}"
+
+
+@cuda
+@needs_fla
+def test_gpu_fla_packed_and_decoding_match_naive(monkeypatch):
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    q, k, v, g, _ = make_inputs(1, 200, 4, 2, 64, 64, dtype=torch.bfloat16, device="cuda")
+    g = g.float()
+    cu = torch.tensor([0, 17, 150, 200], device="cuda")
+    o, s = gated_linear_attention(q, k, v, g, output_final_state=True, cu_seqlens=cu)
+    o_ref, s_ref = gla_naive(q.float(), k.float(), v.float(), g, output_final_state=True, cu_seqlens=cu)
+    assert_rel(o.float(), o_ref, 2e-2, "packed output")
+    assert_rel(s, s_ref, 2e-2, "packed states")
+    with torch.no_grad():
+        out, state = gated_linear_attention(q[:, :150], k[:, :150], v[:, :150], g[:, :150], output_final_state=True)
+        steps = [out]
+        for t in range(150, 200):
+            sl = slice(t, t + 1)
+            out, state = gated_linear_attention(q[:, sl], k[:, sl], v[:, sl], g[:, sl], initial_state=state,
+                                                output_final_state=True)  # fmt: skip
+            steps.append(out)
+    full, full_state = gla_naive(q.float(), k.float(), v.float(), g, output_final_state=True)
+    assert_rel(torch.cat(steps, 1).float(), full, 2e-2, "decoded outputs")
+    assert_rel(state, full_state, 2e-2, "state after decoding")
