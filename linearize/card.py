@@ -221,19 +221,8 @@ def _front_matter(settings: dict, folder: Path) -> str:
 
 _HOW_TO_LOAD = """## How to load
 
-```bash
-pip install linearize
-```
-
-```python
-import linearize  # registers the Linearized* classes with transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-```
-
-In a process that does not import linearize (it must still be installed):
+The repository carries its own copy of the attention code (`modeling_linearize.py` and the `linearize_*.py` files
+beside it), so transformers and PyTorch alone load the model:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -241,6 +230,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
 ```
+
+`trust_remote_code=True` runs those files: read them first, and pass the `revision` (commit) you have read.
+Attention runs in PyTorch everywhere, and with the Triton kernels on a GPU where Triton is installed.
 """
 
 
@@ -266,9 +258,8 @@ def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
         f"# {name.split('/')[-1]}",
         "",
         f"{_describe_base(settings.get('base_model'))} with its softmax attention converted to `{kind}` "
-        "attention by [linearize](https://pypi.org/project/linearize/): the teacher's weights are kept, new "
-        "attention parameters were trained to reproduce its attention, and generation runs with a constant-size "
-        "recurrent state instead of a growing KV cache.",
+        "attention by linearize: the teacher's weights are kept, new attention parameters were trained to reproduce "
+        "its attention, and generation runs with a constant-size recurrent state instead of a growing KV cache.",
         "",
         *_attention_section(settings),
     ]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .card import _load_optional, _read_config, render_model_card
 from .errors import LinearizeError, first_line
+from .models.bundle import PREFIX as CODE_PREFIX
 from .models.export import RECIPE_FILE
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ def files_to_upload(folder: str | Path) -> list[Path]:
         folder: an exported folder (`linearize convert` / `linearize train` output).
 
     Returns:
-        Paths inside `folder`: config, weights, modeling code, tokenizer, recipe, `report/*` (json, md, png) and
+        Paths inside `folder`: config, weights, modeling code and its copy of the attention code, tokenizer, recipe, `report/*` (json, md, png) and
         `run/summary.json` + `run/metrics.jsonl`. Checkpoints, `run/data.pt`, `run/log.txt` (it holds absolute
         paths), an existing README.md (the card replaces it) and hidden or partial files are left out.
     """
@@ -49,7 +50,9 @@ def files_to_upload(folder: str | Path) -> list[Path]:
             continue
         name = rel.as_posix()
         if len(rel.parts) == 1:
-            keep = name in _TOP_LEVEL or name.endswith(_TOP_LEVEL_SUFFIXES)
+            # The copy of the attention code the modeling file loads (models/bundle.py).
+            is_code = name.startswith(CODE_PREFIX) and name.endswith(".py")
+            keep = name in _TOP_LEVEL or name.endswith(_TOP_LEVEL_SUFFIXES) or is_code
         elif rel.parts[0] == "report":
             keep = name.endswith(_REPORT_SUFFIXES)
         elif rel.parts[0] == "additional_chat_templates":

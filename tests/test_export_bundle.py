@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import randomise_new_parameters, tiny_model
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from tiny_models import randomise_new_parameters, tiny_model, tiny_tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
 import linearize
@@ -66,15 +66,6 @@ print(json.dumps({"linearize": sorted(m for m in sys.modules if m.split(".")[0] 
 """
 
 
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "the": 3, "of": 4}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model = tiny_model("llama")
@@ -82,7 +73,7 @@ def exported(tmp_path_factory):
     randomise_new_parameters(model)
     folder = tmp_path_factory.mktemp("export") / "tiny-lolcats"
     model.save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
     return model, folder
 
 
@@ -109,7 +100,7 @@ def test_loads_without_linearize(exported, tmp_path):
     )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
-    assert report == {"linearize": [], "config": "LinearizedLlamaConfig", "tokens": [3, 4]}
+    assert report == {"linearize": [], "config": "LinearizedLlamaConfig", "tokens": [4, 5]}
 
     from safetensors.torch import load_file
 
