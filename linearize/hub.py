@@ -74,10 +74,11 @@ def _check_files(folder: Path) -> None:
             raise LinearizeError(f"{folder} lacks weight shards {', '.join(missing)}: export the model again")
     elif not (folder / "model.safetensors").is_file():
         raise LinearizeError(f"{folder} has no model.safetensors: export the model again")
-    from .models.hf import REMOTE_CODE_FILE
+    from .models.bundle import code_problem
 
-    if not (folder / REMOTE_CODE_FILE).is_file():
-        raise LinearizeError(f"{folder} lacks {REMOTE_CODE_FILE} (needed by trust_remote_code): export the model again")
+    problem = code_problem(folder)
+    if problem:
+        raise LinearizeError(f"{folder} {problem}: export the model again")
 
 
 def check_reloads(folder: str | Path) -> None:

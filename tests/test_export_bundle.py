@@ -21,6 +21,9 @@ from linearize.models.hf import LinearizedModelMixin
 PROMPT = [[5, 6, 7, 8, 9], [9, 3, 3, 4, 5]]
 NEW_TOKENS = 6
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# Every kind that replaces attention travels in the copy; the folder of the first is also saved again and loaded as a
+# Hub repo.
+KINDS = ["lolcats", *sorted(k for k, v in linearize.ATTENTION_KINDS.items() if v.build is not None and k != "lolcats")]
 
 # Runs in a fresh interpreter where `linearize` (and, for the Hub-style load, `triton`) cannot be imported.
 CHILD = r"""
@@ -37,30 +40,32 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-folder, repo, out, prompt, new = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+repo, out, prompt, new, folders = sys.argv[1], Path(sys.argv[2]), *map(json.loads, sys.argv[3:])
 ids = torch.tensor(prompt)
+first = folders[0]
+results = {}
 
 def load(where):
     model = AutoModelForCausalLM.from_pretrained(where, trust_remote_code=True).eval()
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
     return model
 
-# The Hub-style load first, in a process that has registered nothing yet: it checks the imports of every file.
 with torch.no_grad():
-    hub = load(repo)(ids, use_cache=False).logits
-model = load(folder)
-tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
-with torch.no_grad():
-    logits = model(ids, use_cache=False).logits
-    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False, pad_token_id=0,
-                         output_scores=True, return_dict_in_generate=True)
-    full = model(gen.sequences, use_cache=False).logits
-model.save_pretrained(out / "resaved")
-with torch.no_grad():
-    resaved = load(out / "resaved")(ids, use_cache=False).logits
-save_file({"logits": logits, "sequences": gen.sequences, "scores": torch.stack(gen.scores, 1), "full": full,
-           "resaved": resaved, "hub": hub}, out / "child.safetensors")
+    # The Hub-style load first, in a process that has registered nothing yet: it checks the imports of every file.
+    results["hub"] = load(repo)(ids, use_cache=False).logits
+    for n, folder in enumerate(folders):
+        model = load(folder)
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                             pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+        results[f"{n}.logits"] = model(ids, use_cache=False).logits
+        results[f"{n}.sequences"] = gen.sequences
+        results[f"{n}.scores"] = torch.stack(gen.scores, 1)
+        results[f"{n}.full"] = model(gen.sequences, use_cache=False).logits
+    load(first).save_pretrained(out / "resaved")
+    results["resaved"] = load(out / "resaved")(ids, use_cache=False).logits
+tok = AutoTokenizer.from_pretrained(first, trust_remote_code=True)
+config = AutoConfig.from_pretrained(first, trust_remote_code=True)
+save_file(results, out / "child.safetensors")
 print(json.dumps({"linearize": sorted(m for m in sys.modules if m.split(".")[0] == "linearize"),
                   "config": type(config).__name__, "tokens": tok("the of").input_ids}))
 """
@@ -68,13 +73,17 @@ print(json.dumps({"linearize": sorted(m for m in sys.modules if m.split(".")[0] 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    model = tiny_model("llama")
-    convert(model, AttentionConfig(kind="lolcats", window=3, feature_dim=8))
-    randomise_new_parameters(model)
-    folder = tmp_path_factory.mktemp("export") / "tiny-lolcats"
-    model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return model, folder
+    """`{kind: (model, folder)}`: a tiny Llama converted to each kind and saved (the first with a tokenizer)."""
+    out = {}
+    for kind in KINDS:
+        model = tiny_model("llama")
+        convert(model, AttentionConfig(kind=kind, window=3, feature_dim=8))
+        randomise_new_parameters(model)
+        folder = tmp_path_factory.mktemp("export") / f"tiny-{kind}"
+        model.save_pretrained(folder)
+        out[kind] = model, folder
+    tiny_tokenizer().save_pretrained(out[KINDS[0]][1])
+    return out
 
 
 def _hub_cache(folder: Path, cache: Path) -> str:
@@ -87,14 +96,15 @@ def _hub_cache(folder: Path, cache: Path) -> str:
 
 
 def test_loads_without_linearize(exported, tmp_path):
-    model, folder = exported
     ids = torch.tensor(PROMPT)
+    model, folder = exported[KINDS[0]]
     with torch.no_grad():
-        expected = model(ids, use_cache=False).logits
+        expected = [m(ids, use_cache=False).logits for m, _ in exported.values()]
     repo = _hub_cache(folder, tmp_path / "hub")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
-    args = [str(folder), repo, str(tmp_path), json.dumps(PROMPT), str(NEW_TOKENS)]
+    folders = json.dumps([str(f) for _, f in exported.values()])
+    args = [repo, str(tmp_path), json.dumps(PROMPT), str(NEW_TOKENS), folders]
     run = subprocess.run(
         [sys.executable, "-c", CHILD, *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
     )
@@ -105,23 +115,26 @@ def test_loads_without_linearize(exported, tmp_path):
     from safetensors.torch import load_file
 
     child = load_file(tmp_path / "child.safetensors")
-    torch.testing.assert_close(child["logits"], expected, rtol=0, atol=1e-6)
-    # Greedy generation with the recurrent cache gives what the full forward over the same tokens gives.
     n = len(PROMPT[0])
-    torch.testing.assert_close(child["scores"], child["full"][:, n - 1 : -1], rtol=1e-4, atol=1e-5)
-    assert torch.equal(child["sequences"][:, n:], child["full"][:, n - 1 : -1].argmax(-1))
-    torch.testing.assert_close(child["resaved"], expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(child["hub"], expected, rtol=0, atol=1e-6)
+    for i, kind in enumerate(KINDS):
+        torch.testing.assert_close(child[f"{i}.logits"], expected[i], rtol=0, atol=1e-6, msg=kind)
+        # Greedy generation with the recurrent cache gives what the full forward over the same tokens gives.
+        full = child[f"{i}.full"][:, n - 1 : -1]
+        torch.testing.assert_close(child[f"{i}.scores"], full, rtol=1e-4, atol=1e-5, msg=kind)
+        assert torch.equal(child[f"{i}.sequences"][:, n:], full.argmax(-1)), kind
+    torch.testing.assert_close(child["hub"], expected[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(child["resaved"], expected[0], rtol=0, atol=1e-6)
     # What a remote-code load saved loads in the package too.
     resaved = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved").eval()
     with torch.no_grad():
-        torch.testing.assert_close(resaved(ids, use_cache=False).logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(resaved(ids, use_cache=False).logits, expected[0], rtol=0, atol=1e-6)
     assert json.loads((tmp_path / "resaved" / "config.json").read_text())["auto_map"] == model.config.auto_map
-    assert sorted(p.name for p in (tmp_path / "resaved").glob("*.py")) == sorted(p.name for p in folder.glob("*.py"))
+    code = {p.name: p.read_bytes() for p in folder.glob("*.py")}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "resaved").glob("*.py")} == code
 
 
 def test_with_linearize_imported_its_classes_are_used_and_save_again(exported, tmp_path):
-    model, folder = exported
+    model, folder = exported[KINDS[0]]
     loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     assert type(loaded) is type(model) and isinstance(loaded, LinearizedModelMixin)
     assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)) is type(model.config)
@@ -135,7 +148,7 @@ def test_with_linearize_imported_its_classes_are_used_and_save_again(exported, t
 
 
 def test_bundle_is_small_and_transformers_finds_every_file(exported):
-    _, folder = exported
+    _, folder = exported[KINDS[0]]
     names = {p.name for p in folder.glob("*.py")}
     files = {rel for rel in bundle.collect(Path(linearize.__file__).parent)}
     assert {"models/hf.py", "models/bundle.py", "attention/__init__.py", "kernels/hybrid/torch_chunked.py"} <= files

@@ -202,6 +202,15 @@ def _drop_a_tensor(folder):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _old_modeling_file(folder):
+    # What exports wrote before folders carried their code: it needs the linearize package itself.
+    (folder / "modeling_linearize.py").write_text("from linearize.models.hf import LinearizedLlamaForCausalLM\n")
+
+
+def _delete_a_code_file(folder):
+    (folder / "linearize_attention_cache.py").unlink()
+
+
 def _not_linearized(folder):
     shutil.rmtree(folder)
     save_tiny("llama", folder)
@@ -215,8 +224,18 @@ def _not_linearized(folder):
         (_nan_weights, "non-finite logits"),
         (_drop_a_tensor, "does not reload strictly (missing keys: "),
         (_not_linearized, "holds a 'llama' model, not a linearized one"),
+        (_old_modeling_file, "has a modeling_linearize.py that needs the linearize package installed"),
+        (_delete_a_code_file, "lacks linearize_attention_cache.py, which modeling_linearize.py loads"),
     ],
-    ids=["weights-deleted", "weights-truncated", "nan-weights", "missing-tensor", "not-linearized"],
+    ids=[
+        "weights-deleted",
+        "weights-truncated",
+        "nan-weights",
+        "missing-tensor",
+        "not-linearized",
+        "old-modeling-file",
+        "code-file-deleted",
+    ],
 )
 def test_broken_folder_is_refused_before_anything_is_sent(folder, hub, breakage, message):
     breakage(folder)

@@ -247,6 +247,27 @@ def write_code(folder: str | Path, config_name: str, model_name: str) -> list[st
     return [MODELING_FILE, *files]
 
 
+def code_problem(folder: str | Path) -> str | None:
+    """What keeps the folder's modeling file from loading with transformers alone, as a phrase; None when nothing.
+
+    A modeling file written before folders carried their own code loads the linearize package itself, which
+    transformers would tell users to install.
+    """
+    folder = Path(folder)
+    modeling = folder / MODELING_FILE
+    if not modeling.is_file():
+        return f"has no {MODELING_FILE}"
+    text = modeling.read_text(errors="replace")
+    needed = {f"{name}.py" for pattern in _HF_RELATIVE for name in pattern.findall(text)}
+    if flat_name(SELF) not in needed:
+        return f"has a {MODELING_FILE} that needs the linearize package installed (an older export)"
+    missing = sorted(name for name in needed if not (folder / name).is_file())
+    if missing:
+        more = f" and {len(missing) - 2} more" if len(missing) > 2 else ""
+        return f"lacks {', '.join(missing[:2])}{more}, which {MODELING_FILE} loads"
+    return None
+
+
 def _write_if_changed(path: Path, data: bytes) -> None:
     if path.is_file() and path.read_bytes() == data:
         return
