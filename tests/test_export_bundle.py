@@ -133,6 +133,49 @@ def test_loads_without_linearize(exported, tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "resaved").glob("*.py")} == code
 
 
+GPU_CHILD = r"""
+import importlib.abc, json, os, sys
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "linearize":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, Block())
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).cuda().eval()
+ids = torch.tensor(json.loads(sys.argv[2])).cuda()
+with torch.no_grad():
+    triton = model(ids, use_cache=False).logits
+    gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                         output_scores=True, return_dict_in_generate=True)
+    full = model(gen.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
+    os.environ["LINEARIZE_KERNELS"] = "torch"
+    torch_path = model(ids, use_cache=False).logits
+kernels = sorted(m.rpartition(".")[2] for m in sys.modules if ".linearize.kernels.hybrid.triton_" in m)
+print(json.dumps({"kernels": kernels, "vs_torch": (triton - torch_path).abs().max().item(),
+                  "gen_vs_full": (torch.stack(gen.scores, 1) - full).abs().max().item()}))
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_copy_runs_the_triton_kernels_on_gpu(exported, tmp_path):
+    _, folder = exported[KINDS[0]]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LINEARIZE_KERNELS")}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    run = subprocess.run(
+        [sys.executable, "-c", GPU_CHILD, str(folder), json.dumps(PROMPT)],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"triton_chunk", "triton_recurrent"} <= set(report["kernels"]), report
+    # Loose enough for the kernels' float32 arithmetic order, far below what a wrong kernel gives (order 1).
+    assert report["vs_torch"] < 2e-3 and report["gen_vs_full"] < 2e-3, report
+
+
 def test_with_linearize_imported_its_classes_are_used_and_save_again(exported, tmp_path):
     model, folder = exported[KINDS[0]]
     loaded = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
