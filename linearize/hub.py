@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .card import _load_optional, _read_config, render_model_card
 from .errors import LinearizeError, first_line
-from .models.bundle import PREFIX as CODE_PREFIX
+from .models.bundle import code_files
 from .models.export import RECIPE_FILE
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ def files_to_upload(folder: str | Path) -> list[Path]:
         paths), an existing README.md (the card replaces it) and hidden or partial files are left out.
     """
     folder = Path(folder)
+    # The modeling file and the copy of the attention code it loads (models/bundle.py).
+    code = set(code_files(folder))
     chosen = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
@@ -50,9 +52,7 @@ def files_to_upload(folder: str | Path) -> list[Path]:
             continue
         name = rel.as_posix()
         if len(rel.parts) == 1:
-            # The copy of the attention code the modeling file loads (models/bundle.py).
-            is_code = name.startswith(CODE_PREFIX) and name.endswith(".py")
-            keep = name in _TOP_LEVEL or name.endswith(_TOP_LEVEL_SUFFIXES) or is_code
+            keep = name in _TOP_LEVEL or name.endswith(_TOP_LEVEL_SUFFIXES) or name in code
         elif rel.parts[0] == "report":
             keep = name.endswith(_REPORT_SUFFIXES)
         elif rel.parts[0] == "additional_chat_templates":

@@ -182,8 +182,8 @@ def test_with_linearize_imported_its_classes_are_used_and_save_again(exported, t
     assert type(loaded) is type(model) and isinstance(loaded, LinearizedModelMixin)
     assert type(AutoConfig.from_pretrained(folder, trust_remote_code=True)) is type(model.config)
     loaded.save_pretrained(tmp_path / "again")
-    for path in folder.glob("*.py"):
-        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+    code = {p.name: p.read_bytes() for p in folder.glob("*.py")}
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again").glob("*.py")} == code
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "again", trust_remote_code=True).eval()
     ids = torch.tensor(PROMPT)
     with torch.no_grad():
@@ -199,12 +199,24 @@ def test_bundle_is_small_and_transformers_finds_every_file(exported):
     # Every module of a package whose __init__ is needed comes along (it may list its own folder).
     attention = Path(linearize.__file__).parent / "attention"
     assert {f"attention/{p.name}" for p in attention.glob("*.py")} <= files
-    assert names == {bundle.MODELING_FILE} | {bundle.flat_name(rel) for rel in files}
+    assert names == {bundle.MODELING_FILE} | {bundle.flat_name(rel) for rel in files} == set(bundle.code_files(folder))
     found = {Path(f).name for f in get_relative_import_files(folder / bundle.MODELING_FILE)}
     assert found == names - {bundle.MODELING_FILE}
     # What loading from the Hub checks in each file it fetches: nothing beyond torch, transformers and the stdlib.
     needed = set().union(*(get_imports(folder / name) for name in names))
     assert needed - sys.stdlib_module_names <= {"torch", "transformers", "huggingface_hub", "yaml"}, needed
+
+
+def test_push_sends_the_code_the_modeling_file_loads_and_no_other(exported, tmp_path):
+    from linearize.hub import files_to_upload
+
+    folder = shutil.copytree(exported[KINDS[0]][1], tmp_path / "folder")
+    (folder / "linearize_from_an_older_export.py").write_text("")
+    sent = {p.name for p in files_to_upload(folder) if p.suffix == ".py"}
+    assert sent == set(bundle.code_files(folder)) and len(sent) > 10
+    assert bundle.code_problem(folder) is None
+    (folder / bundle.flat_name("attention/cache.py")).unlink()
+    assert bundle.code_problem(folder) == "lacks linearize_attention_cache.py, which modeling_linearize.py loads"
 
 
 def test_rewrite_keeps_the_code_and_hides_it_from_transformers():

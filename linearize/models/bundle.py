@@ -247,6 +247,15 @@ def write_code(folder: str | Path, config_name: str, model_name: str) -> list[st
     return [MODELING_FILE, *files]
 
 
+def code_files(folder: str | Path) -> list[str]:
+    """The folder's modeling file and the files of the copy it loads (what a model repo needs), sorted."""
+    modeling = Path(folder) / MODELING_FILE
+    if not modeling.is_file():
+        return []
+    text = modeling.read_text(errors="replace")
+    return sorted({MODELING_FILE} | {f"{name}.py" for pattern in _HF_RELATIVE for name in pattern.findall(text)})
+
+
 def code_problem(folder: str | Path) -> str | None:
     """What keeps the folder's modeling file from loading with transformers alone, as a phrase; None when nothing.
 
@@ -254,14 +263,12 @@ def code_problem(folder: str | Path) -> str | None:
     transformers would tell users to install.
     """
     folder = Path(folder)
-    modeling = folder / MODELING_FILE
-    if not modeling.is_file():
+    needed = code_files(folder)
+    if not needed:
         return f"has no {MODELING_FILE}"
-    text = modeling.read_text(errors="replace")
-    needed = {f"{name}.py" for pattern in _HF_RELATIVE for name in pattern.findall(text)}
     if flat_name(SELF) not in needed:
         return f"has a {MODELING_FILE} that needs the linearize package installed (an older export)"
-    missing = sorted(name for name in needed if not (folder / name).is_file())
+    missing = [name for name in needed if not (folder / name).is_file()]
     if missing:
         more = f" and {len(missing) - 2} more" if len(missing) > 2 else ""
         return f"lacks {', '.join(missing[:2])}{more}, which {MODELING_FILE} loads"
@@ -274,9 +281,13 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Another process may be rebuilding the same package: each file appears whole or not at all.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def import_bundle(package: str, files: dict[str, str], module: str, name: str = "linearize"):
