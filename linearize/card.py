@@ -6,6 +6,7 @@ data, token budgets, training summary) and what it kept (the report's table), an
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -222,7 +223,7 @@ def _front_matter(settings: dict, folder: Path) -> str:
 _HOW_TO_LOAD = """## How to load
 
 The repository carries its own copy of the attention code (`modeling_linearize.py` and the `linearize_*.py` files
-beside it), so transformers and PyTorch alone load the model:
+beside it), so transformers and PyTorch alone load the model{versions}:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -234,6 +235,18 @@ tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
 `trust_remote_code=True` runs those files: read them first, and pass the `revision` (commit) you have read.
 Attention runs in PyTorch everywhere, and with the Triton kernels on a GPU where Triton is installed.
 """
+
+
+def _requirements() -> str:
+    """` (transformers>=5.17,<6, torch>=2.4,<2.15)`: the versions the copied code was written for, as the installed
+    package declares them; empty where it declares none."""
+    try:
+        declared = importlib.metadata.requires("linearize") or []
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    matches = (re.match(r"(transformers|torch)\b\s*([^;]*)$", line) for line in declared)
+    found = [f"`{m[1]}{m[2].strip()}`" for m in matches if m]
+    return f" ({', '.join(found)})" if found else ""
 
 
 def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
@@ -270,5 +283,5 @@ def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
     if isinstance(report, dict):
         pngs = [p.relative_to(folder).as_posix() for p in sorted((folder / "report").glob("*.png"))]
         lines += _report_section(report, pngs)
-    lines.append(_HOW_TO_LOAD.format(name=name))
+    lines.append(_HOW_TO_LOAD.format(name=name, versions=_requirements()))
     return _front_matter(settings, folder) + "\n" + "\n".join(lines)

@@ -166,6 +166,7 @@ def test_push_makes_one_commit_with_the_folder_bytes(folder, hub, private):
     card = commit.files["README.md"].decode()
     assert card.startswith("---\nlibrary_name: transformers\n") and f"base_model: {BASE}" in card
     assert "pip install" not in card and "pypi" not in card.lower() and "import linearize" not in card
+    assert "PyTorch alone load the model (`torch" in card and ", `transformers" in card
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-lolcats", trust_remote_code=True)' in card
     assert 'AutoTokenizer.from_pretrained("me/tiny-lolcats", trust_remote_code=True)' in card
     assert result["commit_url"] == f"{hub.url}/me/tiny-lolcats/commit/{result['commit_oid']}"
