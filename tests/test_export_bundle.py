@@ -52,7 +52,8 @@ def load(where):
 
 with torch.no_grad():
     # The Hub-style load first, in a process that has registered nothing yet: it checks the imports of every file.
-    results["hub"] = load(repo)(ids, use_cache=False).logits
+    from_hub = load(repo)
+    results["hub"] = from_hub(ids, use_cache=False).logits
     for n, folder in enumerate(folders):
         model = load(folder)
         gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
@@ -61,7 +62,8 @@ with torch.no_grad():
         results[f"{n}.sequences"] = gen.sequences
         results[f"{n}.scores"] = torch.stack(gen.scores, 1)
         results[f"{n}.full"] = model(gen.sequences, use_cache=False).logits
-    load(first).save_pretrained(out / "resaved")
+    # Its auto_map names the repo (`local/tiny--modeling_linearize...`); the saved folder must name its own files.
+    from_hub.save_pretrained(out / "resaved")
     results["resaved"] = load(out / "resaved")(ids, use_cache=False).logits
 tok = AutoTokenizer.from_pretrained(first, trust_remote_code=True)
 config = AutoConfig.from_pretrained(first, trust_remote_code=True)

@@ -21,6 +21,7 @@ from .. import _compat
 from ..attention import TOKEN_MASK_KWARG, HybridLinearAttention, LinearizeCache
 from ..attention.feature_maps import HedgehogFeatureMap
 from .bundle import MODELING_FILE as REMOTE_CODE_FILE
+from .bundle import write_code
 from .families import FAMILIES, Family
 
 CONFIG_CLASSES: dict[str, type] = {}
@@ -89,8 +90,6 @@ class LinearizedModelMixin:
         return False
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        from .bundle import write_code
-
         config_cls, model_cls = type(self.config), type(self)
         # A model loaded by remote code (or from a Hub repo, whose auto_map names the repo) saves the folder's own
         # modeling file and copy of the code, never transformers' copy of the module that defined its class.
