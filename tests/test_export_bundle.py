@@ -119,10 +119,11 @@ def test_loads_without_linearize(exported, tmp_path):
     child = load_file(tmp_path / "child.safetensors")
     n = len(PROMPT[0])
     for i, kind in enumerate(KINDS):
-        torch.testing.assert_close(child[f"{i}.logits"], expected[i], rtol=0, atol=1e-6, msg=kind)
+        where = lambda text, kind=kind: f"{kind}: {text}"  # noqa: E731
+        torch.testing.assert_close(child[f"{i}.logits"], expected[i], rtol=0, atol=1e-6, msg=where)
         # Greedy generation with the recurrent cache gives what the full forward over the same tokens gives.
         full = child[f"{i}.full"][:, n - 1 : -1]
-        torch.testing.assert_close(child[f"{i}.scores"], full, rtol=1e-4, atol=1e-5, msg=kind)
+        torch.testing.assert_close(child[f"{i}.scores"], full, rtol=1e-4, atol=1e-5, msg=where)
         assert torch.equal(child[f"{i}.sequences"][:, n:], full.argmax(-1)), kind
     torch.testing.assert_close(child["hub"], expected[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(child["resaved"], expected[0], rtol=0, atol=1e-6)
