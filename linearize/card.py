@@ -6,6 +6,7 @@ data, token budgets, training summary) and what it kept (the report's table), an
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -229,19 +230,8 @@ def _front_matter(settings: dict, folder: Path) -> str:
 
 _HOW_TO_LOAD = """## How to load
 
-```bash
-pip install linearize
-```
-
-```python
-import linearize  # registers the Linearized* classes with transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{name}")
-tokenizer = AutoTokenizer.from_pretrained("{name}")
-```
-
-In a process that does not import linearize (it must still be installed):
+The repository carries its own copy of the attention code (`modeling_linearize.py` and the `linearize_*.py` files
+beside it), so transformers and PyTorch alone load the model{versions}:
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -249,7 +239,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)
 ```
+
+`trust_remote_code=True` runs those files: read them first, and pass the `revision` (commit) you have read.
+Attention runs in PyTorch everywhere, and with the Triton kernels on a GPU where Triton is installed.
 """
+
+
+def _requirements() -> str:
+    """` (transformers>=5.17,<6, torch>=2.4,<2.15)`: the versions the copied code was written for, as the installed
+    package declares them; empty where it declares none."""
+    try:
+        declared = importlib.metadata.requires("linearize") or []
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+    matches = (re.match(r"(transformers|torch)\b\s*([^;]*)$", line) for line in declared)
+    found = [f"`{m[1]}{m[2].strip()}`" for m in matches if m]
+    return f" ({', '.join(found)})" if found else ""
 
 
 def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
@@ -274,9 +279,8 @@ def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
         f"# {name.split('/')[-1]}",
         "",
         f"{_describe_base(settings.get('base_model'))} with its softmax attention converted to `{kind}` "
-        "attention by [linearize](https://pypi.org/project/linearize/): the teacher's weights are kept, new "
-        "attention parameters were trained to reproduce its attention, and generation runs with a constant-size "
-        "recurrent state instead of a growing KV cache.",
+        "attention by linearize: the teacher's weights are kept, new attention parameters were trained to reproduce "
+        "its attention, and generation runs with a constant-size recurrent state instead of a growing KV cache.",
         "",
         *_attention_section(settings),
     ]
@@ -287,5 +291,5 @@ def render_model_card(folder: str | Path, repo_id: str | None = None) -> str:
     if isinstance(report, dict):
         pngs = [p.relative_to(folder).as_posix() for p in sorted((folder / "report").glob("*.png"))]
         lines += _report_section(report, pngs)
-    lines.append(_HOW_TO_LOAD.format(name=name))
+    lines.append(_HOW_TO_LOAD.format(name=name, versions=_requirements()))
     return _front_matter(settings, folder) + "\n" + "\n".join(lines)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .card import _load_optional, _read_config, render_model_card
 from .errors import LinearizeError, first_line
+from .models.bundle import code_files
 from .models.export import RECIPE_FILE
 
 logger = logging.getLogger(__name__)
@@ -37,11 +38,13 @@ def files_to_upload(folder: str | Path) -> list[Path]:
         folder: an exported folder (`linearize convert` / `linearize train` output).
 
     Returns:
-        Paths inside `folder`: config, weights, modeling code, tokenizer, recipe, `report/*` (json, md, png) and
+        Paths inside `folder`: config, weights, modeling code and its copy of the attention code, tokenizer, recipe, `report/*` (json, md, png) and
         `run/summary.json` + `run/metrics.jsonl`. Checkpoints, `run/data.pt`, `run/log.txt` (it holds absolute
         paths), an existing README.md (the card replaces it) and hidden or partial files are left out.
     """
     folder = Path(folder)
+    # The modeling file and the copy of the attention code it loads (models/bundle.py).
+    code = set(code_files(folder))
     chosen = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
@@ -49,7 +52,7 @@ def files_to_upload(folder: str | Path) -> list[Path]:
             continue
         name = rel.as_posix()
         if len(rel.parts) == 1:
-            keep = name in _TOP_LEVEL or name.endswith(_TOP_LEVEL_SUFFIXES)
+            keep = name in _TOP_LEVEL or name.endswith(_TOP_LEVEL_SUFFIXES) or name in code
         elif rel.parts[0] == "report":
             keep = name.endswith(_REPORT_SUFFIXES)
         elif rel.parts[0] == "additional_chat_templates":
@@ -71,10 +74,11 @@ def _check_files(folder: Path) -> None:
             raise LinearizeError(f"{folder} lacks weight shards {', '.join(missing)}: export the model again")
     elif not (folder / "model.safetensors").is_file():
         raise LinearizeError(f"{folder} has no model.safetensors: export the model again")
-    from .models.hf import REMOTE_CODE_FILE
+    from .models.bundle import code_problem
 
-    if not (folder / REMOTE_CODE_FILE).is_file():
-        raise LinearizeError(f"{folder} lacks {REMOTE_CODE_FILE} (needed by trust_remote_code): export the model again")
+    problem = code_problem(folder)
+    if problem:
+        raise LinearizeError(f"{folder} {problem}: export the model again")
 
 
 def check_reloads(folder: str | Path) -> None:

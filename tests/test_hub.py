@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,31 +12,38 @@ from huggingface_hub import get_token
 from safetensors.torch import load_file, save_file
 from tiny_models import save_tiny, tiny_model, tiny_tokenizer
 
+import linearize
 from linearize import LinearizeError, convert, load_recipe
 from linearize.cli import main
 from linearize.hub import check_reloads, files_to_upload, push, render_model_card
+from linearize.models.bundle import collect, flat_name
 from linearize.models.export import save_converted
 
 TOKEN = "hf_standin_dummy_token"
 BASE = "meta-llama/Llama-3.2-1B"
 
+# The copy of the attention code that modeling_linearize.py loads.
+CODE = [flat_name(rel) for rel in collect(Path(linearize.__file__).parent)]
 # What a repo gets from the folder built below; README.md is the rendered card.
-EXPECTED = [
-    "README.md",
-    "chat_template.jinja",
-    "config.json",
-    "generation_config.json",
-    "linearize_recipe.yaml",
-    "model.safetensors",
-    "modeling_linearize.py",
-    "report/recovery.png",
-    "report/report.json",
-    "report/report.md",
-    "run/metrics.jsonl",
-    "run/summary.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-]
+EXPECTED = sorted(
+    [
+        "README.md",
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "linearize_recipe.yaml",
+        "model.safetensors",
+        "modeling_linearize.py",
+        "report/recovery.png",
+        "report/report.json",
+        "report/report.md",
+        "run/metrics.jsonl",
+        "run/summary.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        *CODE,
+    ]
+)
 
 REPORT = {
     "model": "tiny-lolcats",
@@ -157,7 +165,8 @@ def test_push_makes_one_commit_with_the_folder_bytes(folder, hub, private):
     assert commit.lfs_paths == ["model.safetensors"]
     card = commit.files["README.md"].decode()
     assert card.startswith("---\nlibrary_name: transformers\n") and f"base_model: {BASE}" in card
-    assert "import linearize" in card and "pip install linearize" in card
+    assert "pip install" not in card and "pypi" not in card.lower() and "import linearize" not in card
+    assert "PyTorch alone load the model (`torch" in card and ", `transformers" in card
     assert 'AutoModelForCausalLM.from_pretrained("me/tiny-lolcats", trust_remote_code=True)' in card
     assert 'AutoTokenizer.from_pretrained("me/tiny-lolcats", trust_remote_code=True)' in card
     assert result["commit_url"] == f"{hub.url}/me/tiny-lolcats/commit/{result['commit_oid']}"
@@ -194,6 +203,15 @@ def _drop_a_tensor(folder):
     save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
 
 
+def _old_modeling_file(folder):
+    # What exports wrote before folders carried their code: it needs the linearize package itself.
+    (folder / "modeling_linearize.py").write_text("from linearize.models.hf import LinearizedLlamaForCausalLM\n")
+
+
+def _delete_a_code_file(folder):
+    (folder / "linearize_attention_cache.py").unlink()
+
+
 def _not_linearized(folder):
     shutil.rmtree(folder)
     save_tiny("llama", folder)
@@ -207,8 +225,18 @@ def _not_linearized(folder):
         (_nan_weights, "non-finite logits"),
         (_drop_a_tensor, "does not reload strictly (missing keys: "),
         (_not_linearized, "holds a 'llama' model, not a linearized one"),
+        (_old_modeling_file, "has a modeling_linearize.py that needs the linearize package installed"),
+        (_delete_a_code_file, "lacks linearize_attention_cache.py, which modeling_linearize.py loads"),
     ],
-    ids=["weights-deleted", "weights-truncated", "nan-weights", "missing-tensor", "not-linearized"],
+    ids=[
+        "weights-deleted",
+        "weights-truncated",
+        "nan-weights",
+        "missing-tensor",
+        "not-linearized",
+        "old-modeling-file",
+        "code-file-deleted",
+    ],
 )
 def test_broken_folder_is_refused_before_anything_is_sent(folder, hub, breakage, message):
     breakage(folder)

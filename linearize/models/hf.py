@@ -4,8 +4,8 @@ Each is a thin subclass of the family's own class. The config adds a plain-dict 
 conversion settings) and its own `model_type`; the model's `__init__` builds the family model and then swaps the
 attention modules the settings name, so `from_pretrained` on an exported folder rebuilds the same structure and
 loads every weight strictly. Importing this module registers the classes with the Auto classes; exported folders
-also carry a small `modeling_linearize.py` and an `auto_map`, so `trust_remote_code=True` loads them in a process
-that never imported linearize.
+also carry `modeling_linearize.py`, an `auto_map` and a copy of the attention code (`bundle.py`), so
+`trust_remote_code=True` loads them where linearize is not installed.
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from .. import _compat
 from ..attention import TOKEN_MASK_KWARG, LinearizeCache, reset_missing_new_parameters
+from .bundle import MODELING_FILE as REMOTE_CODE_FILE
+from .bundle import write_code
 from .families import FAMILIES, Family
 from .swap import swap_attention
-
-REMOTE_CODE_FILE = "modeling_linearize.py"
-_REMOTE_CODE = '''"""Loads a model converted by linearize (https://pypi.org/project/linearize/); needs `pip install linearize`."""
-
-from linearize.models.hf import {config_name}, {model_name}  # noqa: F401
-'''
 
 CONFIG_CLASSES: dict[str, type] = {}
 MODEL_CLASSES: dict[str, type] = {}
@@ -80,10 +76,23 @@ class LinearizedModelMixin:
             _compat.set_output_cache(outputs, cache)
         return outputs
 
+    @classmethod
+    def is_remote_code(cls) -> bool:
+        # save_pretrained writes the modeling file and the code it needs; transformers' own copy of the module that
+        # defined the class (after a remote-code load) would not load.
+        return False
+
     def save_pretrained(self, save_directory, *args, **kwargs):
-        super().save_pretrained(save_directory, *args, **kwargs)
-        code = _REMOTE_CODE.format(config_name=type(self.config).__name__, model_name=type(self).__name__)
-        (Path(save_directory) / REMOTE_CODE_FILE).write_text(code)
+        config_cls, model_cls = type(self.config), type(self)
+        # A model loaded by remote code (or from a Hub repo, whose auto_map names the repo) saves the folder's own
+        # modeling file and copy of the code, never transformers' copy of the module that defined its class.
+        self.config.auto_map = auto_map_for(config_cls, model_cls)
+        self.config._auto_class = None
+        try:
+            super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            del self.config._auto_class
+        write_code(Path(save_directory), config_cls.__name__, model_cls.__name__)
 
 
 def _make_classes(family: Family) -> tuple[type, type]:
