@@ -23,15 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import Recipe, from_dict, to_dict
+from ..config import Recipe
 from ..errors import LinearizeError
 from .loop import Dist, StageResult, run_stage
+from .runfolder import RUN_DIR, check_budgets, guard_run
 
 logger = logging.getLogger(__name__)
 
-RUN_DIR = "run"
 VAL_SEQUENCES = 16
 
 
@@ -41,30 +40,10 @@ class PipelineResult:
     summary: dict
 
 
-def _prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Path:
-    run_dir = out / RUN_DIR
-    recipe_path = run_dir / "recipe.yaml"
-    if resume:
-        if not recipe_path.is_file():
-            raise LinearizeError(f"--resume: {out} holds no run to resume (no {RUN_DIR}/recipe.yaml); drop --resume")
-        saved = from_dict(Recipe, yaml.safe_load(recipe_path.read_text()))
-        if to_dict(saved) != to_dict(recipe):
-            diff = [k for k in to_dict(recipe) if to_dict(recipe)[k] != to_dict(saved)[k]]
-            raise LinearizeError(
-                f"--resume: the recipe differs from the run in {out} (sections: {', '.join(diff)}); resume with the "
-                "same recipe and --set values, or start a new run in another --out"
-            )
-        return run_dir
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LinearizeError(
-                f"--out {out} already exists and is not empty: pass --resume to continue its run, --overwrite to "
-                "start over, or choose another folder"
-            )
-        shutil.rmtree(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    return run_dir
+def _prepare_out(out: Path, recipe: Recipe, resume: bool, model: str) -> Path:
+    from .runfolder import prepare_run
+
+    return prepare_run(out, recipe, model, resume)
 
 
 def _seed_everything(seed: int) -> None:
@@ -92,7 +71,9 @@ def _load_data(recipe: Recipe, tokenizer, run_dir: Path, ctx: Dist):
 
         atomic_save(packed.__dict__, path)
     ctx.barrier()
-    return PackedData(**torch.load(path, map_location="cpu", weights_only=False))
+    from .checkpoint import load_checkpoint
+
+    return PackedData(**load_checkpoint(path, "the packed training data"))
 
 
 def _export(student, tokenizer, out: Path, recipe: Recipe) -> None:
@@ -136,6 +117,7 @@ def _evaluator(objective, data: torch.Tensor, batch_size: int, ctx: Dist, per_la
     return evaluate
 
 
+@guard_run
 def run_pipeline(
     model: str,
     recipe: Recipe,
@@ -154,6 +136,7 @@ def run_pipeline(
     """
     from ..data import BatchPlan
     from ..models.convert import convert
+    from ..models.export import public_name
     from ..models.loading import load_model
     from ..models.twin import shallow_twin
     from .finetune import FinetuneObjective, add_lora, trainable_parameters
@@ -161,7 +144,7 @@ def run_pipeline(
 
     ctx = _dist_context()
     out = Path(out)
-    run_dir = _prepare_out(out, recipe, resume, overwrite) if ctx.main else out / RUN_DIR
+    run_dir = _prepare_out(out, recipe, resume, model) if ctx.main else out / RUN_DIR
     ctx.barrier()
     log_handler = _attach_log(run_dir) if ctx.main else None
     started = time.perf_counter()
@@ -180,7 +163,7 @@ def run_pipeline(
             n_units = shard_frozen_weights(teacher, ctx.device)
             logger.info("fsdp: frozen weights sharded across %d processes (%d units)", ctx.world, n_units)
         student = shallow_twin(teacher)
-        convert(student, recipe.attention, base_model=model)
+        convert(student, recipe.attention, base_model=public_name(model))
         students = student_attention_modules(student)
         for module in students.values():
             module.float_new_parameters()
@@ -193,6 +176,7 @@ def run_pipeline(
             len(data.validation),
             seq_len,
         )
+        check_budgets(recipe, data.train.numel())
 
         results: list[StageResult] = []
         transfer_layers: dict[int, list[float]] = {}
@@ -264,7 +248,7 @@ def run_pipeline(
             final_model.eval()
 
         summary = {
-            "model": model,
+            "model": public_name(model),
             "recipe": recipe.name,
             "attention": recipe.attention.kind,
             "data": data.source,
@@ -343,6 +327,7 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
 def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Dist):
     """Gather the sharded weights and rebuild a plain merged model on the main process (None elsewhere)."""
     from ..models.convert import convert
+    from ..models.export import public_name
     from ..models.loading import load_model
     from .distributed import full_state_dict
     from .finetune import add_lora
@@ -352,7 +337,7 @@ def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, ctx: Di
     if not ctx.main:
         return None
     fresh = load_model(source, dtype=dtype).model
-    convert(fresh, recipe.attention, base_model=source)
+    convert(fresh, recipe.attention, base_model=public_name(source))
     for module in student_attention_modules(fresh).values():
         module.float_new_parameters()
     if recipe.finetune.enabled:
