@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 
 logger = logging.getLogger("linearize")
 
@@ -36,7 +36,7 @@ def _cmd_convert(args) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out)
-    check_output(out, "model", overwrite=args.overwrite, inputs=[args.model])
+    check_output(args.out, "model", overwrite=args.overwrite, inputs=[args.model])
     check_convertible(args.model)
     loaded = load_model(args.model, dtype=args.dtype)
     convert(loaded.model, recipe.attention, base_model=public_name(args.model))
@@ -211,7 +211,12 @@ def _check_report_folder(out: Path) -> None:
 def _cmd_report(args) -> int:
     from .eval.report import load_report, write_report
 
-    path = write_report(load_report(args.folder), args.folder)
+    try:
+        report = load_report(args.folder)
+    except ValueError as exc:
+        raise LinearizeError(f"{args.folder}: report.json is not valid JSON ({first_line(exc)}); run `linearize eval` "
+                             "again") from None  # fmt: skip
+    path = write_report(report, args.folder)
     print(path.read_text())
     return 0
 
@@ -236,9 +241,12 @@ def _cmd_harness_tasks(args) -> int:
 
 def _ints(text: str, flag: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LinearizeError(f"{flag} takes comma-separated integers, got '{text}'") from None
+    if any(v <= 0 for v in values):
+        raise LinearizeError(f"{flag} takes positive integers, got '{text}'")
+    return values
 
 
 def _count(text: str, flag: str) -> int:
@@ -451,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         check_settings()
         return args.func(args)
     except LinearizeError as exc:
+        _close_progress_bars()
         print(f"linearize: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -458,11 +467,21 @@ def main(argv: list[str] | None = None) -> int:
 
         if exc.errno not in DISK_ERRNOS:
             raise
+        _close_progress_bars()
         print(f"linearize: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("linearize: interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    # A bar left open by the failure would share its line with the error message.
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -130,6 +130,8 @@ def guard_run(run):
     def guarded(model: str, recipe: Recipe, out, resume: bool = False, overwrite: bool = False, **kwargs):
         from ..models.loading import check_convertible
 
+        if not str(out).strip():
+            raise LinearizeError("--out is empty: name the output folder")
         out = Path(out).expanduser()
         main = int(os.environ.get("RANK", "0")) == 0
         staging = outdir.staging_folder(out)
