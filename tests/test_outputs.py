@@ -151,3 +151,21 @@ def test_text_files_with_a_few_bad_bytes_are_read_and_binary_ones_refused(tmp_pa
     path.write_bytes(text.encode() + b"\xff" * (4 * n_bad))
     with pytest.raises(LinearizeError, match="not UTF-8 text"):
         _read_text(path)
+
+
+def test_corpus_overwrite_replaces_its_own_corpus_in_one_swap(tmp_path, inputs):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from linearize.data.synthesize import CorpusSettings, write_corpus
+
+    _, words = inputs
+    out = tmp_path / "corpus"
+    settings = dict(tokens=8, prompts=str(words), max_new_tokens=4, batch_size=2)
+    write_corpus(tiny_model("llama"), tiny_tokenizer(), out, CorpusSettings(**settings), progress=False)
+    with pytest.raises(LinearizeError, match="pass --resume to continue it"):
+        write_corpus(tiny_model("llama"), tiny_tokenizer(), out, CorpusSettings(**settings), progress=False)
+    info = write_corpus(tiny_model("llama"), tiny_tokenizer(), out, CorpusSettings(**settings, seed=3),
+                        overwrite=True, progress=False)  # fmt: skip
+    assert info["settings"]["seed"] == 3 and json.loads((out / "corpus.json").read_text())["settings"]["seed"] == 3
+    assert outdir.read_marker(out)["kind"] == "corpus"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]

@@ -173,9 +173,10 @@ def run_stage(
         scheduler.step()
         first_loss = loss if first_loss is None else first_loss
         if step == start + 2 and ctx.main:
-            pace = (time.perf_counter() - t0) / 3
-            logger.info("%s: %d steps left, about %s at the pace of the first steps", name, steps - step - 1,
-                        _duration(pace * (steps - step - 1)))  # fmt: skip
+            left = (time.perf_counter() - t0) / 3 * (steps - step - 1)
+            # Past a day the budget is more likely a typo than a plan: say so loudly.
+            log = logger.warning if left > 86400 else logger.info
+            log("%s: %d steps left, about %s at the pace of the first steps", name, steps - step - 1, _duration(left))
         seconds = elapsed_before + time.perf_counter() - t0
         done_tokens = (step + 1) * tokens_per_step
         if bar is not None:
