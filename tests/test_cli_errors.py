@@ -197,6 +197,9 @@ def binary(n=4096, seed=0):
 ENOSPC = OSError(errno.ENOSPC, "No space left on device")
 EROFS = OSError(errno.EROFS, "Read-only file system")
 
+# Refusals that config.json settles must come before any weight is read.
+NO_WEIGHTS = raise_in("linearize.models.loading.AutoModelForCausalLM.from_pretrained", AssertionError("loaded weights"))
+
 TRAIN = ["--model", "{tiny}", "--out", "out"]
 CONVERT = ["convert", "--model", "{tiny}", "--out", "out"]
 RESUME = [*TRAIN, "--resume"]
@@ -227,14 +230,14 @@ CASES = [
         id="model-truncated-safetensors",
     ),
     C([*CONVERT, "--model", "g.gguf"], "could not read GGUF file", files(g__gguf=binary()), id="model-gguf-garbage"),
-    C([*CONVERT, "--model", "{gpt2}"], "architecture 'gpt2' is not supported", None, id="model-unsupported-arch"),
+    C([*CONVERT, "--model", "{gpt2}"], "architecture 'gpt2' is not supported", NO_WEIGHTS, id="model-unsupported-arch"),
     C(
         [*TRAIN, "--model", "{gpt2}", *sets()],
         "architecture 'gpt2' is not supported",
-        None,
+        NO_WEIGHTS,
         id="train-unsupported-arch",
     ),
-    C([*CONVERT, "--model", "{conv}"], "is already converted", None, id="model-already-converted"),
+    C([*CONVERT, "--model", "{conv}"], "is already converted", NO_WEIGHTS, id="model-already-converted"),
     C([*TRAIN, "--model", "{notok}", *sets()], "has no tokenizer", None, id="train-model-without-tokenizer"),
     C(
         ["generate", "--model", "{notok}", "--prompt", "hi"],
@@ -268,7 +271,12 @@ CASES = [
     ),
     C([*TRAIN, *sets("transfer.tokens=-5")], "transfer.tokens must be > 0", None, id="set-negative-budget"),
     C([*TRAIN, *sets("finetune.lora.r=0")], "finetune.lora.r must be > 0", None, id="set-lora-rank-zero"),
-    C([*TRAIN, *sets("data.seq_len=4096")], "beyond the model's position limit", None, id="seq-len-above-positions"),
+    C(
+        [*TRAIN, *sets("data.seq_len=4096")],
+        "beyond the model's position limit",
+        NO_WEIGHTS,
+        id="seq-len-above-positions",
+    ),
     C([*TRAIN, *sets("transfer.tokens=1e12")], "passes over the", None, id="absurd-token-budget"),
     C([*TRAIN, *sets("run.dtype=float64")], "run.dtype must be", None, id="set-bad-dtype"),
     # data
