@@ -278,6 +278,7 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
     from ..eval.perplexity import perplexity_of_sequences
     from ..eval.report import write_report
     from ..eval.runner import EvalSettings, attach_training, evaluate
+    from ..models.export import public_name
     from ..models.loading import load_model
 
     cfg = recipe.report
@@ -300,8 +301,8 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
         settings,
         teacher=teacher.model,
         teacher_tokenizer=teacher.tokenizer,
-        student_name=str(out),
-        teacher_name=source,
+        student_name=public_name(str(out)),
+        teacher_name=public_name(source),
     )
     if len(data.validation):
         rows = {
