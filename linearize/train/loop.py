@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..config import OptimConfig, RunConfig
 from ..errors import LinearizeError
 from .checkpoint import FINAL_FILE, atomic_save, load_stage_state, save_stage_state, set_rng_state, trainable_state
+from .runfolder import has_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def run_stage(
         if not math.isfinite(loss):
             where = f"{folder / 'state.pt'} (step {last_good})" if last_good is not None else "none yet"
             # A run with no checkpoint at all is removed on failure, so --resume would find nothing.
-            again = "rerun with --resume and" if last_good is not None or _has_checkpoint(run_dir) else "rerun with"
+            again = "rerun with --resume and" if last_good is not None or has_checkpoint(run_dir) else "rerun with"
             raise LinearizeError(
                 f"stage {name} step {step}: loss is {loss}; last good checkpoint: {where}. Lower the learning rate: "
                 f"{again} --set {name}.optim.lr=<smaller>"
@@ -233,7 +234,6 @@ def _apply_settings(optimizer, scheduler, cfg: OptimConfig) -> None:
     for group in optimizer.param_groups:
         group.update(initial_lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         group["lr"] = cfg.lr * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _drop_metrics_from(path: Path, stage: str, start: int) -> None:
@@ -251,11 +251,6 @@ def _drop_metrics_from(path: Path, stage: str, start: int) -> None:
     from ..fileio import atomic_write_text
 
     atomic_write_text(path, "".join(kept))
-
-
-def _has_checkpoint(run_dir: Path) -> bool:
-    folder = Path(run_dir) / "checkpoints"
-    return folder.is_dir() and any(folder.rglob("*.pt"))
 
 
 def _duration(seconds: float) -> str:

@@ -107,14 +107,15 @@ def check_budgets(recipe: Recipe, train_tokens: int) -> None:
                            f"{tokens:,}", epochs)  # fmt: skip
 
 
-def _has_checkpoint(run_dir: Path) -> bool:
+def has_checkpoint(run_dir: Path) -> bool:
+    """True once any checkpoint of the run exists (from then on a failed run is kept for --resume)."""
     folder = run_dir / "checkpoints"
     return folder.is_dir() and any(folder.rglob("*.pt"))
 
 
 def _remove_failed_start(work: Path, existed: bool) -> None:
     """Remove what a run that failed before its first checkpoint wrote (the folder itself if it made it)."""
-    if not work.exists() or _has_checkpoint(work / RUN_DIR):
+    if not work.exists() or has_checkpoint(work / RUN_DIR):
         return
     if existed:
         for path in list(work.iterdir()):
