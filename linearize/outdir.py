@@ -73,8 +73,8 @@ def describe_os_error(exc: OSError, what: str = "") -> str:
         errno.EACCES: "check the folder's permissions or choose another --out",
         errno.EPERM: "check the folder's permissions or choose another --out",
     }.get(exc.errno, "check the disk and try again")
-    where = what or exc.filename or "a file"
-    return f"could not write {where} ({exc.strerror or exc}): {cure}; nothing was replaced"
+    where = exc.filename or what or "a file"
+    return f"{where}: {exc.strerror or exc}: {cure}; no previous output was replaced"
 
 
 def read_marker(folder: Path) -> dict | None:

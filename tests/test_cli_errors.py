@@ -426,6 +426,18 @@ CASES = [
         raise_in("linearize.train.transfer.TransferObjective.backward", KeyboardInterrupt()),
         id="ctrl-c-at-first-train-step",
     ),
+    C(
+        [*TRAIN, *sets()],
+        "Read-only file system",
+        raise_in("linearize.outdir.write_marker", EROFS),
+        id="read-only-disk-at-train-start",
+    ),
+    C(
+        [*TRAIN, *sets()],
+        "No space left on device",
+        raise_in("linearize.train.checkpoint.atomic_write", ENOSPC),
+        id="disk-full-while-training",
+    ),
     # resume and damaged run files
     C([*RESUME, *sets()], "holds nothing to resume", None, id="resume-without-run"),
     C([*RESUME, "--overwrite", *sets()], "pass only one", interrupted_run, id="resume-and-overwrite"),
