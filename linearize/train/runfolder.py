@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import yaml
@@ -119,7 +120,7 @@ def _remove_failed_start(work: Path, existed: bool) -> None:
         return
     if existed:
         for path in list(work.iterdir()):
-            outdir.discard(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     else:
         outdir.discard(work)
 
