@@ -44,7 +44,6 @@ KNOWN_FILES: dict[str, list[str]] = {
         "report",
         *_TOKENIZER,
     ],
-    "run": ["recipe.yaml", "metrics.jsonl", "log.txt", "summary.json", "data.pt", "checkpoints"],
     "corpus": ["corpus.json", "train.jsonl", "heldout.txt", ".corpus.json.*", ".heldout.txt.*"],
     "lm-eval-tasks": ["utils.py", "*.jsonl", "linearize_*.yaml", "__pycache__"],
     "report": ["report.json", "report.md", "*.png"],
