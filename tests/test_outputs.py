@@ -3,7 +3,12 @@ after any failure), an interrupted replacement resumes beside the old output, th
 printed, resumed steps are logged once, and lm-eval task folders are replaced only when they are ours."""
 
 import json
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -91,6 +96,29 @@ def test_interrupted_overwrite_keeps_the_old_output_and_resumes_beside_it(tmp_pa
     assert _train(inputs, out, "attention.window=8", flags=["--resume"]) == 0
     assert "stage transfer already finished" in caplog.text
     assert _window(out) == 8 and not staging.parent.exists()
+
+
+def test_kill_9_during_an_overwrite_run_leaves_the_old_output_whole(tmp_path, inputs):
+    # A real process killed with SIGKILL: nothing in the process gets to clean up.
+    tiny, words = inputs
+    out = tmp_path / "out"
+    assert _train(inputs, out) == 0
+    before = _snapshot(out)
+    argv = [sys.executable, "-m", "linearize.cli", "--model", str(tiny), "--out", str(out), "--overwrite"]
+    for item in [*SETS, f"data.dataset={words}", "transfer.tokens=4096", "attention.window=8"]:
+        argv += ["--set", item]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = outdir.staging_folder(out) / "run" / "checkpoints" / "transfer" / "state.pt"
+    deadline = time.time() + 300
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert state.exists(), "the run ended before its first checkpoint"
+    after = _snapshot(out)
+    assert after.keys() == before.keys() and all(after[k] == before[k] for k in before)
+    assert _train(inputs, out, "transfer.tokens=4096", "attention.window=8", flags=["--resume"]) == 0
+    assert _window(out) == 8 and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_nan_stop_advice_works_as_printed(tmp_path, inputs, capsys):
