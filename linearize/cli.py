@@ -150,7 +150,7 @@ def _cmd_eval(args) -> int:
     from .eval.report import write_report
     from .eval.runner import EvalSettings, attach_training, evaluate, parse_limit, parse_tasks
     from .models.loading import load_model
-    from .outdir import write_marker
+    from .outdir import check_output, write_marker
 
     limit, task_limits = parse_limit(args.limit)
     settings = EvalSettings(
@@ -170,8 +170,8 @@ def _cmd_eval(args) -> int:
         if value <= 0:
             raise LinearizeError(f"{flag} must be at least 1, got {value}")
     out = Path(args.out) if args.out else (Path(args.model) / "report" if Path(args.model).is_dir() else Path("report"))
-    if args.out is not None or out.exists():
-        _check_report_folder(out)
+    # A report goes into a new or empty folder, or over an earlier report; never over other files.
+    check_output(out, "report", overwrite=True)
     student = load_model(args.model, dtype=args.dtype, device=args.device)
     teacher = load_model(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
     if student.tokenizer is None:
@@ -199,13 +199,6 @@ def _cmd_eval(args) -> int:
     print(path.read_text())
     print(f"report: {path}  (report.json and plots beside it)")
     return 0
-
-
-def _check_report_folder(out: Path) -> None:
-    """A report goes into a new or empty folder, or over an earlier report; never over other files."""
-    from .outdir import check_output
-
-    check_output(out, "report", overwrite=True)
 
 
 def _cmd_report(args) -> int:
