@@ -197,3 +197,33 @@ def test_corpus_overwrite_replaces_its_own_corpus_in_one_swap(tmp_path, inputs):
     assert info["settings"]["seed"] == 3 and json.loads((out / "corpus.json").read_text())["settings"]["seed"] == 3
     assert outdir.read_marker(out)["kind"] == "corpus"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]
+
+
+def test_interrupted_corpus_overwrite_resumes_beside_the_old_corpus(tmp_path, inputs, monkeypatch):
+    from tiny_models import tiny_model, tiny_tokenizer
+
+    from linearize.data import synthesize
+    from linearize.data.synthesize import CorpusSettings, write_corpus
+
+    _, words = inputs
+    out = tmp_path / "corpus"
+    settings = dict(tokens=16, prompts=str(words), max_new_tokens=4, batch_size=2)
+    write_corpus(tiny_model("llama"), tiny_tokenizer(), out, CorpusSettings(**settings), progress=False)
+    before = _snapshot(out)
+    sample, calls = synthesize._sample_batch, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return sample(*args)
+
+    new = CorpusSettings(**settings, seed=5)
+    with monkeypatch.context() as mp:
+        mp.setattr(synthesize, "_sample_batch", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            write_corpus(tiny_model("llama"), tiny_tokenizer(), out, new, overwrite=True, progress=False)
+    assert _snapshot(out) == before
+    info = write_corpus(tiny_model("llama"), tiny_tokenizer(), out, new, resume=True, progress=False)
+    assert info["complete"] and json.loads((out / "corpus.json").read_text())["settings"]["seed"] == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]

@@ -144,9 +144,13 @@ def write_corpus(model, tokenizer, out: str | Path, settings: CorpusSettings, mo
 
     final = Path(out).expanduser()
     inputs = [model_name, settings.prompts]
-    state = outdir.check_output(final, "corpus", overwrite, resume, inputs, hint="pass --resume to continue it, ")
-    # A replacement is sampled beside the old corpus and swapped in when complete.
-    out = outdir.staging_folder(final) if state == "replace" else final
+    # A replacement is sampled beside the old corpus and swapped in when complete; an interrupted one resumes there.
+    staging = outdir.staging_folder(final)
+    if resume and not overwrite and (staging / INFO).is_file():
+        state, out = "resume", staging
+    else:
+        state = outdir.check_output(final, "corpus", overwrite, resume, inputs, hint="pass --resume to continue it, ")
+        out = staging if state == "replace" else final
     if state == "replace":
         outdir.discard(out)
     info_path = out / INFO
