@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import LinearizeError
+from .errors import LinearizeError, first_line
 
 logger = logging.getLogger("linearize")
 
@@ -30,15 +30,17 @@ def _add_model_arg(parser: argparse.ArgumentParser, default: str | None = None, 
 def _cmd_convert(args) -> int:
     from .config import load_recipe
     from .models.convert import convert
-    from .models.export import atomic_folder, check_output_folder, save_converted
-    from .models.loading import load_model
+    from .models.export import public_name, save_converted
+    from .models.loading import check_convertible, load_model
+    from .outdir import atomic_output, check_output
 
     recipe = load_recipe(args.recipe, args.set)
     out = Path(args.out)
-    check_output_folder(out, args.overwrite)
+    check_output(args.out, "model", overwrite=args.overwrite, inputs=[args.model])
+    check_convertible(args.model)
     loaded = load_model(args.model, dtype=args.dtype)
-    convert(loaded.model, recipe.attention, base_model=args.model)
-    with atomic_folder(out, args.overwrite) as tmp:
+    convert(loaded.model, recipe.attention, base_model=public_name(args.model))
+    with atomic_output(out, "model", overwrite=args.overwrite, inputs=[args.model]) as tmp:
         save_converted(loaded.model, loaded.tokenizer, tmp, recipe)
     layers = loaded.model.config.linearize["layers"]
     n_conv = sum(kind != "softmax" for kind in layers.values())
@@ -75,6 +77,12 @@ def _cmd_generate(args) -> int:
 
     from .models.loading import load_model
 
+    if args.max_new_tokens <= 0:
+        raise LinearizeError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not args.prompt.strip():
+        raise LinearizeError("--prompt is empty: give the text to continue")
+    if args.sample and (args.temperature <= 0 or not 0 < args.top_p <= 1):
+        raise LinearizeError("--sample needs --temperature > 0 and --top-p in (0, 1]")
     loaded = load_model(args.model, dtype=args.dtype)
     tok, model = loaded.tokenizer, loaded.model
     if tok is None:
@@ -107,6 +115,7 @@ def _cmd_corpus(args) -> int:
 
     from .data.synthesize import CorpusSettings, write_corpus
     from .models.loading import load_model
+    from .outdir import check_output
 
     settings = CorpusSettings(
         tokens=_count(args.tokens, "--tokens"),
@@ -120,6 +129,8 @@ def _cmd_corpus(args) -> int:
         seed=args.seed,
         include_documents=not args.no_documents,
     )
+    check_output(args.out, "corpus", args.overwrite, args.resume, [args.model, args.prompts],
+                 hint="pass --resume to continue it, ")  # fmt: skip
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     if loaded.tokenizer is None:
@@ -139,6 +150,7 @@ def _cmd_eval(args) -> int:
     from .eval.report import write_report
     from .eval.runner import EvalSettings, attach_training, evaluate, parse_limit, parse_tasks
     from .models.loading import load_model
+    from .outdir import check_output, write_marker
 
     limit, task_limits = parse_limit(args.limit)
     settings = EvalSettings(
@@ -153,6 +165,13 @@ def _cmd_eval(args) -> int:
         efficiency_lengths=_ints(args.efficiency_lengths, "--efficiency-lengths") if args.efficiency_lengths else [],
         controls=not args.no_controls,
     )
+    for flag, value in (("--batch-size", args.batch_size), ("--passkey-trials", args.passkey_trials),
+                        ("--ppl-window", args.ppl_window)):  # fmt: skip
+        if value <= 0:
+            raise LinearizeError(f"{flag} must be at least 1, got {value}")
+    out = Path(args.out) if args.out else (Path(args.model) / "report" if Path(args.model).is_dir() else Path("report"))
+    # A report goes into a new or empty folder, or over an earlier report; never over other files.
+    check_output(out, "report", overwrite=True)
     student = load_model(args.model, dtype=args.dtype, device=args.device)
     teacher = load_model(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
     if student.tokenizer is None:
@@ -175,8 +194,8 @@ def _cmd_eval(args) -> int:
         compare=compare,
     )
     attach_training(report, Path(args.model))
-    out = Path(args.out) if args.out else (Path(args.model) / "report" if Path(args.model).is_dir() else Path("report"))
     path = write_report(report, out)
+    write_marker(out, "report")
     print(path.read_text())
     print(f"report: {path}  (report.json and plots beside it)")
     return 0
@@ -185,7 +204,12 @@ def _cmd_eval(args) -> int:
 def _cmd_report(args) -> int:
     from .eval.report import load_report, write_report
 
-    path = write_report(load_report(args.folder), args.folder)
+    try:
+        report = load_report(args.folder)
+    except ValueError as exc:
+        raise LinearizeError(f"{args.folder}: report.json is not valid JSON ({first_line(exc)}); run `linearize eval` "
+                             "again") from None  # fmt: skip
+    path = write_report(report, args.folder)
     print(path.read_text())
     return 0
 
@@ -193,8 +217,13 @@ def _cmd_report(args) -> int:
 def _cmd_harness_tasks(args) -> int:
     from .eval.harness import write_harness_tasks
     from .eval.runner import parse_tasks
+    from .outdir import atomic_output
 
-    names = write_harness_tasks(args.out, parse_tasks(args.tasks) if args.tasks else None, args.limit)
+    tasks = parse_tasks(args.tasks) if args.tasks else None
+    if args.limit is not None and args.limit <= 0:
+        raise LinearizeError(f"--limit must be at least 1, got {args.limit}")
+    with atomic_output(args.out, "lm-eval-tasks", overwrite=args.overwrite) as tmp:
+        names = write_harness_tasks(tmp, tasks, args.limit, final_folder=Path(args.out))
     print(f"wrote {len(names)} lm-eval tasks to {args.out}: {', '.join(names)}")
     print(
         f"run them with: lm_eval --include_path {args.out} --tasks {names[0]} --model hf "
@@ -205,9 +234,12 @@ def _cmd_harness_tasks(args) -> int:
 
 def _ints(text: str, flag: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LinearizeError(f"{flag} takes comma-separated integers, got '{text}'") from None
+    if any(v <= 0 for v in values):
+        raise LinearizeError(f"{flag} takes positive integers, got '{text}'")
+    return values
 
 
 def _count(text: str, flag: str) -> int:
@@ -387,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace tasks written earlier into --out")
     p.set_defaults(func=_cmd_harness_tasks)
 
     p = sub.add_parser("models", help="list model aliases and supported architectures")
@@ -419,11 +452,29 @@ def main(argv: list[str] | None = None) -> int:
         check_settings()
         return args.func(args)
     except LinearizeError as exc:
+        _close_progress_bars()
         print(f"linearize: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from .outdir import DISK_ERRNOS, describe_os_error
+
+        if exc.errno not in DISK_ERRNOS:
+            raise
+        _close_progress_bars()
+        print(f"linearize: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("linearize: interrupted", file=sys.stderr)
         return 130
+
+
+def _close_progress_bars() -> None:
+    # A bar left open by the failure would share its line with the error message.
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -38,17 +38,28 @@ def files_to_upload(folder: str | Path) -> list[Path]:
         folder: an exported folder (`linearize convert` / `linearize train` output).
 
     Returns:
-        Paths inside `folder`: config, weights, modeling code and its copy of the attention code, tokenizer, recipe, `report/*` (json, md, png) and
-        `run/summary.json` + `run/metrics.jsonl`. Checkpoints, `run/data.pt`, `run/log.txt` (it holds absolute
+        Paths inside `folder`: config, weights, modeling code and its copy of the attention code, tokenizer,
+        recipe, `report/*` (json, md, png) and `run/summary.json` + `run/metrics.jsonl`. Checkpoints, `run/data.pt`, `run/log.txt` (it holds absolute
         paths), an existing README.md (the card replaces it) and hidden or partial files are left out.
+
+    Raises:
+        LinearizeError: a file is a link to something outside `folder`.
     """
     folder = Path(folder)
     # The modeling file and the copy of the attention code it loads (models/bundle.py).
     code = set(code_files(folder))
+    root = folder.resolve()
     chosen = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.is_symlink() and root not in path.resolve().parents:
+            # A link out of the folder would upload whatever it points at (any file on this machine).
+            raise LinearizeError(
+                f"{path} is a link to {path.resolve()}, outside {folder}: replace it with a copy of the file"
+            )
+        if not path.is_file():
             continue
         name = rel.as_posix()
         if len(rel.parts) == 1:
@@ -191,9 +202,10 @@ def push(
             )
         if constants.HF_HUB_OFFLINE:
             raise LinearizeError("HF_HUB_OFFLINE is set: unset it to push, or use --dry-run")
+    # Links out of the folder are refused before any file is read through them.
+    paths = files_to_upload(folder)
     check_reloads(folder)
     card = render_model_card(folder, repo_id).encode()
-    paths = files_to_upload(folder)
     if not any(p.name.startswith("tokenizer") or p.name in ("vocab.json", "spiece.model") for p in paths):
         logger.warning("%s has no tokenizer files: the repo will hold a model that users cannot prompt", folder)
     files = [{"path": "README.md", "size": len(card)}]

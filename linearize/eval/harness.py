@@ -77,17 +77,24 @@ def _yaml(name: str, task, data_file: Path, partial: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_harness_tasks(folder: str | Path, tasks: list[str] | None = None, limit: int | None = None) -> list[str]:
-    """Write lm-eval task YAMLs and their data into `folder`; returns the task names written."""
+def write_harness_tasks(
+    folder: str | Path, tasks: list[str] | None = None, limit: int | None = None, final_folder: str | Path | None = None
+) -> list[str]:
+    """Write lm-eval task YAMLs and their data into `folder`; returns the task names written.
+
+    The YAMLs name their data files by absolute path inside `final_folder` (default `folder`): where the folder
+    will be once it is moved into place.
+    """
     folder = Path(folder)
+    final = Path(final_folder or folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "utils.py").write_text(_UTILS)
     written = []
     for name in tasks or list(TASKS):
         task = TASKS[name]
         rows = [_row(task, d) for d in select_docs(task, limit)]
-        data_file = (folder / f"{name}.jsonl").resolve()
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        data_file = (final / f"{name}.jsonl").resolve()
+        (folder / data_file.name).write_text("".join(json.dumps(r) + "\n" for r in rows))
         partial = bool(rows) and "contexts" in rows[0]
         (folder / f"linearize_{name}.yaml").write_text(_yaml(name, task, data_file, partial))
         written.append(f"linearize_{name}")

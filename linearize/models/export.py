@@ -1,49 +1,49 @@
-"""Write a converted model as a normal Hugging Face folder, atomically.
+"""Write a converted model as a normal Hugging Face folder.
 
-The folder is assembled under a temporary sibling and renamed into place only when complete, so an error or an
-interrupt never leaves a half-written output folder behind.
+The folder is assembled beside its destination and swapped in only when complete (`linearize.outdir`), so an
+error or an interrupt never leaves a half-written output folder behind. What is recorded about the inputs names
+Hub ids and aliases as given and local files by their name only, so an uploaded folder carries no local paths.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
 from ..config import Recipe, to_dict
-from ..errors import LinearizeError
 
 RECIPE_FILE = "linearize_recipe.yaml"
 
 
-def check_output_folder(out: Path, overwrite: bool = False) -> None:
-    """Refuse to write over a non-empty folder unless asked to."""
-    if out.exists() and not out.is_dir():
-        raise LinearizeError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise LinearizeError(f"--out {out} already exists and is not empty: choose another folder or pass --overwrite")
+def public_name(source: str | None) -> str | None:
+    """`source` as given when it is a Hub id or alias; else the name of the local folder or file."""
+    from .loading import resolve
 
-
-@contextlib.contextmanager
-def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces `out` when the block succeeds and vanishes when it fails."""
-    out = Path(out)
-    check_output_folder(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    if not source:
+        return source
     try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        kind, _ = resolve(source)
+    except Exception:
+        kind = "local"
+    if kind == "hub" or source in _aliases():
+        return source
+    return Path(str(source).rstrip("/")).name or str(source)
+
+
+def _aliases():
+    from .aliases import ALIASES
+
+    return ALIASES
+
+
+def public_recipe(recipe: Recipe) -> dict:
+    """The recipe as a plain dict, with a local data path reduced to its name."""
+    data = to_dict(recipe)
+    dataset = data["data"]["dataset"]
+    if dataset not in ("auto", "offline") and Path(dataset).expanduser().exists():
+        data["data"]["dataset"] = Path(dataset.rstrip("/")).name
+    return data
 
 
 def save_converted(model, tokenizer, folder: Path, recipe: Recipe | None = None) -> None:
@@ -52,4 +52,4 @@ def save_converted(model, tokenizer, folder: Path, recipe: Recipe | None = None)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     if recipe is not None:
-        (Path(folder) / RECIPE_FILE).write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        (Path(folder) / RECIPE_FILE).write_text(yaml.safe_dump(public_recipe(recipe), sort_keys=False))

@@ -19,6 +19,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import LinearizeError, first_line
@@ -136,6 +137,52 @@ def _load_tokenizer(target: str):
         return None
 
 
+def peek_config(source: str) -> dict | None:
+    """config.json of `source` read without loading weights (None for GGUF files and uncached Hub ids)."""
+    import json
+
+    kind, target = resolve(source)
+    path = None
+    if kind == "folder":
+        path = Path(target) / "config.json"
+    elif kind == "hub":
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(target, "config.json")
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LinearizeError(f"{path} is not valid JSON ({first_line(exc)[:120]}): repair or re-download it") from None
+    if not isinstance(config, dict):
+        raise LinearizeError(f"{path} does not hold a JSON object: repair or re-download it")
+    return config
+
+
+def check_convertible(source: str, seq_len: int | None = None) -> None:
+    """Refuse, from config.json alone, a model that cannot be converted (or trained at `seq_len` tokens)."""
+    from .families import FAMILIES
+
+    config = peek_config(source)
+    if config is None:
+        return
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type.startswith("linearized_"):
+        raise LinearizeError(f"{source} is already converted; pass the original checkpoint to convert again")
+    if model_type not in FAMILIES:
+        raise LinearizeError(
+            f"architecture '{model_type}' is not supported; supported model types: {', '.join(FAMILIES)}"
+        )
+    limit = config.get("max_position_embeddings")
+    if seq_len is not None and isinstance(limit, int) and seq_len > limit:
+        raise LinearizeError(
+            f"data.seq_len={seq_len} is beyond the model's position limit (max_position_embeddings={limit}): "
+            f"set data.seq_len to {limit} or less"
+        )
+
+
 def load_model(source: str, dtype: str = "auto", device: str | None = None) -> Loaded:
     """Load a causal LM and its tokenizer.
 
@@ -158,8 +205,11 @@ def load_model(source: str, dtype: str = "auto", device: str | None = None) -> L
         target = _hub_folder(target)
     try:
         model = AutoModelForCausalLM.from_pretrained(target, dtype=DTYPES[dtype])
-    except (OSError, ValueError) as exc:
-        raise LinearizeError(f"could not load '{source}': {first_line(exc)}") from None
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise LinearizeError(
+            f"could not load '{source}': {first_line(exc)[:200]}; check that its files are complete or download "
+            "them again"
+        ) from None
     tokenizer = _load_tokenizer(target)
     if device:
         model.to(device)

@@ -1,7 +1,8 @@
 """Atomic checkpoints of a training stage: trainable tensors, optimiser, schedule, RNG states and step.
 
 A checkpoint is written to a temporary file and renamed over the previous one, so a crash or `kill -9` at any
-moment leaves either the old checkpoint or the new one, never a torn file.
+moment leaves either the old checkpoint or the new one, never a torn file. Checkpoints are read back with
+`weights_only=True`: a run folder may come from elsewhere, and unpickling arbitrary objects would run its code.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import LinearizeError, first_line
 from ..fileio import atomic_write
 
 STATE_FILE = "state.pt"
@@ -62,8 +64,25 @@ def save_stage_state(folder: Path, step: int, named_params, optimizer, scheduler
     )
 
 
+def load_checkpoint(path: Path, what: str = "the checkpoint") -> dict:
+    """Read a file written by `atomic_save` (tensors, numbers, strings and containers only; no code runs)."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for torn, foreign or malicious files
+        raise LinearizeError(
+            f"{path} ({what}) cannot be read safely ({first_line(exc)[:120]}): it is damaged or was not written by "
+            f"linearize; delete it to redo that part with --resume, or start over with --overwrite"
+        ) from None
+    if not isinstance(state, dict):
+        raise LinearizeError(
+            f"{path} ({what}) holds no linearize checkpoint: delete it, or start over with --overwrite"
+        )
+    return state
+
+
 def load_stage_state(folder: Path) -> dict | None:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint(path, "the stage's last checkpoint")

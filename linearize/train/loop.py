@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..config import OptimConfig, RunConfig
 from ..errors import LinearizeError
 from .checkpoint import FINAL_FILE, atomic_save, load_stage_state, save_stage_state, set_rng_state, trainable_state
+from .runfolder import has_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +122,9 @@ def run_stage(
     final_path = folder / FINAL_FILE
     params = list(named_params.values())
     if resume and final_path.is_file():
-        final = torch.load(final_path, map_location="cpu", weights_only=False)
-        from .checkpoint import load_trainable
+        from .checkpoint import load_checkpoint, load_trainable
 
+        final = load_checkpoint(final_path, f"the result of stage {name}")
         load_trainable(named_params, final["params"])
         logger.info("stage %s already finished in %s; loaded its result", name, folder)
         return StageResult(**final["result"])
@@ -137,6 +138,7 @@ def run_stage(
         load_trainable(named_params, state["params"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        _apply_settings(optimizer, scheduler, optim_cfg)
         set_rng_state(state["rng"])
         start = state["step"] + 1
         first_loss = state["extra"].get("first_loss")
@@ -146,6 +148,8 @@ def run_stage(
         logger.info("resuming stage %s at step %d of %d", name, start, steps)
 
     metrics_path = Path(run_dir) / "metrics.jsonl"
+    if resume and ctx.main:
+        _drop_metrics_from(metrics_path, name, start)
     bar = None
     if ctx.main:
         from tqdm.auto import tqdm
@@ -160,9 +164,11 @@ def run_stage(
         loss = ctx.mean_scalar(float(metrics["loss"]))
         if not math.isfinite(loss):
             where = f"{folder / 'state.pt'} (step {last_good})" if last_good is not None else "none yet"
+            # A run with no checkpoint at all is removed on failure, so --resume would find nothing.
+            again = "rerun with --resume and" if last_good is not None or has_checkpoint(run_dir) else "rerun with"
             raise LinearizeError(
-                f"stage {name} step {step}: loss is {loss}; last good checkpoint: {where}. Lower the learning rate "
-                f"(--set {name}.optim.lr=...) and rerun with --resume"
+                f"stage {name} step {step}: loss is {loss}; last good checkpoint: {where}. Lower the learning rate: "
+                f"{again} --set {name}.optim.lr=<smaller>"
             )
         ctx.average([p.grad for p in params if p.grad is not None])
         if optim_cfg.max_grad_norm > 0:
@@ -170,6 +176,11 @@ def run_stage(
         optimizer.step()
         scheduler.step()
         first_loss = loss if first_loss is None else first_loss
+        if step == start + 2 and ctx.main:
+            left = (time.perf_counter() - t0) / 3 * (steps - step - 1)
+            # Past a day the budget is more likely a typo than a plan: say so loudly.
+            log = logger.warning if left > 86400 else logger.info
+            log("%s: %d steps left, about %s at the pace of the first steps", name, steps - step - 1, _duration(left))
         seconds = elapsed_before + time.perf_counter() - t0
         done_tokens = (step + 1) * tokens_per_step
         if bar is not None:
@@ -218,3 +229,37 @@ def run_stage(
         (folder / "state.pt").unlink(missing_ok=True)
     ctx.barrier()
     return result
+
+
+def _apply_settings(optimizer, scheduler, cfg: OptimConfig) -> None:
+    """Use the recipe's optimiser settings over those saved in a checkpoint (a resume may lower the lr)."""
+    factor = scheduler.lr_lambdas[0]
+    scheduler.base_lrs = [cfg.lr for _ in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group.update(initial_lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        group["lr"] = cfg.lr * factor(scheduler.last_epoch)
+
+
+def _drop_metrics_from(path: Path, stage: str, start: int) -> None:
+    """Remove the lines of `stage` at or after step `start`: a resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if not (record.get("stage") == stage and record.get("step", -1) >= start):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    from ..fileio import atomic_write_text
+
+    atomic_write_text(path, "".join(kept))
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

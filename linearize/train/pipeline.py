@@ -25,15 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-from ..config import AttentionConfig, Recipe, from_dict, to_dict
+from ..config import AttentionConfig, Recipe, from_dict
 from ..errors import LinearizeError
 from .loop import Dist
+from .runfolder import RUN_DIR, check_budgets, guard_run
 
 logger = logging.getLogger(__name__)
-
-RUN_DIR = "run"
 
 
 @dataclass
@@ -42,30 +40,10 @@ class PipelineResult:
     summary: dict
 
 
-def _prepare_out(out: Path, recipe: Recipe, resume: bool, overwrite: bool) -> Path:
-    run_dir = out / RUN_DIR
-    recipe_path = run_dir / "recipe.yaml"
-    if resume:
-        if not recipe_path.is_file():
-            raise LinearizeError(f"--resume: {out} holds no run to resume (no {RUN_DIR}/recipe.yaml); drop --resume")
-        saved = from_dict(Recipe, yaml.safe_load(recipe_path.read_text()))
-        if to_dict(saved) != to_dict(recipe):
-            diff = [k for k in to_dict(recipe) if to_dict(recipe)[k] != to_dict(saved)[k]]
-            raise LinearizeError(
-                f"--resume: the recipe differs from the run in {out} (sections: {', '.join(diff)}); resume with the "
-                "same recipe and --set values, or start a new run in another --out"
-            )
-        return run_dir
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise LinearizeError(
-                f"--out {out} already exists and is not empty: pass --resume to continue its run, --overwrite to "
-                "start over, or choose another folder"
-            )
-        shutil.rmtree(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    recipe_path.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
-    return run_dir
+def _prepare_out(out: Path, recipe: Recipe, resume: bool, model: str) -> Path:
+    from .runfolder import prepare_run
+
+    return prepare_run(out, recipe, model, resume)
 
 
 def _seed_everything(seed: int) -> None:
@@ -95,7 +73,9 @@ def _load_data(recipe: Recipe, tokenizer, run_dir: Path, ctx: Dist, seq_len: int
 
         atomic_save(packed.__dict__, path)
     ctx.barrier()
-    return PackedData(**torch.load(path, map_location="cpu", weights_only=False))
+    from .checkpoint import load_checkpoint
+
+    return PackedData(**load_checkpoint(path, "the packed training data"))
 
 
 def _export(student, tokenizer, out: Path, recipe: Recipe) -> None:
@@ -121,6 +101,7 @@ def _finished_summary(run_dir: Path) -> dict | None:
     return summary if summary.get("finished") else None
 
 
+@guard_run
 def run_pipeline(
     model: str,
     recipe: Recipe,
@@ -139,13 +120,14 @@ def run_pipeline(
     """
     from ..attention import converted_modules
     from ..models.convert import convert
+    from ..models.export import public_name
     from ..models.loading import load_model
     from ..models.twin import shallow_twin
     from .stages import Run, run_recipe_stage
 
     ctx = _dist_context()
     out = Path(out)
-    run_dir = _prepare_out(out, recipe, resume, overwrite) if ctx.main else out / RUN_DIR
+    run_dir = _prepare_out(out, recipe, resume, model) if ctx.main else out / RUN_DIR
     ctx.barrier()
     finished = _finished_summary(run_dir) if resume else None
     if finished is not None:
@@ -173,7 +155,7 @@ def run_pipeline(
             n_units = shard_frozen_weights(teacher, ctx.device)
             logger.info("fsdp: frozen weights sharded across %d processes (%d units)", ctx.world, n_units)
         student = shallow_twin(teacher)
-        convert(student, recipe.attention, base_model=model)
+        convert(student, recipe.attention, base_model=public_name(model))
         for module in converted_modules(student).values():
             module.float_new_parameters()
         data = _load_data(recipe, loaded.tokenizer, run_dir, ctx)
@@ -184,6 +166,7 @@ def run_pipeline(
             len(data.validation),
             data.train.shape[1],
         )
+        check_budgets(recipe, data.train.numel())
         run = Run(
             recipe,
             ctx,
@@ -206,7 +189,7 @@ def run_pipeline(
                 results.append(result)
         final_model = _final_model(run, model, dtype)
         summary = {
-            "model": model,
+            "model": public_name(model),
             "recipe": recipe.name,
             "attention": recipe.attention.kind,
             "data": data.source,
@@ -251,6 +234,7 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
     from ..eval.perplexity import perplexity_of_sequences
     from ..eval.report import write_report
     from ..eval.runner import EvalSettings, attach_training, evaluate
+    from ..models.export import public_name
     from ..models.loading import load_model
 
     cfg = recipe.report
@@ -273,8 +257,8 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
         settings,
         teacher=teacher.model,
         teacher_tokenizer=teacher.tokenizer,
-        student_name=str(out),
-        teacher_name=source,
+        student_name=public_name(str(out)),
+        teacher_name=public_name(source),
     )
     if len(data.validation):
         rows = {
@@ -301,6 +285,7 @@ def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, lora, c
     """Gather the sharded weights and rebuild a plain merged model on the main process (None elsewhere)."""
     from ..attention import converted_modules
     from ..models.convert import convert
+    from ..models.export import public_name
     from ..models.loading import load_model
     from .distributed import full_state_dict
     from .finetune import add_lora
@@ -311,7 +296,7 @@ def _rebuild_unsharded(trained, source: str, dtype: str, recipe: Recipe, lora, c
     # The layers and heads chosen at conversion, not the recipe's budgets: choosing again could choose otherwise.
     settings = trained.config.linearize
     fresh = load_model(source, dtype=dtype).model
-    convert(fresh, from_dict(AttentionConfig, settings["attention"]), base_model=source)
+    convert(fresh, from_dict(AttentionConfig, settings["attention"]), base_model=public_name(source))
     if "selection" in settings:
         fresh.config.linearize["selection"] = settings["selection"]
     for module in converted_modules(fresh).values():
