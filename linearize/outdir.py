@@ -38,6 +38,8 @@ KNOWN_FILES: dict[str, list[str]] = {
         "*.safetensors",
         "model.safetensors.index.json",
         "modeling_linearize.py",
+        # The exported copy of the attention code (models/bundle.py).
+        "linearize_*.py",
         "linearize_recipe.yaml",
         "README.md",
         "run",
