@@ -17,7 +17,11 @@ from ..errors import LinearizeError
 
 
 def read_text(source: str) -> str:
-    """Text of a file, or of every .txt file in a folder."""
+    """Text of a file, of every .txt file in a folder, or of a named source (`shakespeare`, `stdlib`)."""
+    from .long_ppl import NAMED_SOURCES, source_files
+
+    if source in NAMED_SOURCES:
+        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in source_files(source))
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
