@@ -164,6 +164,16 @@ def _cmd_eval(args) -> int:
         ppl_window=args.ppl_window,
         efficiency_lengths=_ints(args.efficiency_lengths, "--efficiency-lengths") if args.efficiency_lengths else [],
         controls=not args.no_controls,
+        context_lengths=_ints(args.context_lengths, "--context-lengths"),
+        ppl_docs=args.ppl_docs,
+        qa_lengths=_ints(args.qa_lengths, "--qa-lengths"),
+        qa_depths=_floats(args.qa_depths, "--qa-depths"),
+        qa_limit=args.qa_limit,
+        qa_max_new_tokens=args.qa_max_new_tokens,
+        niah_lengths=_ints(args.niah_lengths, "--niah-lengths"),
+        niah_trials=args.niah_trials,
+        cache_lengths=_ints(args.cache_lengths, "--cache-lengths"),
+        seed=args.seed,
     )
     for flag, value in (("--batch-size", args.batch_size), ("--passkey-trials", args.passkey_trials),
                         ("--ppl-window", args.ppl_window)):  # fmt: skip
@@ -172,6 +182,7 @@ def _cmd_eval(args) -> int:
     out = Path(args.out) if args.out else (Path(args.model) / "report" if Path(args.model).is_dir() else Path("report"))
     # A report goes into a new or empty folder, or over an earlier report; never over other files.
     check_output(out, "report", overwrite=True)
+    _check_long_settings(settings)
     student = load_model(args.model, dtype=args.dtype, device=args.device)
     teacher = load_model(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
     if student.tokenizer is None:
@@ -240,6 +251,22 @@ def _ints(text: str, flag: str) -> list[int]:
     if any(v <= 0 for v in values):
         raise LinearizeError(f"{flag} takes positive integers, got '{text}'")
     return values
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LinearizeError(f"{flag} takes comma-separated numbers, got '{text}'") from None
+
+
+def _check_long_settings(settings) -> None:
+    if any(n <= 0 for n in (*settings.context_lengths, *settings.qa_lengths, *settings.niah_lengths)):
+        raise LinearizeError("--context-lengths, --qa-lengths and --niah-lengths take positive token counts")
+    if any(not 0.0 <= d <= 1.0 for d in settings.qa_depths):
+        raise LinearizeError(f"--qa-depths are fractions between 0 and 1, got {settings.qa_depths}")
+    if settings.qa_lengths and not settings.qa_depths:
+        raise LinearizeError("--qa-lengths needs at least one --qa-depths value")
 
 
 def _count(text: str, flag: str) -> int:
@@ -378,25 +405,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached `hf auth login`)")
     p.set_defaults(func=_cmd_push)
 
-    p = sub.add_parser("eval", help="score a model (and its teacher) and write the accuracy-recovery report")
+    p = sub.add_parser(
+        "eval",
+        help="score a model (and its teacher) and write the accuracy-recovery report",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_model_arg(p)
     p.add_argument("--teacher", help="the original model, for recovery figures")
     p.add_argument(
         "--tasks",
         default="hellaswag,piqa,arc_easy,arc_challenge,winogrande",
         help="comma-separated: hellaswag, piqa, arc_easy, arc_challenge, winogrande, mmlu, lambada, "
-        "ppl:<text file or folder>, passkey, mqar",
+        "ppl:<text file or folder>, ppl:shakespeare, ppl:stdlib, passkey, mqar, squad, drop, coqa (generated "
+        "answers), niah (or niah_single, niah_multikey, niah_multivalue)",
     )
     p.add_argument(
         "--limit",
         default=None,
         help="documents per task (MMLU: per subject), with optional per-task values, e.g. 1000,mmlu=20",
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--passkey-lengths", default="512,1024,2048")
-    p.add_argument("--passkey-trials", type=int, default=5)
-    p.add_argument("--mqar-pairs", default="4,8,16")
-    p.add_argument("--ppl-window", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8, help="requests (or perplexity windows) per forward pass")
+    p.add_argument("--passkey-lengths", default="512,1024,2048", help="context lengths of the passkey probe")
+    p.add_argument("--passkey-trials", type=int, default=5, help="passkey prompts per length")
+    p.add_argument("--mqar-pairs", default="4,8,16", help="key-value pairs of the associative-recall probe")
+    p.add_argument("--ppl-window", type=int, default=1024, help="window of ppl: tasks without --context-lengths")
+    p.add_argument(
+        "--context-lengths",
+        default="",
+        help="score ppl: tasks at each of these window lengths, e.g. 512,1024,2048,4096,8192 (same tokens at "
+        "every length: the first max-length tokens of each document)",
+    )
+    p.add_argument("--ppl-docs", type=int, default=8, help="documents per ppl: source with --context-lengths")
+    p.add_argument(
+        "--qa-lengths",
+        default="",
+        help="squad/drop/coqa also as zero-shot haystacks of about these many tokens, e.g. 1024,2048,4096",
+    )
+    p.add_argument("--qa-depths", default="0,0.5,1", help="relative depths of the gold passage in each haystack")
+    p.add_argument("--qa-limit", type=int, default=100, help="questions per squad/drop/coqa setting")
+    p.add_argument("--qa-max-new-tokens", type=int, default=50, help="longest generated answer (OLMES: 50)")
+    p.add_argument("--niah-lengths", default="1024,2048,4096,8192", help="context lengths of the niah probes")
+    p.add_argument("--niah-trials", type=int, default=10, help="prompts per niah probe and length")
+    p.add_argument("--cache-lengths", default="4096,32768", help="context lengths of the cache-size table")
+    p.add_argument("--seed", type=int, default=0, help="seed of distractor passages, needles and pass keys")
     p.add_argument("--efficiency-lengths", default="", help="context lengths for speed/memory, e.g. 512,2048,8192")
     p.add_argument("--no-controls", action="store_true", help="skip the window-only / linear-only controls")
     p.add_argument(

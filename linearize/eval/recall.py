@@ -46,13 +46,15 @@ def passkey(model, tokenizer, lengths: list[int], trials: int = 5, seed: int = 0
     rows = []
     for length in lengths:
         rng = random.Random(seed * 1000 + length)
-        hits = 0
+        scores = []
         for trial in range(trials):
             key = rng.randint(10000, 99999)
             depth = trial / max(trials - 1, 1)
             answer = _generate(model, tokenizer, passkey_prompt(tokenizer, length, key, depth), 8)
-            hits += str(key) in answer
-        rows.append({"probe": "passkey", "length": length, "accuracy": hits / trials, "trials": trials})
+            scores.append(float(str(key) in answer))
+        rows.append(
+            {"probe": "passkey", "length": length, "accuracy": sum(scores) / trials, "trials": trials, "scores": scores}
+        )
     return rows
 
 
@@ -61,7 +63,7 @@ def mqar(model, tokenizer, n_pairs: list[int], queries: int = 8, seed: int = 0) 
     rows = []
     for n in n_pairs:
         rng = random.Random(seed * 7919 + n)
-        hits, asked = 0, 0
+        scores = []
         for _ in range(max(1, queries // 4)):
             keys = rng.sample(WORDS, min(n, len(WORDS)))
             values = {k: rng.randint(10, 99) for k in keys}
@@ -70,7 +72,14 @@ def mqar(model, tokenizer, n_pairs: list[int], queries: int = 8, seed: int = 0) 
                 answer = _generate(
                     model, tokenizer, f"Remember these numbers: {listing}\nQuestion: {k}? Answer: {k}", 3
                 )
-                hits += str(values[k]) in answer
-                asked += 1
-        rows.append({"probe": "mqar", "pairs": n, "accuracy": hits / asked, "queries": asked})
+                scores.append(float(str(values[k]) in answer))
+        rows.append(
+            {
+                "probe": "mqar",
+                "pairs": n,
+                "accuracy": sum(scores) / len(scores),
+                "queries": len(scores),
+                "scores": scores,
+            }
+        )
     return rows

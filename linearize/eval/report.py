@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from . import report_long
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 
@@ -50,6 +52,20 @@ def _num(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _pm(x, se, digits=3) -> str:
+    """Value ± standard error (just the value where the error is unknown)."""
+    if x is None:
+        return "-"
+    return f"{x:.{digits}f} ± {se:.{digits}f}" if se is not None else f"{x:.{digits}f}"
+
+
+def _pct_ci(x, lo, hi, noise=None) -> str:
+    text = _pct(x)
+    if x is not None and lo is not None and hi is not None:
+        text += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return text + (" (within noise)" if noise else "")
+
+
 def render_markdown(report: dict) -> str:
     lines = [f"# Accuracy recovery: {report['model']}", ""]
     lines.append(
@@ -65,9 +81,13 @@ def render_markdown(report: dict) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for r in report["tasks"]:
+            rec = _pct_ci(r.get("recovery"), r.get("recovery_lo"), r.get("recovery_hi"), r.get("within_noise"))
+            above = _pct_ci(
+                r.get("recovery_above_chance"), r.get("recovery_above_chance_lo"), r.get("recovery_above_chance_hi")
+            )
             lines.append(
-                f"| {r['task']} | {r['metric']} | {r['n']} | {_num(r.get('teacher'))} | {_num(r['student'])} "
-                f"| {_pct(r.get('recovery'))} | {_pct(r.get('recovery_above_chance'))} |"
+                f"| {r['task']} | {r['metric']} | {r['n']} | {_pm(r.get('teacher'), r.get('teacher_se'))} | "
+                f"{_pm(r['student'], r.get('student_se'))} | {rec} | {above} |"
             )
         for label, avg in report.get("averages", {}).items():
             lines.append(
@@ -75,7 +95,12 @@ def render_markdown(report: dict) -> str:
                 f"{_num(avg['student'])} | {_pct(avg['recovery'])} | {_pct(avg['recovery_above_chance'])} |"
             )
         notes = [f"- {r['task']}: {r['notes']}" for r in report["tasks"] if r.get("notes")]
-        lines += ["", *notes] if notes else []
+        lines += [
+            "",
+            "Scores: mean ± standard error over documents; recoveries with a 95% paired-bootstrap interval over "
+            "documents; (within noise): the student-teacher gap is inside 1.96 paired standard errors.",
+            *notes,
+        ]
         lines.append("")
     if report.get("controls"):
         names = [r["task"] for r in report.get("tasks", [])]
@@ -133,7 +158,10 @@ def render_markdown(report: dict) -> str:
         lines += ["## Recall probes", "", "| probe | size | teacher | student |", "|---|---|---|---|"]
         for r in report["recall"]:
             size = f"{r['length']} tokens" if "length" in r else f"{r['pairs']} pairs"
-            lines.append(f"| {r['probe']} | {size} | {_num(r.get('teacher'), 2)} | {_num(r['student'], 2)} |")
+            lines.append(
+                f"| {r['probe']} | {size} | {_pm(r.get('teacher'), r.get('teacher_se'), 2)} | "
+                f"{_pm(r['student'], r.get('student_se'), 2)} |"
+            )
         lines.append("")
     eff = report.get("efficiency") or {}
     if eff.get("student"):
@@ -151,6 +179,7 @@ def render_markdown(report: dict) -> str:
                     f"{_num(r.get('peak_memory_mb'), 0)} |"
                 )
         lines.append("")
+    lines += report_long.markdown(report.get("long_context") or {})
     mse = report.get("transfer_layer_mse")
     if mse:
         worst = sorted(mse.items(), key=lambda kv: -kv[1])[:5]
@@ -172,6 +201,9 @@ def render_markdown(report: dict) -> str:
         ("tasks.png", "Scores"),
         ("efficiency.png", "Speed and memory"),
         ("recall.png", "Recall"),
+        ("long_ppl.png", "Perplexity against context length"),
+        ("long_qa.png", "Generated answers against prompt length"),
+        ("needles.png", "Needle probes"),
         ("transfer.png", "Attention transfer error"),
     ):
         if name in report.get("plots", []):
@@ -224,20 +256,27 @@ def render_plots(report: dict, folder: Path) -> list[str]:
         written.append("efficiency.png")
     recall_rows = report.get("recall") or []
     if recall_rows:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for probe, key in (("passkey", "length"), ("mqar", "pairs")):
+        units = {"passkey": ("length", "context tokens"), "mqar": ("pairs", "key-value pairs")}
+        # One panel per probe that ran, each with its own x axis.
+        run = [p for p in units if any(r["probe"] == p for r in recall_rows)]
+        fig, axes = plt.subplots(1, len(run), figsize=(5 * len(run), 3.5), squeeze=False)
+        for ax, probe in zip(axes[0], run, strict=True):
+            key = units[probe][0]
             rows = [r for r in recall_rows if r["probe"] == probe]
             for who in ("teacher", "student"):
-                if rows and rows[0].get(who) is not None:
-                    ax.plot([r[key] for r in rows], [r[who] for r in rows], marker="o", label=f"{probe} {who}")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_ylabel("accuracy")
-        ax.set_xlabel("context tokens (passkey) / pairs (mqar)")
-        ax.legend(fontsize=8)
+                if rows[0].get(who) is not None:
+                    ax.errorbar([r[key] for r in rows], [r[who] for r in rows],
+                                yerr=[r.get(f"{who}_se") or 0 for r in rows], marker="o", capsize=3, label=who)  # fmt: skip
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_ylabel("accuracy ± se")
+            ax.set_xlabel(units[probe][1])
+            ax.set_title(probe)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(folder / "recall.png", dpi=110)
         plt.close(fig)
         written.append("recall.png")
+    written += report_long.plots(report.get("long_context") or {}, folder, plt)
     mse = report.get("transfer_layer_mse")
     if mse:
         fig, ax = plt.subplots(figsize=(6, 3))

@@ -1,8 +1,10 @@
 """Evaluate a student against its teacher on a list of tasks and assemble the report.
 
-`--tasks` takes task names (`linearize.eval.tasks.TASKS`), `ppl:<file or folder>`, `passkey` and `mqar`. Teacher
-and student see the same documents, prompts and probes; controls (window-only, linear-only) rerun the
-multiple-choice tasks on the student with one branch switched off.
+`--tasks` takes task names (`linearize.eval.tasks.TASKS`), `ppl:<file, folder, shakespeare or stdlib>`,
+`passkey`, `mqar`, the generated-answer tasks `squad`, `drop`, `coqa` and the needle probes `niah` (or one of
+`niah_single`, `niah_multikey`, `niah_multivalue`). Teacher and student see the same documents, prompts and probes;
+controls (window-only, linear-only) rerun the tasks on the student with one branch switched off. The long-context
+measures (`longcontext`) run on teacher, student, controls and extra models alike.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from pathlib import Path
 from ..errors import LinearizeError
 from .controls import CONTROLS, attention_variant, has_both_branches
 from .efficiency import measure
+from .longcontext import LONG_TASKS, Subject, long_context
 from .perplexity import perplexity, read_text
-from .recall import mqar, passkey
+from .recall import mqar
 from .report import averages, recovery
 from .scorer import Scorer, score_docs
+from .stats import mean_se, ratio_ci, within_noise
 from .tasks import TASKS, get_task, select_docs
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,19 @@ class EvalSettings:
         ppl_max_tokens: tokens of each text scored (None: all).
         efficiency_lengths: context lengths of the speed/memory measurement (empty: skip).
         controls: run the window-only / linear-only controls where the student has both branches.
+        context_lengths: with `ppl:` tasks, score each text at each of these window lengths (long-context
+            section); empty: one window of `ppl_window` tokens.
+        ppl_docs: documents of each `ppl:` source scored against context length.
+        qa_lengths: prompt lengths (tokens) of the SQuAD/DROP/CoQA haystacks, besides the native prompts.
+        qa_depths: relative depths of the gold passage in each haystack.
+        qa_limit: questions per generated-answer task (None: `limit`).
+        qa_max_new_tokens: longest generated answer (OLMES: 50).
+        niah_lengths: context lengths of the needle probes.
+        niah_trials: prompts per needle probe and length.
+        cache_lengths: context lengths at which the cache size of each model is reported.
+        seed: seed of distractors, needles and pass keys.
+        long_controls: run the long-context measures on the controls too (not only teacher, student and
+            extra models).
     """
 
     tasks: list[str] = field(default_factory=lambda: ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande"])
@@ -54,6 +71,17 @@ class EvalSettings:
     ppl_max_tokens: int | None = None
     efficiency_lengths: list[int] = field(default_factory=list)
     controls: bool = True
+    context_lengths: list[int] = field(default_factory=list)
+    ppl_docs: int = 8
+    qa_lengths: list[int] = field(default_factory=list)
+    qa_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    qa_limit: int | None = 100
+    qa_max_new_tokens: int = 50
+    niah_lengths: list[int] = field(default_factory=lambda: [1024, 2048, 4096, 8192])
+    niah_trials: int = 10
+    cache_lengths: list[int] = field(default_factory=lambda: [4096, 32768])
+    seed: int = 0
+    long_controls: bool = True
 
 
 def parse_limit(text: str | None) -> tuple[int | None, dict[str, int]]:
@@ -80,7 +108,7 @@ def parse_limit(text: str | None) -> tuple[int | None, dict[str, int]]:
 def parse_tasks(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     for item in items:
-        if not (item in TASKS or item.startswith("ppl:") or item in ("passkey", "mqar")):
+        if not (item in TASKS or item.startswith("ppl:") or item in ("passkey", "mqar", *LONG_TASKS)):
             get_task(item)
     if not items:
         raise LinearizeError("--tasks is empty")
@@ -126,51 +154,65 @@ def evaluate(
     for name in named:
         task = TASKS[name]
         result = {who: _score_task(m, tok, name, settings, who) for who, m, tok in models}
+        per_doc = {who: r.pop("per_doc")[task.metric] for who, r in result.items()}
         s = result["student"][task.metric]
         t = result["teacher"][task.metric] if teacher else None
         rec, above = recovery(s, t, task.chance)
-        rows.append(
-            {
-                "task": name,
-                "metric": task.metric,
-                "n": result["student"]["n"],
-                "teacher": t,
-                "student": s,
-                "chance": task.chance,
-                "recovery": rec,
-                "recovery_above_chance": above,
-                "notes": task.notes,
-                "metrics": result,
-            }
-        )
+        row = {
+            "task": name,
+            "metric": task.metric,
+            "n": result["student"]["n"],
+            "teacher": t,
+            "student": s,
+            "chance": task.chance,
+            "recovery": rec,
+            "recovery_above_chance": above,
+            "notes": task.notes,
+            "metrics": result,
+        }
+        row.update(_uncertainty(per_doc.get("student"), per_doc.get("teacher"), task.chance))
+        rows.append(row)
         if task.zero_shot:
             zero_shot.add(name)
         logger.info("%s %s: student %.4f%s", name, task.metric, s, f", teacher {t:.4f}" if t is not None else "")
 
-    ppl_items = [item for item in settings.tasks if item.startswith("ppl:")]
+    long_ppl = bool(settings.context_lengths)
+    ppl_items = [] if long_ppl else [item for item in settings.tasks if item.startswith("ppl:")]
     texts = {item[4:]: read_text(item[4:]) for item in ppl_items}
 
     def ppl(model, tok, text: str) -> dict:
         return perplexity(model, tok, text, settings.ppl_window, settings.batch_size, settings.ppl_max_tokens)
 
-    def side_scores(model, tok, label: str, with_recall: bool) -> dict:
+    def side_scores(model, tok, label: str) -> dict:
         scores = {n: _score_task(model, tok, n, settings, label)[TASKS[n].metric] for n in named}
         zs = [scores[n] for n in named if n in zero_shot]
         entry = {"name": label, "tasks": scores, "zero_shot_avg": sum(zs) / len(zs) if zs else None}
         if texts:
             entry["perplexity"] = {src: ppl(model, tok, text)["perplexity"] for src, text in texts.items()}
-        if with_recall and "passkey" in settings.tasks:
-            rows = passkey(model, tok, settings.passkey_lengths, settings.passkey_trials)
-            entry["recall"] = {f"passkey@{r['length']}": r["accuracy"] for r in rows}
         return entry
 
+    subjects = ([Subject("teacher", teacher, teacher_tokenizer)] if teacher else []) + [
+        Subject("student", student, tokenizer)
+    ]
     controls = []
-    if settings.controls and (named or texts) and has_both_branches(student):
+    if settings.controls and has_both_branches(student):
         for variant in CONTROLS:
-            with attention_variant(student, variant):
-                controls.append(side_scores(student, tokenizer, variant, with_recall=False))
+            if settings.long_controls:
+                subjects.append(Subject(variant, student, tokenizer, lambda v=variant: attention_variant(student, v)))
+            if named or texts:
+                with attention_variant(student, variant):
+                    controls.append(side_scores(student, tokenizer, variant))
     for label, model, tok in compare:
-        controls.append(side_scores(model, tok, label, with_recall=True))
+        subjects.append(Subject(label, model, tok))
+        controls.append(side_scores(model, tok, label))
+    section = long_context(subjects, settings, "teacher" if teacher else None)
+    passkey_acc = {
+        (r["model"], r["length"]): r for r in section.get("needles", []) if r["probe"] == "passkey"
+    }  # fmt: skip
+    for entry in controls:
+        recall = {f"passkey@{n}": r["accuracy"] for (who, n), r in passkey_acc.items() if who == entry["name"]}
+        if recall:
+            entry["recall"] = recall
 
     ppl_rows = []
     for src, text in texts.items():
@@ -189,18 +231,22 @@ def evaluate(
         )
 
     recall_rows = []
-    for probe, fn, sizes in (("passkey", passkey, settings.passkey_lengths), ("mqar", mqar, settings.mqar_pairs)):
-        if probe not in settings.tasks:
-            continue
-        per_model = {}
-        for who, m, tok in models:
-            per_model[who] = fn(m, tok, sizes, settings.passkey_trials) if probe == "passkey" else fn(m, tok, sizes)
+    if "passkey" in settings.tasks:
+        for length in settings.passkey_lengths:
+            s, t = passkey_acc[("student", length)], passkey_acc.get(("teacher", length))
+            recall_rows.append(
+                {"probe": "passkey", "length": length, "trials": s["n"], "student": s["accuracy"],
+                 "student_se": s["se"], "teacher": t["accuracy"] if t else None, "teacher_se": t["se"] if t else None}
+            )  # fmt: skip
+    if "mqar" in settings.tasks:
+        per_model = {who: mqar(m, tok, settings.mqar_pairs, seed=settings.seed) for who, m, tok in models}
         for i, row in enumerate(per_model["student"]):
-            entry = {k: v for k, v in row.items() if k != "accuracy"}
-            entry["student"] = row["accuracy"]
-            entry["teacher"] = per_model["teacher"][i]["accuracy"] if teacher else None
-            recall_rows.append(entry)
-
+            t = per_model["teacher"][i] if teacher else None
+            recall_rows.append(
+                {"probe": "mqar", "pairs": row["pairs"], "queries": row["queries"], "student": row["accuracy"],
+                 "student_se": mean_se(row["scores"])[1], "teacher": t["accuracy"] if t else None,
+                 "teacher_se": mean_se(t["scores"])[1] if t else None}
+            )  # fmt: skip
     efficiency = {}
     if settings.efficiency_lengths:
         for who, m, _ in models:
@@ -220,7 +266,21 @@ def evaluate(
         "perplexity": ppl_rows,
         "recall": recall_rows,
         "efficiency": efficiency,
+        "long_context": section,
     }
+
+
+def _uncertainty(student: list[float] | None, teacher: list[float] | None, chance: float) -> dict:
+    """Standard errors over documents, 95% paired-bootstrap intervals of the recoveries, and whether the
+    student-teacher gap is inside the noise."""
+    out = {"student_se": mean_se(student)[1] if student else None}
+    if teacher:
+        out["teacher_se"] = mean_se(teacher)[1]
+        out["recovery_lo"], out["recovery_hi"] = ratio_ci(student, teacher)
+        lo, hi = ratio_ci(student, teacher, chance)
+        out["recovery_above_chance_lo"], out["recovery_above_chance_hi"] = lo, hi
+        out["within_noise"] = within_noise(student, teacher)
+    return out
 
 
 def attach_training(report: dict, model_folder: Path) -> dict:

@@ -120,6 +120,7 @@ def score_docs(scorer: Scorer, task: TaskSpec, docs: list[dict], progress=None) 
         lengths = np.array([float(len(c)) for c in doc.choice_texts])
         metrics["acc_norm"].append(float(np.argmax(lls / lengths) == doc.gold))
     out = {k: float(np.mean(v)) for k, v in metrics.items() if v}
+    out["per_doc"] = {k: v for k, v in metrics.items() if v}
     if task.kind == "cloze":
         out["perplexity"] = math.exp(nll / max(n_words, 1))
     out["n"] = len(built)

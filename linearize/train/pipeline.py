@@ -243,12 +243,18 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
     teacher = load_model(source, dtype=dtype)
     student.model.to(ctx.device)
     teacher.model.to(ctx.device)
+    positions = getattr(teacher.model.config, "max_position_embeddings", None) or 4 * seq_len
+    context_lengths = [n for n in cfg.context_lengths or [seq_len, 2 * seq_len, 4 * seq_len] if n <= positions]
+    long_ppl = [f"ppl:{cfg.long_context_source}"] if cfg.long_context_source and context_lengths else []
     settings = EvalSettings(
-        tasks=list(cfg.tasks),
+        tasks=list(cfg.tasks) + long_ppl,
         limit=cfg.limit,
         passkey_lengths=cfg.passkey_lengths or [seq_len, 2 * seq_len, 4 * seq_len],
         efficiency_lengths=list(cfg.efficiency_lengths),
         controls=cfg.controls,
+        context_lengths=context_lengths if long_ppl else [],
+        ppl_docs=cfg.long_context_docs,
+        long_controls=False,
     )
     logger.info("report: evaluating the exported model against %s (limit %s per task)", source, cfg.limit)
     report = evaluate(
