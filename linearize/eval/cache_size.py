@@ -22,6 +22,30 @@ def _nbytes(t) -> int:
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
 
 
+def _window_parts(state) -> list:
+    """The sliding-window buffers of a kind's state, whatever the kind calls its state's parts."""
+    if hasattr(state, "win_k"):
+        return [state.win_k, state.win_v, state.win_mask]
+    window = getattr(state, "window", None)
+    return list(window.tensors()) if window is not None else []
+
+
+def _recurrent_row(state, seen: int) -> dict:
+    """A converted layer's state after `seen` tokens: constant linear state and window, plus what kept softmax
+    heads add per token (`bytes_per_token`), from the tensors the state holds."""
+    per_token = state.bytes_per_token() if hasattr(state, "bytes_per_token") else 0
+    linear = getattr(state, "linear", state) if hasattr(state, "bytes_per_token") else state
+    window = sum(_nbytes(t) for t in _window_parts(linear)) if linear is not None else 0
+    total = sum(_nbytes(t) for t in state.tensors())
+    return {
+        "kind": "recurrent",
+        "state_bytes": total - window - per_token * seen,
+        "window_bytes": window,
+        "bytes_per_token": per_token,
+        "max_tokens": None,
+    }
+
+
 @torch.no_grad()
 def cache_profile(model) -> list[dict]:
     """Per layer: {"kind", "state_bytes", "window_bytes", "bytes_per_token", "max_tokens"} (batch of one)."""
@@ -31,16 +55,7 @@ def cache_profile(model) -> list[dict]:
     rows = []
     for layer in cache.layers:
         if isinstance(layer, RecurrentLayer):
-            s = layer.state
-            rows.append(
-                {
-                    "kind": "recurrent",
-                    "state_bytes": _nbytes(s.kv) + _nbytes(s.ksum),
-                    "window_bytes": _nbytes(s.win_k) + _nbytes(s.win_v) + _nbytes(s.win_mask),
-                    "bytes_per_token": 0,
-                    "max_tokens": None,
-                }
-            )
+            rows.append(_recurrent_row(layer.state, ids.shape[1]))
             continue
         stored = layer.keys.shape[-2]
         per_token = (_nbytes(layer.keys) + _nbytes(layer.values)) // stored
