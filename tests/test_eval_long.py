@@ -200,13 +200,19 @@ def test_shakespeare_source(tmp_path, monkeypatch):
     assert len(source_files("stdlib")) > 100
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "hybrid"])
+# "heads": kept softmax heads grow with the context inside a converted layer; "lizard": a gated kind's own state.
+@pytest.mark.parametrize("family", ["llama", "gemma2", "hybrid", "heads", "lizard"])
 def test_cache_size_formula_matches_real_caches(family):
-    model = tiny_model("llama" if family == "hybrid" else family)
+    model = tiny_model("gemma2" if family == "gemma2" else "llama")
     teacher_profile = cache_profile(model)
-    if family != "gemma2":
-        layers = {"softmax_layers": [1]} if family == "hybrid" else {}
-        convert(model, AttentionConfig(kind="lolcats", window=4, feature_dim=8, **layers))
+    settings = {
+        "llama": dict(kind="lolcats"),
+        "hybrid": dict(kind="lolcats", softmax_layers=[1]),
+        "heads": dict(kind="lolcats", softmax_heads={"2": [1]}),
+        "lizard": dict(kind="lizard"),
+    }
+    if family in settings:
+        convert(model, AttentionConfig(window=4, feature_dim=8, **settings[family]))
     profile = cache_profile(model)
     for n in (1, 3, 9, 21):
         with torch.no_grad():
