@@ -37,6 +37,9 @@ ROOT_MODULE = "models/hf.py"
 SELF = "models/bundle.py"
 # Imported where transformers is: everything else (Triton) goes in a `try` so the Hub import check passes.
 NEEDED_EVERYWHERE = {"torch", "transformers"}
+# Training, evaluation, data and command-line code is never carried, even where a carried module reaches it
+# through a lazy import (recipe validation asks the training registries; loading a model never validates a recipe).
+NEVER_CARRIED = ("train/", "eval/", "data/", "cli.py", "hub.py", "card.py")
 # transformers' reading of relative imports (dynamic_module_utils.get_relative_imports), matched against each copy.
 _HF_RELATIVE = (re.compile(r"^\s*import\s+\.(\S+)\s*$", re.M), re.compile(r"^\s*from\s+\.(\S+)\s+import", re.M))
 _RELATIVE_FROM = re.compile(rb"^from\s+(\.+)\s*")
@@ -80,6 +83,9 @@ def _imports(root: Path, rel: str, tree: ast.AST, package: str) -> set[str]:
         if up > len(base):
             raise ValueError(f"{rel}:{node.lineno}: relative import beyond the package")
         target = base[: len(base) - up] + tuple(node.module.split(".") if node.module else ())
+        where = "/".join(target)
+        if (where + "/").startswith(NEVER_CARRIED) or where + ".py" in NEVER_CARRIED:
+            continue
         for alias in node.names:
             sub = _module_file(root, (*target, alias.name))
             if sub is not None:
