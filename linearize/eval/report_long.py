@@ -141,6 +141,9 @@ def markdown(section: dict) -> list[str]:
             "",
         ]
         lines += _pivot(needles, ("probe", "length"), section["subjects"], lambda r: _pm(r["accuracy"], r["se"], 2))
+    if section.get("seconds"):
+        spent = ", ".join(f"{k} {v:.0f} s" for k, v in section["seconds"].items())
+        lines += [f"Wall time of the section over all {len(section['subjects'])} models: {spent}.", ""]
     return lines
 
 
