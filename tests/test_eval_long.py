@@ -263,6 +263,7 @@ def test_long_context_cli(tiny_student, tmp_path, capsys):
     assert section["cache"][0]["at"]["32768"]["kv"] > section["cache"][1]["at"]["32768"]["total"]
     md = (out / "report.md").read_text()
     assert "## Long context" in md and "ppl @ 32" in md and "F1 recovery" in md
+    assert set(section["seconds"]) == {"cache", "perplexity", "qa", "needles"}
     assert {"long_ppl.png", "long_qa.png", "needles.png", "recall.png"} <= set(report["plots"])
     for bad, message in (
         (["--tasks", "ppl:shakespeare", "--context-lengths", "16"], "shakespeare"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -167,12 +168,14 @@ def long_context(subjects: list[Subject], settings, teacher: str | None = "teach
     section = {
         "subjects": [s.name for s in subjects],
         "branches": {s.name: BRANCHES[s.name] for s in subjects if s.name in BRANCHES},
-        "cache": _cache(subjects, settings, teacher),
+        "seconds": {},
     }
-    if wants_ppl:
-        section["perplexity"] = _ppl(subjects, settings, teacher)
-    section["qa"] = _qa(subjects, settings, teacher)
-    section["needles"] = _needles(subjects, settings, teacher)
+    parts = [("cache", _cache), ("perplexity", _ppl)] if wants_ppl else [("cache", _cache)]
+    for key, fn in [*parts, ("qa", _qa), ("needles", _needles)]:
+        start = time.perf_counter()
+        section[key] = fn(subjects, settings, teacher)
+        # Wall time of each measure over all subjects, to size later runs.
+        section["seconds"][key] = round(time.perf_counter() - start, 1)
     section["settings"] = {
         "context_lengths": list(settings.context_lengths),
         "ppl_docs": settings.ppl_docs,

@@ -7,7 +7,8 @@ validation stories, as lm-eval scores one question per story). The "native" prom
 At a longer context the prompt is one-shot: the task's description and OLMES's first example (the same for every
 question; it shows the answer format, which a small model does not guess zero-shot; CoQA has none), then passages
 of other documents of the same task (distractors, drawn with a seed) with the gold passage after
-`round(depth * k)` of the k distractors, then the question. The haystack of a document is the same at every depth, so depths compare like with like.
+`round(depth * k)` of the k distractors, then the question. The haystack of a document is the same at every
+depth, so depths compare like with like.
 
 Answers are greedy, through `model.generate` (the model's own cache: a converted model answers from its
 recurrent state), cut at the task's stop sequences, and scored by `qa_metrics` as lm-eval scores them.

@@ -266,7 +266,8 @@ def render_plots(report: dict, folder: Path) -> list[str]:
             for who in ("teacher", "student"):
                 if rows[0].get(who) is not None:
                     ax.errorbar([r[key] for r in rows], [r[who] for r in rows],
-                                yerr=[r.get(f"{who}_se") or 0 for r in rows], marker="o", capsize=3, label=who)  # fmt: skip
+                                yerr=[r.get(f"{who}_se") or 0 for r in rows], marker="o", capsize=3,
+                                label=who)  # fmt: skip
             ax.set_ylim(-0.05, 1.05)
             ax.set_ylabel("accuracy ± se")
             ax.set_xlabel(units[probe][1])

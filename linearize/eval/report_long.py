@@ -48,7 +48,7 @@ def _ci(x, lo, hi, pct=True, noise=None) -> str:
 
 
 def _mb(n: float) -> str:
-    return f"{n / 2**20:,.2f} MB"
+    return f"{n / 2**20:,.2f} MiB"
 
 
 def markdown(section: dict) -> list[str]:
@@ -62,8 +62,8 @@ def markdown(section: dict) -> list[str]:
         has_teacher = any("fraction_of_teacher" in r for r in cache)
         head += [f"of teacher at {n}" for n in lengths] if has_teacher else []
         lines += [
-            "Cache kept between decoding steps (batch of one): softmax key/value tensors, converted layers' linear "
-            "state and sliding window, measured from each model's own cache.",
+            "Cache kept between decoding steps (batch of one; MiB = 2^20 bytes): softmax key/value tensors, "
+            "converted layers' linear state and sliding window, measured from each model's own cache.",
             "",
             "| model | layers | " + " | ".join(head) + f" | linear state / window / key-value at {lengths[0]} |",
             "|---|---|" + "---|" * (len(head) + 1),
@@ -141,6 +141,9 @@ def markdown(section: dict) -> list[str]:
             "",
         ]
         lines += _pivot(needles, ("probe", "length"), section["subjects"], lambda r: _pm(r["accuracy"], r["se"], 2))
+    if section.get("seconds"):
+        spent = ", ".join(f"{k} {v:.0f} s" for k, v in section["seconds"].items())
+        lines += [f"Wall time of the section over all {len(section['subjects'])} models: {spent}.", ""]
     return lines
 
 
@@ -154,7 +157,8 @@ def _pivot(rows: list[dict], keys: tuple[str, ...], models: list[str], cell) -> 
     lines = ["| " + " | ".join([*keys, "n", *models]) + " |", "|---|" + "---|" * (len(keys) + len(models))]
     for setting in settings:
         mine = {r["model"]: r for r in rows if tuple(r[k] for k in keys) == setting}
-        shown = [str(v) if k != "length" or "tokens" not in mine[models[0]] else f"{v} ({_num(mine[models[0]]['tokens'], 0)})"
+        first = mine[models[0]] if models[0] in mine else next(iter(mine.values()))
+        shown = [f"{v} ({_num(first.get('tokens'), 0)})" if k == "length" and "tokens" in first else str(v)
                  for k, v in zip(keys, setting, strict=True)]  # fmt: skip
         cells = []
         for who in models:
@@ -166,7 +170,7 @@ def _pivot(rows: list[dict], keys: tuple[str, ...], models: list[str], cell) -> 
             if r.get("recovery") is not None:
                 text += f" [{_recovery(r)}]"
             cells.append(text)
-        n = mine[models[0]]["n"]
+        n = first["n"]
         lines.append("| " + " | ".join([*shown, str(n), *cells]) + " |")
     return [*lines, ""]
 
