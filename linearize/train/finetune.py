@@ -45,11 +45,33 @@ class FinetuneObjective:
         student: the converted model (peft-wrapped when LoRA trains).
         teacher: the original model, used only when `kd_weight > 0`.
         cfg: `ce_weight`, `kd_weight` and `kd_temperature`.
+        checkpointing: keep only each decoder layer's input for the backward and run the layer again there
+            (transformers' gradient checkpointing, non-reentrant) until `close()`.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, cfg, checkpointing: bool = False):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.weights = LossWeights(cfg.ce_weight, cfg.kd_weight, cfg.kd_temperature)
+        self.checkpointing = checkpointing
+        if checkpointing:
+            model = base_model(student)
+            enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if not getattr(model, "_require_grads_hooks", None):
+                # Frozen embeddings give inputs without grad; the recomputed layers must still reach the adapters.
+                model.enable_input_require_grads()
+
+    def close(self) -> None:
+        """Undo the checkpointing switches: the teacher shares the embedding (and its hook), and export wants a
+        plain model."""
+        if self.checkpointing:
+            model = base_model(self.student)
+            disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            disable()
+            model.disable_input_require_grads()
 
     def _loss(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         student = base_model(self.student)

@@ -192,6 +192,9 @@ class TransferObjective:
             total = joint.item()
         return {"loss": total, **stats}
 
+    def close(self) -> None:
+        pass
+
     @torch.no_grad()
     def evaluate(self, input_ids: torch.Tensor) -> tuple[float, dict[int, float]]:
         """Total loss and per-layer MSE on a batch, without gradients."""
