@@ -147,9 +147,9 @@ def log_plan(name: str, plan: MemoryPlan, micro: int, batch: int, checkpointing:
     rate = ASSUMED_FLOPS.get(device.type, ASSUMED_FLOPS["cpu"])
     seconds = tokens * flops / rate
     logger.info(
-        "%s plan: micro-batch %d of %d, gradient checkpointing %s; estimated peak %.1f GiB (weights %.1f, "
-        "trained parameters and optimiser %.2f, activations %.1f, loss %.1f); about %s for %s tokens at an "
-        "assumed %.0f TFLOP/s (refined after the first steps)",
+        "%s plan: micro-batch %d of %d, gradient checkpointing %s; estimated peak %.2f GiB (weights %.2f, "
+        "trained parameters and optimiser %.2f, activations %.2f, loss %.2f); about %s for %s tokens at an "
+        "assumed %.3g TFLOP/s (refined after the first steps)",
         name,
         micro,
         batch,
