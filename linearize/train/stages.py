@@ -143,11 +143,12 @@ class Accumulator:
                 smaller = max((d for d in range(1, self.size // 2 + 1) if len(batch) % d == 0), default=0)
                 if not self.may_shrink or smaller == 0:
                     raise
-                for p in self.named.values():
-                    p.grad = None
-                torch.cuda.empty_cache()
-                logger.warning("%s: out of memory at micro-batch %d; trying %d", self.stage.name, self.size, smaller)
-                self.size = smaller
+            # Outside the handler: its traceback no longer holds the failed attempt's tensors.
+            for p in self.named.values():
+                p.grad = None
+            torch.cuda.empty_cache()
+            logger.warning("%s: out of memory at micro-batch %d; trying %d", self.stage.name, self.size, smaller)
+            self.size = smaller
 
     def _run(self, batch: torch.Tensor) -> dict:
         totals: dict = {}
