@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import logging
 import sys
@@ -163,7 +164,11 @@ def main() -> None:
         for variant, variant_sets in variants.items():
             t0 = time.perf_counter()
             results[variant] = run_variant(model_dir, args.recipe, variant_sets, Path(tmp) / variant.replace("=", "-"))
+            gc.collect()  # the previous variant's models (peft keeps reference cycles) before the next loads
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             print(f"{variant}: {time.perf_counter() - t0:.0f} s including loading", flush=True)
+        print(f"total {time.perf_counter() - started:.0f} s", flush=True)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{args.recipe} on {args.shape} (random weights), {device}, seq {args.seq_len}, global batch "
