@@ -168,3 +168,8 @@ def test_out_of_memory_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, co
         assert part in message, message
     state = out / "run" / "checkpoints" / "finetune" / "state.pt"
     assert str(state) in message and state.is_file()
+    # The advice works: the run resumes from that checkpoint with the memory settings changed.
+    monkeypatch.setattr(stages.Accumulator, "_run", real)
+    resumed = load_recipe("lolcats", [*sets, "finetune.micro_batch_size=2", "run.gradient_checkpointing=true"])
+    summary = run_pipeline(str(tiny), resumed, out, resume=True).summary
+    assert [s["name"] for s in summary["stages"]] == ["transfer", "finetune"] and summary["finished"]

@@ -166,19 +166,21 @@ def _out_of_memory(run: Run, stage: StageConfig, micro: int, seq_len: int) -> st
 
     state = run.run_dir / "checkpoints" / stage.name / "state.pt"
     if state.is_file():
-        kept = f"{state} (rerun with --resume after changing them)"
+        kept = str(state)
     elif has_checkpoint(run.run_dir):
-        kept = f"the earlier stages' results in {run.run_dir / 'checkpoints'} (rerun with --resume after changing them)"
+        kept = f"the finished stages' results in {run.run_dir / 'checkpoints'}"
     else:
         kept = "none yet"
-    smaller = f"--set {stage.name}.micro_batch_size={max(1, micro // 2)}" if micro > 1 else ""
-    checkpointing = "" if run.checkpointing else "--set run.gradient_checkpointing=true, "
+    changes = [f"--set {stage.name}.micro_batch_size={max(1, micro // 2)}"] if micro > 1 else []
+    if not run.checkpointing:
+        changes.append("--set run.gradient_checkpointing=true")
+    again = ", then rerun with --resume" if kept != "none yet" else ""
     length = f"{stage.name}.seq_len" if stage.seq_len else "data.seq_len"
     return (
         f"stage {stage.name} ran out of GPU memory at micro-batch {micro} of {stage.batch_size} sequences of "
         f"{seq_len} tokens (gradient checkpointing {'on' if run.checkpointing else 'off'}); try "
-        f"{smaller + ', ' if smaller else ''}{checkpointing}or a shorter --set {length}=<n>; last checkpoint kept: "
-        f"{kept}"
+        f"{' or '.join(changes) or 'a GPU with more memory'}{again}, or a new run with a shorter --set {length}=<n>; "
+        f"last checkpoint kept: {kept}"
     )
 
 
