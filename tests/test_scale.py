@@ -140,7 +140,7 @@ def corpus(tmp_path_factory):
     return path
 
 
-def test_out_of_memory_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, corpus, monkeypatch):
+def test_out_of_memory_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, corpus, monkeypatch, caplog):
     from linearize.train import stages
     from linearize.train.pipeline import run_pipeline
 
@@ -171,5 +171,7 @@ def test_out_of_memory_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, co
     # The advice works: the run resumes from that checkpoint with the memory settings changed.
     monkeypatch.setattr(stages.Accumulator, "_run", real)
     resumed = load_recipe("lolcats", [*sets, "finetune.micro_batch_size=2", "run.gradient_checkpointing=true"])
+    caplog.set_level("INFO", logger="linearize")
     summary = run_pipeline(str(tiny), resumed, out, resume=True).summary
+    assert "finetune plan: micro-batch 2 of 4, gradient checkpointing on; estimated peak" in caplog.text
     assert [s["name"] for s in summary["stages"]] == ["transfer", "finetune"] and summary["finished"]
