@@ -81,7 +81,11 @@ class StageConfig:
             attention parameters), "lora" (LoRA adapters), "lora+attention" or "all" (every weight).
         enabled: run the stage (default true); false gives, e.g., the no-transfer control.
         tokens: token budget of the stage.
-        batch_size: sequences per step (per process).
+        batch_size: sequences per optimiser step (per process).
+        micro_batch_size: sequences per forward and backward; a step accumulates the gradients of
+            batch_size / micro_batch_size of them, with the same result as one big batch. 0 (default) picks: the
+            whole batch on CPU; on CUDA the largest divisor of batch_size the memory estimate fits, halved if the
+            first step still runs out of memory. Must divide batch_size.
         seq_len: packed sequence length of this stage's data; 0 uses data.seq_len (a long-context stage sets more).
         mse_weight: weight of the MSE of "attention_output" and "hidden_state" (LoLCATs: 1000).
         xent_weight: weight of the attention-weight cross-entropy; > 0 materialises the T x T attention
@@ -101,6 +105,7 @@ class StageConfig:
     enabled: bool = True
     tokens: int = 131072
     batch_size: int = 4
+    micro_batch_size: int = 0
     seq_len: int = 0
     mse_weight: float = 1000.0
     xent_weight: float = 0.0
@@ -120,6 +125,11 @@ class StageConfig:
                     f"{self.name}.{key} '{value}' is unknown; choose one of: {', '.join(sorted(registry))}"
                 )
         _positive(f"{self.name}.batch_size", self.batch_size)
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise LinearizeError(
+                f"{self.name}.micro_batch_size must be 0 (auto) or divide {self.name}.batch_size "
+                f"({self.batch_size}), got {self.micro_batch_size}"
+            )
         if self.enabled and self.tokens <= 0:
             raise LinearizeError(f"{self.name}.tokens must be > 0, got {self.tokens}")
         if self.seq_len < 0:

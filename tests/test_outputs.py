@@ -82,7 +82,7 @@ def test_interrupted_overwrite_keeps_the_old_output_and_resumes_beside_it(tmp_pa
     assert _train(inputs, out) == 0
     before = _snapshot(out)
 
-    def interrupt(self, batch):
+    def interrupt(self, batch, scale=1.0):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as mp:

@@ -26,13 +26,16 @@ class Objective:
         name: the name stages use (`objective`).
         description: one line.
         check: `stage -> None`, raises LinearizeError when the stage's weights do not fit the objective.
-        build: `(run, stage) -> objective` with `backward(input_ids) -> dict` and `evaluate(input_ids)`.
+        build: `(run, stage) -> objective` with `backward(input_ids, scale) -> dict` (gradients of scale x the
+            loss; metrics unscaled), `evaluate(input_ids)` and `close()` (undoes what build switched on).
+        whole_model: back-propagates through every layer of the model (for the memory plan).
     """
 
     name: str
     description: str
     check: Callable
     build: Callable
+    whole_model: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,9 @@ def _attention_objective(target: str) -> Callable:
         from ..attention import converted_modules
         from .transfer import TransferObjective
 
-        return TransferObjective(run.teacher, converted_modules(run.model), stage, target=target)
+        # The layer-wise mode holds one layer's graph at a time already; the joint mode recomputes each layer's.
+        recompute = run.checkpointing and not stage.layerwise
+        return TransferObjective(run.teacher, converted_modules(run.model), stage, target=target, recompute=recompute)
 
     return build
 
@@ -112,7 +117,8 @@ def _lm_objective(ce: float | None, kd: float | None) -> Callable:
         weights = LossWeights(
             stage.ce_weight if ce is None else ce, stage.kd_weight if kd is None else kd, stage.kd_temperature
         )
-        return FinetuneObjective(run.model, run.teacher if weights.kd_weight > 0 else None, weights)
+        teacher = run.teacher if weights.kd_weight > 0 else None
+        return FinetuneObjective(run.model, teacher, weights, checkpointing=run.checkpointing)
 
     return build
 
@@ -132,9 +138,17 @@ for _objective in (
         _check_attention,
         _attention_objective("output"),
     ),
-    Objective("ce", "next-token cross-entropy on the data", _check_nothing, _lm_objective(1.0, 0.0)),
-    Objective("kl", "KL(teacher || student) on next-token distributions", _check_nothing, _lm_objective(0.0, 1.0)),
-    Objective("mix", "ce_weight x cross-entropy + kd_weight x KL", _check_mix, _lm_objective(None, None)),
+    Objective("ce", "next-token cross-entropy on the data", _check_nothing, _lm_objective(1.0, 0.0), whole_model=True),
+    Objective(
+        "kl",
+        "KL(teacher || student) on next-token distributions",
+        _check_nothing,
+        _lm_objective(0.0, 1.0),
+        whole_model=True,
+    ),
+    Objective(
+        "mix", "ce_weight x cross-entropy + kd_weight x KL", _check_mix, _lm_objective(None, None), whole_model=True
+    ),
 ):
     register_objective(_objective)
 

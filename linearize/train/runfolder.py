@@ -51,9 +51,18 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return out
 
 
+# Settings that change memory and speed, never the result: free to change on resume (the OOM advice needs this).
+MEMORY_SETTINGS = ("run.gradient_checkpointing",)
+STAGE_MEMORY_SETTINGS = ("micro_batch_size",)
+
+
 def _resumable_change(key: str, run_dir: Path) -> bool:
+    if key in MEMORY_SETTINGS:
+        return True
     # Optimiser settings of a stage that has not finished may change on resume (the NaN-stop advice needs this).
     stage, _, rest = key.partition(".")
+    if rest in STAGE_MEMORY_SETTINGS:
+        return True
     return rest.startswith("optim.") and not (run_dir / "checkpoints" / stage / "final.pt").is_file()
 
 
@@ -87,7 +96,8 @@ def prepare_run(out: Path, recipe: Recipe, model: str, resume: bool) -> Path:
     if refused:
         raise LinearizeError(
             f"--resume: the recipe differs from the run in {out} ({', '.join(refused[:4])}); resume with the same "
-            "recipe and --set values (only the optimiser settings of an unfinished stage may change), or start a "
+            "recipe and --set values (only the optimiser settings of an unfinished stage, micro_batch_size and "
+            "run.gradient_checkpointing may change), or start a "
             "new run in another --out"
         )
     if changed:

@@ -18,7 +18,9 @@ import torch
 from torch import nn
 
 from ..config import LoraSettings, Recipe, StageConfig
+from ..errors import LinearizeError
 from .loop import Dist, StageResult, run_stage
+from .memory import flops_per_token, log_plan, pick_micro_batch
 from .registry import OBJECTIVES, TRAINABLES
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Run:
         lora: the adapters' settings once a stage added them.
         adapters: ids of the adapters' parameters once a stage added them.
         untied: the student holds weights of its own (a stage trains all of them).
+        checkpointing: activation checkpointing is on (run.gradient_checkpointing resolved for this model).
     """
 
     recipe: Recipe
@@ -55,6 +58,7 @@ class Run:
     lora: LoraSettings | None = None
     adapters: set[int] | None = None
     untied: bool = False
+    checkpointing: bool = False
     data: dict = field(default_factory=dict)
 
     def data_for(self, stage: StageConfig):
@@ -72,39 +76,112 @@ def run_recipe_stage(run: Run, index: int, stage: StageConfig) -> StageResult | 
     if not named:
         logger.info("%s: nothing to train (%s); skipped", stage.name, stage.trains)
         return None
-    objective = OBJECTIVES[stage.objective].build(run, stage)
+    registered = OBJECTIVES[stage.objective]
+    objective = registered.build(run, stage)
     data = run.data_for(stage)
     seq_len = data.train.shape[1]
     # Each stage walks its own data order: the run's seed plus the stage's place in the recipe.
     plan = BatchPlan(len(data.train), stage.batch_size, run.recipe.run.seed + index, run.ctx.world, run.ctx.rank)
     steps = plan.steps_for(stage.tokens, seq_len)
     _note_budget(stage.name, stage.tokens)
+    micro, memory = pick_micro_batch(run, stage, named, seq_len, registered.whole_model, run.checkpointing)
+    if run.ctx.main:
+        flops = flops_per_token(run, stage, registered.whole_model, run.checkpointing, stage.trains == "all")
+        log_plan(stage.name, memory, micro, stage.batch_size, run.checkpointing, steps * plan.global_batch * seq_len,
+                 flops, run.ctx.device)  # fmt: skip
+    accumulate = Accumulator(objective, micro, stage, named, run.ctx.device)
     per_layer: dict[int, list[float]] = {}
 
     def step(i: int) -> dict:
-        return objective.backward(data.train[plan.indices(i)].to(run.ctx.device))
+        return accumulate(data.train[plan.indices(i)])
 
     def extra() -> dict:
         if not per_layer:
             return {}
         return {"layer_mse": {str(k): sum(v) / len(v) for k, v in sorted(per_layer.items())}}
 
-    result = run_stage(
-        stage.name,
-        named,
-        stage.optim,
-        steps,
-        plan.global_batch * seq_len,
-        step,
-        run.run_dir,
-        run.recipe.run,
-        run.ctx,
-        run.resume,
-        eval_fn=_evaluator(objective, data.validation, stage.batch_size, run.ctx, per_layer),
-        extra_fn=extra,
-    )
+    try:
+        result = run_stage(
+            stage.name,
+            named,
+            stage.optim,
+            steps,
+            plan.global_batch * seq_len,
+            step,
+            run.run_dir,
+            run.recipe.run,
+            run.ctx,
+            run.resume,
+            eval_fn=_evaluator(objective, data.validation, stage.batch_size, run.ctx, per_layer),
+            extra_fn=extra,
+        )
+    except torch.OutOfMemoryError:
+        raise LinearizeError(_out_of_memory(run, stage, accumulate.size, seq_len)) from None
+    finally:
+        objective.close()
     TRAINABLES[stage.trains].finish(run, named)
     return result
+
+
+class Accumulator:
+    """One optimiser step's forward and backward in micro-batches: each micro-batch's loss is scaled by its share
+    of the batch, so the summed gradients and the averaged metrics equal those of the whole batch at once.
+
+    With an automatic size on CUDA, a first step that runs out of memory is retried at half the micro-batch."""
+
+    def __init__(self, objective, size: int, stage: StageConfig, named: dict, device: torch.device):
+        self.objective, self.size, self.stage, self.named, self.device = objective, size, stage, named, device
+        self.may_shrink = stage.micro_batch_size == 0 and device.type == "cuda"
+
+    def __call__(self, batch: torch.Tensor) -> dict:
+        while True:
+            try:
+                metrics = self._run(batch)
+                self.may_shrink = False
+                return metrics
+            except torch.OutOfMemoryError:
+                smaller = max((d for d in range(1, self.size // 2 + 1) if len(batch) % d == 0), default=0)
+                if not self.may_shrink or smaller == 0:
+                    raise
+            # Outside the handler: its traceback no longer holds the failed attempt's tensors.
+            for p in self.named.values():
+                p.grad = None
+            torch.cuda.empty_cache()
+            logger.warning("%s: out of memory at micro-batch %d; trying %d", self.stage.name, self.size, smaller)
+            self.size = smaller
+
+    def _run(self, batch: torch.Tensor) -> dict:
+        totals: dict = {}
+        for start in range(0, len(batch), self.size):
+            part = batch[start : start + self.size]
+            share = len(part) / len(batch)
+            metrics = self.objective.backward(part.to(self.device), scale=share)
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + share * float(value)
+        return totals
+
+
+def _out_of_memory(run: Run, stage: StageConfig, micro: int, seq_len: int) -> str:
+    from .runfolder import has_checkpoint
+
+    state = run.run_dir / "checkpoints" / stage.name / "state.pt"
+    if state.is_file():
+        kept = str(state)
+    elif has_checkpoint(run.run_dir):
+        kept = f"the finished stages' results in {run.run_dir / 'checkpoints'}"
+    else:
+        kept = "none yet"
+    changes = [f"--set {stage.name}.micro_batch_size={max(1, micro // 2)}"] if micro > 1 else []
+    if not run.checkpointing:
+        changes.append("--set run.gradient_checkpointing=true")
+    again = ", then rerun with --resume" if kept != "none yet" else ""
+    length = f"{stage.name}.seq_len" if stage.seq_len else "data.seq_len"
+    return (
+        f"stage {stage.name} ran out of GPU memory at micro-batch {micro} of {stage.batch_size} sequences of "
+        f"{seq_len} tokens (gradient checkpointing {'on' if run.checkpointing else 'off'}); try "
+        f"{' or '.join(changes) or 'a GPU with more memory'}{again}, or a new run with a shorter --set {length}=<n>; "
+        f"last checkpoint kept: {kept}"
+    )
 
 
 def _evaluator(objective, data: torch.Tensor, batch_size: int, ctx: Dist, per_layer: dict | None = None):

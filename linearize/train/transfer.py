@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..attention import ConvertedAttention, converted_modules
 from ..config import StageConfig
@@ -54,27 +55,51 @@ class TransferObjective:
         students: converted attention modules by layer index (they share the teacher's projections).
         cfg: the stage: `mse_weight`, `xent_weight` and `layerwise`.
         target: "heads" matches the per-head outputs before `o_proj`, "output" the outputs after it.
+        recompute: in the joint mode, keep only each layer's inputs for the backward and run its attention again
+            there (activation checkpointing); the layer-wise mode holds one layer's graph anyway.
     """
 
     def __init__(
-        self, teacher: nn.Module, students: dict[int, ConvertedAttention], cfg: StageConfig, target: str = "heads"
+        self,
+        teacher: nn.Module,
+        students: dict[int, ConvertedAttention],
+        cfg: StageConfig,
+        target: str = "heads",
+        recompute: bool = False,
     ):
         if target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
         self.teacher, self.students, self.cfg, self.target = teacher, students, cfg, target
         self.teacher_attn = teacher_attention_modules(teacher, sorted(students))
+        self.recompute = recompute
 
-    def _layer_loss(self, idx: int, cap: _Captured) -> tuple[torch.Tensor, dict]:
+    def _layer_terms(self, idx: int, hidden: torch.Tensor, position_embeddings, target: torch.Tensor):
+        """`(loss, mse, xent)` of one layer as tensors (xent 0 when unused); no host sync, so it can be
+        checkpointed."""
+        cap = _Captured(hidden, position_embeddings, target)
         student = self.students[idx]
-        pred = student.attention_heads(cap.hidden, cap.position_embeddings)
+        pred = student.attention_heads(hidden, position_embeddings)
         if self.target == "output":
             pred = student.o_proj(pred)
         mse = F.mse_loss(pred.float(), cap.target.float())
         loss = self.cfg.mse_weight * mse
-        stats = {"mse": mse.item()}
+        xent = mse.new_zeros(())
         if self.cfg.xent_weight > 0:
             xent = self._weights_xent(idx, cap)
             loss = loss + self.cfg.xent_weight * xent
+        return loss, mse.detach(), xent.detach()
+
+    def _layer_loss(self, idx: int, cap: _Captured, recompute: bool = False) -> tuple[torch.Tensor, dict]:
+        """One layer's loss and its metrics; `recompute` keeps only its inputs for the backward (activation
+        checkpointing) and runs the layer again there."""
+        if recompute and torch.is_grad_enabled():
+            loss, mse, xent = checkpoint(
+                self._layer_terms, idx, cap.hidden, cap.position_embeddings, cap.target, use_reentrant=False
+            )
+        else:
+            loss, mse, xent = self._layer_terms(idx, cap.hidden, cap.position_embeddings, cap.target)
+        stats = {"mse": mse.item()}
+        if self.cfg.xent_weight > 0:
             stats["xent"] = xent.item()
         return loss, stats
 
@@ -134,8 +159,8 @@ class TransferObjective:
         with torch.no_grad():
             decoder(input_ids=input_ids, use_cache=False)
 
-    def backward(self, input_ids: torch.Tensor) -> dict:
-        """Forward and backward for one batch; returns the loss and per-layer MSE."""
+    def backward(self, input_ids: torch.Tensor, scale: float = 1.0) -> dict:
+        """Forward and backward for one (micro-)batch; gradients are of `scale` x its loss, metrics unscaled."""
         stats: dict[str, float] = {}
         total = 0.0
 
@@ -145,7 +170,7 @@ class TransferObjective:
             # computed instead of recomputing them: one layer's worth of memory (docs/BENCHMARKS.md).
             with torch.enable_grad(), keeping_states():
                 loss, layer_stats = self._layer_loss(idx, cap)
-                loss.backward()
+                (loss * scale).backward()
             total += loss.item()
             for key, value in layer_stats.items():
                 stats[f"{key}/{idx}"] = value
@@ -158,14 +183,17 @@ class TransferObjective:
                 self._teacher_forward(input_ids)
             losses = []
             for idx in sorted(captured):
-                loss, layer_stats = self._layer_loss(idx, captured[idx])
+                loss, layer_stats = self._layer_loss(idx, captured[idx], recompute=self.recompute)
                 losses.append(loss)
                 for key, value in layer_stats.items():
                     stats[f"{key}/{idx}"] = value
             joint = torch.stack(losses).sum()
-            joint.backward()
+            (joint * scale).backward()
             total = joint.item()
         return {"loss": total, **stats}
+
+    def close(self) -> None:
+        pass
 
     @torch.no_grad()
     def evaluate(self, input_ids: torch.Tensor) -> tuple[float, dict[int, float]]:
