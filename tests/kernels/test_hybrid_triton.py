@@ -132,9 +132,17 @@ def test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap):
     for t in leaves:
         t.requires_grad_()
     out, _ = hybrid_attention(*leaves, W, D**-0.5, softcap, mask)
-    ref = hybrid_attention_naive(*[t.double() for t in leaves], W, D**-0.5, softcap, mask)
     dout = torch.randn_like(out)
-    got, want = grads(out, leaves, dout), grads(ref, leaves, dout.double())
+    assert_matches_naive(out, grads(out, leaves, dout), leaves, mask, dout, W, D**-0.5, softcap)
+
+
+def assert_matches_naive(out, got, leaves, mask, dout, W, scale, softcap):
+    """The output and the six gradients `got` (of q, k, v, wq, wk, window factor for `dout`) against the naive op in
+    float64 on the same inputs."""
+    T = out.shape[1]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref = hybrid_attention_naive(*ref_leaves, W, scale, softcap, mask)
+    want = grads(ref, ref_leaves, dout.double())
     assert_rel(out, ref, 1e-5, "output")
     for name, a, b in zip(["dq", "dk", "dv", "dwq", "dwk", "dwindow_factor"], got, want, strict=True):
         if W == 0 and name == "dwindow_factor":
@@ -147,12 +155,11 @@ def test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap):
 
 
 @interpreted
-@pytest.mark.parametrize("bq", [16, 32])
 @pytest.mark.parametrize(
-    "B,T,H,Hkv,D,F,W,pad,softcap",
+    "bq,B,T,H,Hkv,D,F,W,pad,softcap",
     [
-        pytest.param(2, 130, 4, 2, 32, 16, 64, 20, None, id="B2-T130-H4-Hkv2-W64-leftpad"),
-        pytest.param(1, 100, 2, 2, 32, 16, 5, 0, 5.0, id="B1-T100-H2-W5-softcap"),
+        pytest.param(16, 2, 130, 4, 2, 32, 16, 64, 20, None, id="BQ16-B2-T130-H4-Hkv2-W64-leftpad"),
+        pytest.param(32, 1, 100, 2, 2, 32, 16, 5, 0, 5.0, id="BQ32-B1-T100-H2-W5-softcap"),
     ],
 )
 def test_row_blocks_match_naive(interpreter, monkeypatch, bq, B, T, H, Hkv, D, F, W, pad, softcap):
@@ -168,10 +175,10 @@ def test_row_blocks_match_naive(interpreter, monkeypatch, bq, B, T, H, Hkv, D, F
 @pytest.mark.parametrize(
     "B,T,H,Hkv,D,F,W,pad,softcap",
     [
-        pytest.param(2, 63, 4, 4, 32, 16, 16, 0, None, id="B2-T63-H4-D32-W16"),
+        # W < 64: the pair tiles of the own chunk and of the previous one; T < one chunk; soft-capping.
+        pytest.param(2, 63, 4, 4, 32, 16, 16, 0, 5.0, id="B2-T63-H4-D32-W16-softcap"),
+        # Columns past D = 60 padded by the descriptors, rows past T = 130 left out of stores, one pair tile.
         pytest.param(2, 130, 4, 2, 60, 24, 64, 20, None, id="B2-T130-H4-Hkv2-D60-F24-W64-leftpad"),
-        pytest.param(1, 100, 2, 2, 32, 16, 2, 0, 5.0, id="B1-T100-H2-D32-W2-softcap"),
-        pytest.param(1, 200, 2, 1, 16, 8, 64, 0, None, id="B1-T200-H2-Hkv1-D16-F8-W64"),
     ],
 )
 def test_window_descriptors_match_pointer_loads(interpreter, monkeypatch, B, T, H, Hkv, D, F, W, pad, softcap):
@@ -200,8 +207,8 @@ def test_window_descriptors_match_pointer_loads(interpreter, monkeypatch, B, T, 
     for name, a, b in zip(names, results[True], results[False], strict=True):
         assert not torch.isnan(a).any(), name
         assert torch.equal(a, b), name
-    # And against the naive op, with the descriptors (TMA is still on).
-    test_chunk_matches_naive(interpreter, B, T, H, Hkv, D, F, W, pad, softcap)
+    # And against the naive op.
+    assert_matches_naive(results[True][0], results[True][1:], leaves, mask, dout, W, D**-0.5, softcap)
 
 
 def test_window_descriptors_only_where_the_device_and_tensors_allow(monkeypatch):
@@ -225,8 +232,7 @@ def test_window_descriptors_only_where_the_device_and_tensors_allow(monkeypatch)
 
 
 @interpreted
-@pytest.mark.parametrize("chunks", [1, 3])
-def test_feature_program_chunks_match_naive(interpreter, monkeypatch, chunks):
+def test_feature_program_chunks_match_naive(interpreter, monkeypatch, chunks=3):
     # The chunks per feature program are a tuning knob: any number gives the same op, also where the last program
     # holds fewer chunks than the others or the sequence is shorter than one program's chunks.
     mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
@@ -236,15 +242,9 @@ def test_feature_program_chunks_match_naive(interpreter, monkeypatch, chunks):
 
 
 @interpreted
-@pytest.mark.parametrize(
-    "bv,F,T,D,W,pad",
-    [
-        pytest.param(16, 32, 130, 32, 64, 20, id="BV16-F32-T130-W64-leftpad"),
-        pytest.param(64, 24, 65, 60, 8, 0, id="BV64-F24-D60-T65-W8"),
-    ],
-)
-def test_state_blocks_match_naive(interpreter, monkeypatch, bv, F, T, D, W, pad):
-    # The Dv columns per program of the state passes are a tuning knob: every block gives the same op.
+def test_state_blocks_match_naive(interpreter, monkeypatch, bv=16, F=24, T=130, D=32, W=64, pad=20):
+    # The Dv columns per program of the state passes are a tuning knob: every block gives the same op (here Dv = 40
+    # in three programs, the last one partial; the default block of 64 with Dv = 68 runs in test_chunk_matches_naive).
     mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
     monkeypatch.setattr(mod, "BV_STATE", bv)
     test_chunk_matches_naive(interpreter, 2, T, 4, 2, D, F, W, pad, None)
@@ -367,8 +367,7 @@ PARTIAL = {
 
 
 @interpreted
-@pytest.mark.parametrize("saved", ["0", "1"])
-@pytest.mark.parametrize("W", [0, 8, 64])
+@pytest.mark.parametrize("W,saved", [(0, "1"), (8, "0"), (64, "0"), (64, "1")])
 def test_partial_gradients_equal_the_full_ones(interpreter, monkeypatch, W, saved):
     # With only some leaves asking for a gradient the backward skips the products and launches the others need; what
     # it does compute takes the same operations, so it equals the full backward's to the bit. After a carried window,
@@ -828,9 +827,19 @@ def varlen_layout(request, monkeypatch):
     return SimpleNamespace(layout=layout, calls=calls, aligned=aligned)
 
 
+# On the Triton kernels: the row layout (the default, with its own kernel code) on every case; the padded and grouped
+# layouts, whose planning test_varlen_torch_matches_separate_calls covers on every case, on two, for the Triton
+# kernels fed a left-padded batch with carried windows.
+TRITON_VARLEN = [pytest.param("aligned", *case.values, id=f"aligned-{case.id}") for case in VARLEN] + [
+    pytest.param(layout, *case.values, id=f"{layout}-{case.id}")
+    for layout in ("padded", "grouped")
+    for case in VARLEN
+    if case.id in ("lens64-65-130-W64-state", "lens100-0-7-200-3-W8-state")
+]
+
+
 @interpreted
-@pytest.mark.parametrize("varlen_layout", ["aligned", "padded", "grouped"], indirect=True)
-@pytest.mark.parametrize("lens,W,with_state", VARLEN)
+@pytest.mark.parametrize("varlen_layout,lens,W,with_state", TRITON_VARLEN, indirect=["varlen_layout"])
 def test_varlen_triton_matches_separate_calls(interpreter, varlen_layout, lens, W, with_state):
     _varlen_against_separate_calls(lens, W, with_state, partial=varlen_layout.layout == "aligned")
     _check_layout(varlen_layout, lens, W, with_state)

@@ -38,18 +38,56 @@ CASES = [
 ]
 
 
-def _compile_check(args) -> str:
-    """The table `python -m linearize.kernels.compile_check --H 4 --T 130 *args` prints (it must succeed)."""
+# The compile_check runs of this module: every case, and the loop statistics of the state passes in two dtypes.
+LOOP_ARGS = [["--loops", "--dtype", dtype] for dtype in ("bf16", "fp32")]
+RUNS = [["--no-stats", *case.values[0]] for case in CASES] + LOOP_ARGS
+# One process runs them all, one after the other (importing torch and Triton once): each run's table or traceback
+# and exit status, between markers.
+_RUNNER = """
+import contextlib, io, json, sys, traceback
+from linearize.kernels import compile_check
+for args in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            rc = compile_check.main(["--H", "4", "--T", "130", *args])
+        except Exception:
+            traceback.print_exc(file=out)
+            rc = 1
+    print(f"=== {json.dumps(args)} rc={rc}\\n{out.getvalue()}", flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[str, tuple[int, str]]:
+    """`python -m linearize.kernels.compile_check --H 4 --T 130 *args` for each of RUNS: args -> (status, output)."""
+    import json
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "linearize.kernels.compile_check", "--H", "4", "--T", "130", *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-c", _RUNNER, json.dumps(RUNS)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    runs = {}
+    for block in result.stdout.split("=== ")[1:]:
+        head, _, body = block.partition("\n")
+        args, _, rc = head.rpartition(" rc=")
+        runs[args] = (int(rc), body)
+    assert len(runs) == len(RUNS), result.stdout[-3000:] + result.stderr[-3000:]
+    return runs
+
+
+def _compile_check(compiled, args) -> str:
+    """The table compile_check printed for `args` (it must have succeeded)."""
+    import json
+
+    rc, out = compiled[json.dumps(args)]
+    assert rc == 0, out[-6000:]
+    return out
 
 
 @pytest.mark.parametrize("args", CASES)
-def test_kernels_compile_for_sm90(args):
-    stdout = _compile_check(["--no-stats", *args])
+def test_kernels_compile_for_sm90(compiled, args):
+    stdout = _compile_check(compiled, ["--no-stats", *args])
     # One row per distinct kernel of the forward, the backward and a decoding step.
     names = {line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| _")}
     expected = {"_phi_kernel", "_fwd_state_kernel", "_fwd_out_kernel", "_delta_kernel", "_bwd_state_kernel",
@@ -115,20 +153,20 @@ def test_check_names_the_kernel_that_does_not_compile(monkeypatch):
         compile_check.check([launch])
 
 
-def _loop_rows(args):
+def _loop_rows(compiled, args):
     rows = {}
-    for line in _compile_check(["--loops", *args]).splitlines():
+    for line in _compile_check(compiled, ["--loops", *args]).splitlines():
         cells = [c.strip() for c in line.split("|")[1:-1]]
         if cells and cells[0] in ("_fwd_state_kernel", "_bwd_state_kernel"):
             rows.setdefault(cells[0], [int(c) for c in cells[6:]])
     return rows
 
 
-def test_state_loops_sum_on_the_tensor_cores_without_shuffles():
+def test_state_loops_sum_on_the_tensor_cores_without_shuffles(compiled):
     # The sequential state passes accumulate the normaliser's key sums (and their gradient) as products with a ones /
     # d(den) block: sums over rows would reduce across lanes (shuffles) and warps in every step of the loop.
     for dtype in ("bf16", "fp32"):
-        rows = _loop_rows(["--dtype", dtype])
+        rows = _loop_rows(compiled, ["--dtype", dtype])
         assert set(rows) == {"_fwd_state_kernel", "_bwd_state_kernel"}, rows
         for name, (instructions, products, _, shuffles) in rows.items():
             # The state update and the sums: at least two products per step, no shuffles.
