@@ -149,6 +149,7 @@ def _cmd_corpus(args) -> int:
 def _cmd_eval(args) -> int:
     from .eval.report import write_report
     from .eval.runner import EvalSettings, attach_training, evaluate, parse_limit, parse_tasks
+    from .models.export import public_name
     from .models.loading import load_model
     from .outdir import check_output, write_marker
 
@@ -200,8 +201,9 @@ def _cmd_eval(args) -> int:
         settings,
         teacher=teacher.model if teacher else None,
         teacher_tokenizer=teacher.tokenizer if teacher else None,
-        student_name=args.model,
-        teacher_name=args.teacher,
+        # Reports travel (push uploads them): local models are named by their folder or file name only.
+        student_name=public_name(args.model),
+        teacher_name=public_name(args.teacher) if args.teacher else None,
         compare=compare,
     )
     attach_training(report, Path(args.model))

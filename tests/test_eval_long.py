@@ -251,6 +251,8 @@ def test_long_context_cli(tiny_student, tmp_path, capsys):
             "--niah-trials", "1", "--passkey-lengths", "40", "--passkey-trials", "2"]  # fmt: skip
     assert main(args + long) == 0
     report = json.loads((out / "report.json").read_text())
+    # The report can be uploaded: local models are named by their folder name, never by a path on this machine.
+    assert (report["model"], report["teacher"]) == ("student", "teacher")
     section = report["long_context"]
     assert section["subjects"] == ["teacher", "student", "window-only", "linear-only"]
     ppl = section["perplexity"]
