@@ -30,7 +30,7 @@ def _add_model_arg(parser: argparse.ArgumentParser, default: str | None = None, 
 def _cmd_convert(args) -> int:
     from .config import load_recipe
     from .models.convert import convert
-    from .models.export import public_name, save_converted
+    from .models.export import export_dtype, public_name, save_converted
     from .models.loading import check_convertible, load_model
     from .outdir import atomic_output, check_output
 
@@ -40,8 +40,10 @@ def _cmd_convert(args) -> int:
     check_convertible(args.model)
     loaded = load_model(args.model, dtype=args.dtype)
     convert(loaded.model, recipe.attention, base_model=public_name(args.model))
+    compute = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    dtype = export_dtype(args.export_dtype, args.model, compute)
     with atomic_output(out, "model", overwrite=args.overwrite, inputs=[args.model]) as tmp:
-        save_converted(loaded.model, loaded.tokenizer, tmp, recipe)
+        save_converted(loaded.model, loaded.tokenizer, tmp, recipe, dtype=dtype)
     layers = loaded.model.config.linearize["layers"]
     n_conv = sum(kind != "softmax" for kind in layers.values())
     print(f"converted {n_conv}/{len(layers)} attention layers to '{recipe.attention.kind}'; saved to {out}")
@@ -364,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a recipe setting, e.g. --set attention.window=128 (repeatable)",
+    )
+    p.add_argument(
+        "--export-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the written weights (auto: the model's checkpoint dtype; for a GGUF, --dtype's)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=_cmd_convert)
