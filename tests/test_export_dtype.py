@@ -98,3 +98,16 @@ def test_atomic_writes_get_the_usual_permissions(tmp_path, umask):
         assert usual_mode(True) == 0o777 & ~umask
     finally:
         os.umask(old)
+
+
+def test_convert_writes_the_checkpoint_dtype_or_the_one_asked_for_with_the_usual_modes(tmp_path):
+    from linearize.cli import main
+
+    teacher = _teacher(tmp_path / "teacher", torch.bfloat16)
+    sets = ["--set", "attention.feature_dim=8"]
+    assert main(["convert", "--model", str(teacher), "--out", str(tmp_path / "auto"), *sets]) == 0
+    assert _dtypes(tmp_path / "auto") == {"BF16"}
+    argv = ["convert", "--model", str(teacher), "--out", str(tmp_path / "fp16"), "--export-dtype", "float16", *sets]
+    assert main(argv) == 0
+    assert _dtypes(tmp_path / "fp16") == {"F16"}
+    _assert_usual_modes(tmp_path / "fp16")
