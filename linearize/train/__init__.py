@@ -10,6 +10,7 @@ import types
 
 class _CallablePackage(types.ModuleType):
     def __call__(self, *args, **kwargs):
+        """`linearize.api.train`: convert, train by a recipe, export and report (see `help(linearize.api.train)`)."""
         from ..api import train
 
         return train(*args, **kwargs)
