@@ -16,6 +16,16 @@ from .errors import LinearizeError, first_line
 logger = logging.getLogger("linearize")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends an option's default where it says something: not for flags, required options or empty defaults."""
+
+    def _get_help_string(self, action):
+        empty = action.default is None or action.default is False or action.default in ([], "")
+        if action.required or empty or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_model_arg(parser: argparse.ArgumentParser, default: str | None = None, dtype: bool = True) -> None:
     parser.add_argument(
         "--model",
@@ -24,13 +34,18 @@ def _add_model_arg(parser: argparse.ArgumentParser, default: str | None = None, 
         help="alias (see `linearize models`), local folder, .gguf file or Hub id",
     )
     if dtype:
-        parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+        parser.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "float32", "bfloat16", "float16"],
+            help="dtype to load the model in (auto: the checkpoint's)",
+        )
 
 
 def _cmd_convert(args) -> int:
     from .config import load_recipe
     from .models.convert import convert
-    from .models.export import public_name, save_converted
+    from .models.export import export_dtype, public_name, save_converted
     from .models.loading import check_convertible, load_model
     from .outdir import atomic_output, check_output
 
@@ -40,8 +55,10 @@ def _cmd_convert(args) -> int:
     check_convertible(args.model)
     loaded = load_model(args.model, dtype=args.dtype)
     convert(loaded.model, recipe.attention, base_model=public_name(args.model))
+    compute = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    dtype = export_dtype(args.export_dtype, args.model, compute)
     with atomic_output(out, "model", overwrite=args.overwrite, inputs=[args.model]) as tmp:
-        save_converted(loaded.model, loaded.tokenizer, tmp, recipe)
+        save_converted(loaded.model, loaded.tokenizer, tmp, recipe, dtype=dtype)
     layers = loaded.model.config.linearize["layers"]
     n_conv = sum(kind != "softmax" for kind in layers.values())
     print(f"converted {n_conv}/{len(layers)} attention layers to '{recipe.attention.kind}'; saved to {out}")
@@ -49,11 +66,9 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .config import load_recipe
-    from .train.pipeline import run_pipeline
+    from .api import train
 
-    recipe = load_recipe(args.recipe, args.set)
-    result = run_pipeline(args.model, recipe, args.out, resume=args.resume, overwrite=args.overwrite)
+    result = train(args.model, args.recipe, args.out, args.set, resume=args.resume, overwrite=args.overwrite)
     if result.summary is not None and _is_main_process():
         for stage in result.summary["stages"]:
             val = f", validation loss {stage['val_loss']:.4g}" if stage.get("val_loss") is not None else ""
@@ -105,8 +120,9 @@ def _cmd_generate(args) -> int:
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
             **{k: v for k, v in sampling.items() if k != "do_sample"},
         )
-    new_tokens = out[0, inputs["input_ids"].shape[1] :]
-    print(prompt + tok.decode(new_tokens, skip_special_tokens=True))
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    # With --chat the template (system prompt, role markers) is the model's business: show what the user typed.
+    print(f"{args.prompt}\n{answer.strip()}" if args.chat else args.prompt + answer)
     return 0
 
 
@@ -147,17 +163,17 @@ def _cmd_corpus(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .eval.report import write_report
-    from .eval.runner import EvalSettings, attach_training, evaluate, parse_limit, parse_tasks
-    from .models.export import public_name
-    from .models.loading import load_model
-    from .outdir import check_output, write_marker
+    from .api import evaluate
 
-    limit, task_limits = parse_limit(args.limit)
-    settings = EvalSettings(
-        tasks=parse_tasks(args.tasks),
-        limit=limit,
-        task_limits=task_limits,
+    result = evaluate(
+        args.model,
+        teacher=args.teacher,
+        tasks=args.tasks,
+        limit=args.limit,
+        out=args.out,
+        dtype=args.dtype,
+        device=args.device,
+        compare=args.compare,
         batch_size=args.batch_size,
         passkey_lengths=_ints(args.passkey_lengths, "--passkey-lengths"),
         passkey_trials=args.passkey_trials,
@@ -176,41 +192,8 @@ def _cmd_eval(args) -> int:
         cache_lengths=_ints(args.cache_lengths, "--cache-lengths"),
         seed=args.seed,
     )
-    for flag, value in (("--batch-size", args.batch_size), ("--passkey-trials", args.passkey_trials),
-                        ("--ppl-window", args.ppl_window)):  # fmt: skip
-        if value <= 0:
-            raise LinearizeError(f"{flag} must be at least 1, got {value}")
-    out = Path(args.out) if args.out else (Path(args.model) / "report" if Path(args.model).is_dir() else Path("report"))
-    # A report goes into a new or empty folder, or over an earlier report; never over other files.
-    check_output(out, "report", overwrite=True)
-    _check_long_settings(settings)
-    student = load_model(args.model, dtype=args.dtype, device=args.device)
-    teacher = load_model(args.teacher, dtype=args.dtype, device=args.device) if args.teacher else None
-    if student.tokenizer is None:
-        raise LinearizeError(f"{args.model} has no tokenizer files: evaluation needs one")
-    compare = []
-    for item in args.compare:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise LinearizeError(f"--compare takes NAME=MODEL (e.g. no-transfer=out/smol-notransfer), got '{item}'")
-        other = load_model(path, dtype=args.dtype, device=args.device)
-        compare.append((name, other.model, other.tokenizer or student.tokenizer))
-    report = evaluate(
-        student.model,
-        student.tokenizer,
-        settings,
-        teacher=teacher.model if teacher else None,
-        teacher_tokenizer=teacher.tokenizer if teacher else None,
-        # Reports travel (push uploads them): local models are named by their folder or file name only.
-        student_name=public_name(args.model),
-        teacher_name=public_name(args.teacher) if args.teacher else None,
-        compare=compare,
-    )
-    attach_training(report, Path(args.model))
-    path = write_report(report, out)
-    write_marker(out, "report")
-    print(path.read_text())
-    print(f"report: {path}  (report.json and plots beside it)")
+    print(result.path.read_text())
+    print(f"report: {result.path}  (report.json and plots beside it)")
     return 0
 
 
@@ -260,15 +243,6 @@ def _floats(text: str, flag: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise LinearizeError(f"{flag} takes comma-separated numbers, got '{text}'") from None
-
-
-def _check_long_settings(settings) -> None:
-    if any(n <= 0 for n in (*settings.context_lengths, *settings.qa_lengths, *settings.niah_lengths)):
-        raise LinearizeError("--context-lengths, --qa-lengths and --niah-lengths take positive token counts")
-    if any(not 0.0 <= d <= 1.0 for d in settings.qa_depths):
-        raise LinearizeError(f"--qa-depths are fractions between 0 and 1, got {settings.qa_depths}")
-    if settings.qa_lengths and not settings.qa_depths:
-        raise LinearizeError("--qa-lengths needs at least one --qa-depths value")
 
 
 def _count(text: str, flag: str) -> int:
@@ -335,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a pretrained Hugging Face decoder to linear attention and measure what it kept.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help="`linearize COMMAND --help` for its options")
 
     p = sub.add_parser(
         "train",
@@ -367,34 +341,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a recipe setting, e.g. --set attention.window=128 (repeatable)",
     )
+    p.add_argument(
+        "--export-dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="dtype of the written weights (auto: the model's checkpoint dtype; for a GGUF, --dtype's)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("generate", help="generate text with a (converted) model")
     _add_model_arg(p)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--prompt", required=True, help="text to continue (with --chat: the user's message)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate")
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (with --sample)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling threshold (with --sample)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (with --sample)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("corpus", help="sample a distillation corpus from the teacher (plus a held-out text split)")
     _add_model_arg(p)
     p.add_argument("--out", required=True, help="folder for train.jsonl, heldout.txt and corpus.json")
-    p.add_argument("--tokens", default="1e6", help="generated tokens to sample (default 1e6)")
-    p.add_argument("--prompts", default="auto", help="prompt documents, as data.dataset (default: offline corpus)")
-    p.add_argument("--heldout", type=float, default=0.1, help="share of documents held out (default 0.1)")
+    p.add_argument("--tokens", default="1e6", help="generated tokens to sample")
+    p.add_argument("--prompts", default="auto", help="prompt documents, as data.dataset (auto: the offline corpus)")
+    p.add_argument("--heldout", type=float, default=0.1, help="share of documents held out")
     p.add_argument("--prompt-tokens", type=int, default=32, help="tokens of each document used as the prompt")
-    p.add_argument("--max-new-tokens", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="tokens sampled per prompt")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts sampled together")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     p.add_argument("--no-documents", action="store_true", help="write only sampled text, not the real documents")
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--device", default=None, help="e.g. cuda (default: cuda when available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--overwrite", action="store_true", help="start over in a non-empty --out")
     p.set_defaults(func=_cmd_corpus)
@@ -404,16 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, help="Hub model repo, namespace/name (created when missing)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--dry-run", action="store_true", help="check the folder, list the files and print the card")
-    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached `hf auth login`)")
+    p.add_argument("--token", default=None, help="Hub token (None: HF_TOKEN or the cached `hf auth login`)")
     p.set_defaults(func=_cmd_push)
 
     p = sub.add_parser(
         "eval",
         help="score a model (and its teacher) and write the accuracy-recovery report",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_model_arg(p)
-    p.add_argument("--teacher", help="the original model, for recovery figures")
+    p.add_argument("--teacher", help="the original model, for recovery figures (None: the model's scores only)")
     p.add_argument(
         "--tasks",
         default="hellaswag,piqa,arc_easy,arc_challenge,winogrande",
@@ -424,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--limit",
         default=None,
-        help="documents per task (MMLU: per subject), with optional per-task values, e.g. 1000,mmlu=20",
+        help="documents per task (MMLU: per subject), with optional per-task values, e.g. 1000,mmlu=20 (None: all)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="requests (or perplexity windows) per forward pass")
     p.add_argument("--passkey-lengths", default="512,1024,2048", help="context lengths of the passkey probe")
@@ -460,18 +439,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="another model scored on the same tasks and listed with the controls, e.g. "
         "no-transfer=out/smol-notransfer (repeatable)",
     )
-    p.add_argument("--device", default=None, help="e.g. cuda; default CPU")
-    p.add_argument("--out", help="report folder (default: <model>/report)")
+    p.add_argument("--device", default=None, help="e.g. cuda (None: CPU)")
+    p.add_argument("--out", help="report folder (None: <model>/report)")
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("report", help="re-render report.md and the plots from a report folder's report.json")
-    p.add_argument("folder")
+    p.add_argument("folder", help="report folder written by `linearize eval` or `linearize train`")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("lm-eval-tasks", help="write lm-evaluation-harness task YAMLs over the offline data")
-    p.add_argument("--out", required=True)
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all)")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", required=True, help="folder for the task YAMLs and their data")
+    p.add_argument("--tasks", default=None, help="comma-separated task names (None: all)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task (None: all)")
     p.add_argument("--overwrite", action="store_true", help="replace tasks written earlier into --out")
     p.set_defaults(func=_cmd_harness_tasks)
 
@@ -480,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list bundled recipes and attention kinds")
     p.set_defaults(func=_cmd_recipes)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpFormatter
     return parser
 
 

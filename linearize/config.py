@@ -188,6 +188,8 @@ class RunConfig:
         log_every: steps between metric lines in <out>/run/metrics.jsonl.
         eval_every: steps between validation-loss evaluations (0: only at the end of each stage).
         dtype: "auto" (bfloat16 on a GPU that supports it, float32 otherwise), "float32" or "bfloat16".
+        export_dtype: dtype of the exported weights: "auto" (the teacher's checkpoint dtype; for a dequantised
+            GGUF, the dtype the run computed in), "float32", "bfloat16" or "float16".
         fsdp: with several processes, shard the frozen weights across them (FSDP2) instead of replicating them;
             trainable parameters stay replicated, so results equal plain data parallelism.
         gradient_checkpointing: "auto" (on for a model of more than 1B parameters on CUDA), "true" or "false":
@@ -201,6 +203,7 @@ class RunConfig:
     log_every: int = 1
     eval_every: int = 0
     dtype: str = "auto"
+    export_dtype: str = "auto"
     fsdp: bool = False
     gradient_checkpointing: str | bool = "auto"
 
@@ -216,6 +219,10 @@ class RunConfig:
         _positive("run.log_every", self.log_every)
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise LinearizeError(f"run.dtype must be auto, float32 or bfloat16, got '{self.dtype}'")
+        if self.export_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise LinearizeError(
+                f"run.export_dtype must be auto, float32, bfloat16 or float16, got '{self.export_dtype}'"
+            )
 
 
 @dataclass

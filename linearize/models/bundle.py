@@ -288,6 +288,10 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     # Another process may be rebuilding the same package: each file appears whole or not at all.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        # mkstemp makes 0600; the copy should be readable as a plain write would make it (0666 less the umask).
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..errors import LinearizeError, first_line
+from ..fileio import give_usual_modes
 from .aliases import ALIASES
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ def _gguf_folder(gguf: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        give_usual_modes(tmp)
         os.replace(tmp, folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -78,13 +78,15 @@ def _load_data(recipe: Recipe, tokenizer, run_dir: Path, ctx: Dist, seq_len: int
     return PackedData(**load_checkpoint(path, "the packed training data"))
 
 
-def _export(student, tokenizer, out: Path, recipe: Recipe) -> None:
+def _export(student, tokenizer, out: Path, recipe: Recipe, source: str, compute_dtype: str) -> None:
     """Write the model files into `out` through a temporary folder; config.json lands last."""
-    from ..models.export import save_converted
+    from ..models.export import export_dtype, save_converted
 
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
     try:
-        save_converted(student, tokenizer, tmp, recipe)
+        dtype = export_dtype(recipe.run.export_dtype, source, compute_dtype)
+        logger.info("export: writing the weights in %s", str(dtype).removeprefix("torch."))
+        save_converted(student, tokenizer, tmp, recipe, dtype=dtype)
         names = sorted(p.name for p in tmp.iterdir())
         for name in [n for n in names if n != "config.json"] + ["config.json"]:
             os.replace(tmp / name, out / name)
@@ -204,7 +206,7 @@ def run_pipeline(
             "seconds": round(sum(r.seconds for r in results) + time.perf_counter() - started - stage_seconds, 1),
         }
         if ctx.main:
-            _export(final_model, loaded.tokenizer, out, recipe)
+            _export(final_model, loaded.tokenizer, out, recipe, model, dtype)
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             del teacher, student, final_model, run
             if recipe.report.enabled:
