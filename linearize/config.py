@@ -234,7 +234,8 @@ class ReportConfig:
         tasks: tasks for `linearize eval` (names, ppl:<path>, passkey, mqar); perplexity on the run's
             held-out validation sequences is always included.
         limit: documents per task (a quick look; run `linearize eval` without a limit for final numbers).
-        passkey_lengths: passkey context lengths; empty means 1x, 2x and 4x data.seq_len.
+        passkey_lengths: passkey context lengths; empty means 1x and 2x data.seq_len (a quick look: `linearize
+            eval --passkey-lengths` for longer ones).
         efficiency_lengths: context lengths of the speed and memory table.
         controls: include the window-only and linear-only controls where the attention has both branches.
         long_context_source: `ppl:` source of the perplexity-against-context-length row ("" to skip); the
@@ -248,9 +249,9 @@ class ReportConfig:
     tasks: list[str] = field(
         default_factory=lambda: ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "lambada", "passkey"]
     )
-    limit: int = 25
-    passkey_lengths: list[int] = field(default_factory=list)
-    efficiency_lengths: list[int] = field(default_factory=lambda: [256, 1024])
+    limit: int = 10
+    passkey_lengths: list[int] = field(default_factory=lambda: [256, 512])
+    efficiency_lengths: list[int] = field(default_factory=lambda: [256])
     controls: bool = True
     long_context_source: str = "stdlib"
     context_lengths: list[int] = field(default_factory=list)

@@ -253,7 +253,7 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
     settings = EvalSettings(
         tasks=list(cfg.tasks) + long_ppl,
         limit=cfg.limit,
-        passkey_lengths=cfg.passkey_lengths or [seq_len, 2 * seq_len, 4 * seq_len],
+        passkey_lengths=cfg.passkey_lengths or [seq_len, 2 * seq_len],
         efficiency_lengths=list(cfg.efficiency_lengths),
         controls=cfg.controls,
         context_lengths=context_lengths if long_ppl else [],
