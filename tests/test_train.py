@@ -227,7 +227,8 @@ def test_every_bundled_recipe_loads():
     assert {"lolcats", "hedgehog", "lolcats-hybrid"} <= set(names)
     for name in names:
         recipe = load_recipe(name)
-        assert recipe.description and [s.name for s in recipe.stages] == ["transfer", "finetune"]
+        # Every bundled recipe transfers attention, then fine-tunes; some add a stage after (a longer context).
+        assert recipe.description and [s.name for s in recipe.stages][:2] == ["transfer", "finetune"]
 
 
 def test_hybrid_recipe_distils_and_keeps_softmax_layers(tmp_path, tiny_dir, corpus):
