@@ -14,13 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import _compat
 from ..errors import LinearizeError
 from ..kernels.gla import gated_linear_attention
 from ..kernels.gla.naive import EPS, expand_heads
 from ..kernels.window import WindowState, window_attention
 from .feature_maps import HedgehogFeatureMap
-from .hybrid import PACKED_KWARG, TOKEN_MASK_KWARG
 from .projection import project_qkv, rope_function
 from .registry import Control, ConvertedAttention
 from .short_conv import ShortConv
@@ -207,17 +205,6 @@ class GatedAttention(ConvertedAttention):
         raise LinearizeError(
             "the gated kinds have no attention-weight cross-entropy term: set the transfer stage's xent_weight=0"
         )
-
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
-        """Same call and return convention as the transformers attention modules: `(output, None)`."""
-        cache = _compat.pop_cache(kwargs)
-        cu_seqlens = kwargs.get(PACKED_KWARG)
-        if cu_seqlens is not None and cache is not None:
-            raise ValueError(f"{PACKED_KWARG} (packed sequences) cannot be combined with a cache; pass use_cache=False")
-        heads = self.attention_heads(
-            hidden_states, position_embeddings, kwargs.get(TOKEN_MASK_KWARG), cache, cu_seqlens=cu_seqlens
-        )
-        return self.o_proj(heads), None
 
     def extra_repr(self) -> str:
         return (

@@ -14,7 +14,6 @@ from functools import partial
 import torch
 from torch import nn
 
-from .. import _compat
 from ..kernels.hybrid import (
     hybrid_attention,
     hybrid_attention_chunked,
@@ -24,11 +23,7 @@ from ..kernels.hybrid import (
 from .feature_maps import HedgehogFeatureMap
 from .heads import HeadSplit, split_attention, split_weights
 from .projection import project_qkv, rope_function
-from .registry import Control, ConvertedAttention
-
-TOKEN_MASK_KWARG = "linearize_token_mask"
-# The offsets of packed sequences, under the name transformers gives them for flash attention.
-PACKED_KWARG = "cu_seq_lens_q"
+from .registry import PACKED_KWARG, TOKEN_MASK_KWARG, Control, ConvertedAttention  # noqa: F401
 
 
 class HybridLinearAttention(ConvertedAttention):
@@ -156,18 +151,6 @@ class HybridLinearAttention(ConvertedAttention):
             softcap=self.softcap,
         )
         return split_weights(self.split, linear_weights, q, k, self.scaling, self.softcap)
-
-    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
-        """Same call and return convention as the transformers attention modules: `(output, None)`."""
-        cache = _compat.pop_cache(kwargs)
-        # Packed sequences (transformers' flash-attention kwargs, e.g. from DataCollatorWithFlattening) stay apart.
-        cu_seqlens = kwargs.get(PACKED_KWARG)
-        if cu_seqlens is not None and cache is not None:
-            raise ValueError(f"{PACKED_KWARG} (packed sequences) cannot be combined with a cache; pass use_cache=False")
-        heads = self.attention_heads(
-            hidden_states, position_embeddings, kwargs.get(TOKEN_MASK_KWARG), cache, cu_seqlens=cu_seqlens
-        )
-        return self.o_proj(heads), None
 
     def extra_repr(self) -> str:
         heads = f", softmax_kv_heads={self.split.softmax_kv}" if self.split else ""

@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import _compat
+
 # The attribute `swap_attention` sets on every module it builds, naming the kind that built it.
 KIND_ATTR = "linearize_kind"
+TOKEN_MASK_KWARG = "linearize_token_mask"
+# The offsets of packed sequences, under the name transformers gives them for flash attention.
+PACKED_KWARG = "cu_seq_lens_q"
 
 
 class ConvertedAttention(nn.Module):
@@ -64,6 +69,18 @@ class ConvertedAttention(nn.Module):
     ) -> torch.Tensor:
         """Per-head attention output before `o_proj`: `[B, T, hidden]` -> `[B, T, H * Dv]`."""
         raise NotImplementedError
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        """Same call and return convention as the transformers attention modules: `(output, None)`."""
+        cache = _compat.pop_cache(kwargs)
+        # Packed sequences (transformers' flash-attention kwargs, e.g. from DataCollatorWithFlattening) stay apart.
+        cu_seqlens = kwargs.get(PACKED_KWARG)
+        if cu_seqlens is not None and cache is not None:
+            raise ValueError(f"{PACKED_KWARG} (packed sequences) cannot be combined with a cache; pass use_cache=False")
+        heads = self.attention_heads(
+            hidden_states, position_embeddings, kwargs.get(TOKEN_MASK_KWARG), cache, cu_seqlens=cu_seqlens
+        )
+        return self.o_proj(heads), None
 
 
 @dataclass(frozen=True)
