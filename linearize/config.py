@@ -192,7 +192,8 @@ class RunConfig:
             GGUF, the dtype the run computed in), "float32", "bfloat16" or "float16".
         fsdp: with several processes, shard the frozen weights across them (FSDP2) instead of replicating them;
             trainable parameters stay replicated, so results equal plain data parallelism.
-        gradient_checkpointing: "auto" (on for a model of more than 1B parameters on CUDA), "true" or "false":
+        gradient_checkpointing: "auto" (per stage: on when the stage's micro-batch would not fit the GPU without
+            it; off on CPU), "true" or "false":
             stages that back-propagate through the whole model keep only each decoder layer's input and run the
             layer again in the backward; the joint attention transfer does the same per converted attention.
             Same losses and gradients, less memory, about a third more compute.

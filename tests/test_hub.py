@@ -296,7 +296,10 @@ def test_card_sections_follow_the_files_present(folder):
     assert "| layers kept softmax | 1 |" in card and "| converted layers | 3 of 4 |" in card
     assert "| softmax window | 8 tokens |" in card and "| feature dimension | 8 |" in card
     transfer_tokens = load_recipe("lolcats").stages[0].tokens
-    assert f"stage 1, attention transfer: {transfer_tokens:,} tokens" in card and "![recovery](report/recovery.png)" in card
+    assert (
+        f"stage 1, attention transfer: {transfer_tokens:,} tokens" in card
+        and "![recovery](report/recovery.png)" in card
+    )
     assert str(folder) not in card
     for optional in ("report/report.json", "run/summary.json", "linearize_recipe.yaml"):
         (folder / optional).unlink()

@@ -103,6 +103,37 @@ def test_checkpointing_switches_off_after_the_stage(tmp_path):
     assert not teacher.get_input_embeddings()._forward_hooks
 
 
+def test_automatic_checkpointing_is_on_only_for_a_stage_that_would_not_fit(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from linearize.train import memory
+
+    recipe = load_recipe("lolcats", ["finetune.batch_size=8"])
+    stage = recipe.stage("finetune")
+    teacher = tiny_model("llama").requires_grad_(False)
+    student = shallow_twin(teacher)
+    convert(student, recipe.attention)
+    run = Run(recipe, Dist(device=torch.device("cuda")), tmp_path, False, teacher, student, None)
+    named = TRAINABLES["lora"].setup(run, stage)
+    need = memory.estimate(run, stage, named, 8, 64, True, False).total
+    with_it = memory.estimate(run, stage, named, 8, 64, True, True).total
+    assert with_it < need
+    for total, expected in (
+        (need / memory.USABLE_FRACTION * 1.01, False),
+        (need / memory.USABLE_FRACTION * 0.99, True),
+    ):
+        gpu = SimpleNamespace(total_memory=total)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, gpu=gpu: gpu)
+        assert memory.use_checkpointing(run, stage, named, 64, True) is expected, total
+    # A set micro-batch is what must fit; set values and CPU runs are not estimated.
+    run.recipe = load_recipe("lolcats", ["finetune.batch_size=8", "finetune.micro_batch_size=2"])
+    assert memory.use_checkpointing(run, run.recipe.stage("finetune"), named, 64, True) is False
+    run.recipe = load_recipe("lolcats", ["run.gradient_checkpointing=true"])
+    assert memory.use_checkpointing(run, stage, named, 64, True) is True
+    run.recipe, run.ctx = recipe, Dist()
+    assert memory.use_checkpointing(run, stage, named, 64, True) is False
+
+
 class _Flaky:
     """An objective that runs out of memory for micro-batches larger than `fits`."""
 

@@ -22,8 +22,6 @@ logger = logging.getLogger(__name__)
 GIB = 1024**3
 # Sustained training throughput assumed before the first steps have run (bf16 on an H100-class GPU; a CPU).
 ASSUMED_FLOPS = {"cuda": 300e12, "cpu": 2e11}
-# Models larger than this get activation checkpointing on CUDA under run.gradient_checkpointing=auto.
-LARGE_MODEL_PARAMETERS = 1_000_000_000
 # Fraction of the GPU's memory the plan lets the stage fill; the rest is the allocator's and the kernels'.
 USABLE_FRACTION = 0.9
 
@@ -49,11 +47,18 @@ class MemoryPlan:
         return self.weights + self.trainable + self.activations + self.loss
 
 
-def use_checkpointing(setting: str, model: nn.Module, device: torch.device) -> bool:
-    """Resolve run.gradient_checkpointing: auto is on for a large model on CUDA."""
+def use_checkpointing(run, stage, trainable: dict, seq_len: int, whole_model: bool) -> bool:
+    """Resolve run.gradient_checkpointing for one stage. Auto is off on CPU, and on CUDA off when the stage's
+    micro-batch (its setting, else the whole batch) fits the GPU without it: recomputing costs about a third more
+    work, so it is only worth it when memory forces it (then a larger micro-batch fits)."""
+    setting = run.recipe.run.gradient_checkpointing
     if setting != "auto":
         return setting == "true"
-    return device.type == "cuda" and _count(model) > LARGE_MODEL_PARAMETERS
+    if run.ctx.device.type != "cuda":
+        return False
+    budget = torch.cuda.get_device_properties(run.ctx.device).total_memory * USABLE_FRACTION
+    sequences = stage.micro_batch_size or stage.batch_size
+    return estimate(run, stage, trainable, sequences, seq_len, whole_model, False).total > budget
 
 
 def _count(model: nn.Module) -> int:

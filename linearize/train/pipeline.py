@@ -125,7 +125,6 @@ def run_pipeline(
     from ..models.export import public_name
     from ..models.loading import load_model
     from ..models.twin import shallow_twin
-    from .memory import use_checkpointing
     from .stages import Run, run_recipe_stage
 
     ctx = _dist_context()
@@ -180,7 +179,6 @@ def run_pipeline(
             lambda seq_len: _load_data(recipe, loaded.tokenizer, run_dir, ctx, seq_len),
             sharded=sharded,
             data={recipe.data.seq_len: data},
-            checkpointing=use_checkpointing(recipe.run.gradient_checkpointing, teacher, ctx.device),
         )
         results, stage_seconds = [], 0.0
         for index, stage in enumerate(recipe.stages):

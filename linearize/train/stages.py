@@ -20,7 +20,7 @@ from torch import nn
 from ..config import LoraSettings, Recipe, StageConfig
 from ..errors import LinearizeError
 from .loop import Dist, StageResult, run_stage
-from .memory import flops_per_token, log_plan, pick_micro_batch
+from .memory import flops_per_token, log_plan, pick_micro_batch, use_checkpointing
 from .registry import OBJECTIVES, TRAINABLES
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ class Run:
         lora: the adapters' settings once a stage added them.
         adapters: ids of the adapters' parameters once a stage added them.
         untied: the student holds weights of its own (a stage trains all of them).
-        checkpointing: activation checkpointing is on (run.gradient_checkpointing resolved for this model).
+        checkpointing: activation checkpointing is on in the current stage (run.gradient_checkpointing resolved
+            for it).
     """
 
     recipe: Recipe
@@ -77,9 +78,10 @@ def run_recipe_stage(run: Run, index: int, stage: StageConfig) -> StageResult | 
         logger.info("%s: nothing to train (%s); skipped", stage.name, stage.trains)
         return None
     registered = OBJECTIVES[stage.objective]
-    objective = registered.build(run, stage)
     data = run.data_for(stage)
     seq_len = data.train.shape[1]
+    run.checkpointing = use_checkpointing(run, stage, named, seq_len, registered.whole_model)
+    objective = registered.build(run, stage)
     # Each stage walks its own data order: the run's seed plus the stage's place in the recipe.
     plan = BatchPlan(len(data.train), stage.batch_size, run.recipe.run.seed + index, run.ctx.world, run.ctx.rank)
     steps = plan.steps_for(stage.tokens, seq_len)
