@@ -5,7 +5,7 @@ tokenizer of the same vocabulary size made from the offline corpus, into a tempo
 runs a few steps of every stage on `data.dataset=offline` (export and report left out: they are not training).
 The recipe runs as it is and again with `transfer.layerwise=true` (its first stage only: the others are the same).
 
-    python benchmarks/bench_pipeline.py --shape llama-3-8b
+    python benchmarks/bench_pipeline.py --shape llama-3-8b [--profile transfer]
 
 prints, per stage, tokens/s after the warm-up steps and the peak memory, and the projected wall time of a run of
 20M + 20M tokens. Extra recipe settings go through `--set key=value` (repeatable).
@@ -97,7 +97,11 @@ def stage_rates(run_dir: Path) -> dict[str, float]:
     return rates
 
 
-def run_variant(model_dir: Path, recipe_name: str, sets: list[str], out: Path) -> dict[str, dict]:
+def run_variant(
+    model_dir: Path, recipe_name: str, sets: list[str], out: Path, profile: str | None = None
+) -> dict[str, dict]:
+    """Tokens/s and peak GiB per stage; with `profile` naming a stage, that stage runs under torch.profiler and the
+    operations taking most GPU time are printed."""
     peaks: dict[str, float] = {}
     real = stages.run_recipe_stage
 
@@ -108,7 +112,14 @@ def run_variant(model_dir: Path, recipe_name: str, sets: list[str], out: Path) -
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         try:
-            return real(run, index, stage)
+            if stage.name != profile:
+                return real(run, index, stage)
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as prof:
+                result = real(run, index, stage)
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=60)
+            print(f"\nprofile of stage {stage.name} (all its steps, warm-up included):\n{table}", flush=True)
+            return result
         finally:
             peaks[stage.name] = torch.cuda.max_memory_allocated() / 2**30
 
@@ -132,6 +143,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="global batch of every stage")
     parser.add_argument("--set", action="append", default=[], dest="sets", help="extra recipe setting key=value")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--profile", metavar="STAGE", help="run this stage of the default variant under the profiler")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -163,7 +175,9 @@ def main() -> None:
         print(f"built and saved a random {args.shape} in {time.perf_counter() - started:.0f} s", flush=True)
         for variant, variant_sets in variants.items():
             t0 = time.perf_counter()
-            results[variant] = run_variant(model_dir, args.recipe, variant_sets, Path(tmp) / variant.replace("=", "-"))
+            folder = Path(tmp) / variant.replace("=", "-")
+            profile = args.profile if variant == "default" else None
+            results[variant] = run_variant(model_dir, args.recipe, variant_sets, folder, profile)
             gc.collect()  # the previous variant's models (peft keeps reference cycles) before the next loads
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
