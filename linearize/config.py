@@ -250,7 +250,7 @@ class ReportConfig:
     tasks: list[str] = field(
         default_factory=lambda: ["hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "lambada", "passkey"]
     )
-    limit: int = 10
+    limit: int = 8
     passkey_lengths: list[int] = field(default_factory=lambda: [256, 512])
     efficiency_lengths: list[int] = field(default_factory=lambda: [256])
     controls: bool = True
