@@ -76,8 +76,8 @@ def gated_delta_fla(
     if initial_state is not None:
         initial_state = initial_state.float()
     q, k, beta = q.to(v.dtype), k.to(v.dtype), beta.to(v.dtype)
-    run = fused_recurrent_gated_delta_rule if q.shape[1] <= RECURRENT_MAX_TOKENS and not needs_grad else None
-    run = run or chunk_gated_delta_rule
+    short = q.shape[1] <= RECURRENT_MAX_TOKENS and not needs_grad
+    run = fused_recurrent_gated_delta_rule if short else chunk_gated_delta_rule
     return run(
         q=q, k=k, v=v, g=g.float(), beta=beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, use_qk_l2norm_in_kernel=qk_l2norm, state_v_first=False,
