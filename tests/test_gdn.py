@@ -22,7 +22,8 @@ from linearize.attention.gdn import DeltaState, GatedDeltaAttention, gdn_state_b
 from linearize.attention.projection import project_qkv
 from linearize.config import load_recipe
 from linearize.errors import LinearizeError
-from linearize.kernels.delta import gated_delta_naive
+from linearize.kernels.delta import delta_backend, gated_delta_naive
+from linearize.kernels.gla.fla_path import fla_version
 from linearize.train.pipeline import run_pipeline
 
 VARIANTS = {
@@ -220,3 +221,38 @@ def test_bundled_recipes_train_export_reload_fresh_and_decode_as_they_prefill(tm
     )
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt()).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or fla_version() is None, reason="needs a CUDA GPU and fla-core")
+def test_gpu_fla_model_matches_the_pytorch_path_decodes_as_it_prefills_and_trains(monkeypatch):
+    model = _gdn(conv_kernel=4)
+    _perturb(model)
+    model = model.to("cuda", torch.bfloat16).eval()
+    for m in converted_modules(model).values():
+        m.float_new_parameters()
+    # 100 tokens: fla's chunk kernel for the prefill, its recurrent kernel for the steps after.
+    ids = _ids(2, 100).cuda()
+    monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
+    assert delta_backend(torch.empty(1, device="cuda")) == "fla"
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+        reference = model(ids, use_cache=False).logits
+        monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
+        out = model(ids[:, :80], use_cache=True)
+        cache, steps = output_cache(out), [out.logits]
+        for t in range(80, 100):
+            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})
+            steps.append(out.logits)
+    assert _rel(full, reference) < 2e-2, "fla against the PyTorch path"
+    assert _rel(torch.cat(steps, 1), full) < 2e-2, "decoding against the full forward"
+    # A training step: fla's backward, or the PyTorch path where fla refuses it (the dispatcher says which).
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    for m in converted_modules(model).values():
+        for name, p in m.named_new_parameters().items():
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
