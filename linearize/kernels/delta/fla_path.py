@@ -30,16 +30,30 @@ BAD_TRITON = (">=3.4.0", "<3.7.1")
 
 @functools.cache
 def backward_blocked(device_index: int) -> bool:
-    """Whether fla's chunk backward refuses to run on this CUDA device (Hopper, a Triton in BAD_TRITON, no tilelang)."""
-    from packaging.specifiers import SpecifierSet
-
-    if torch.cuda.get_device_capability(device_index)[0] != 9 or importlib.util.find_spec("tilelang") is not None:
+    """Whether fla's chunk backward refuses to run on this CUDA device: a Hopper GPU, a Triton in BAD_TRITON, and
+    no TileLang backend that fla would take instead (installed, with nvcc, not switched off by FLA_TILELANG=0)."""
+    if torch.cuda.get_device_capability(device_index)[0] != 9 or not _bad_triton():
         return False
     try:
-        triton_version = importlib.metadata.version("triton")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return triton_version in SpecifierSet(",".join(BAD_TRITON))
+        from fla.ops.common.backends.tilelang import TileLangBackend
+    except ImportError:
+        return importlib.util.find_spec("tilelang") is None
+    return not (TileLangBackend.is_available() and TileLangBackend.is_enabled())
+
+
+def _bad_triton() -> bool:
+    try:
+        # fla's own flags, where this version has them.
+        from fla.utils import TRITON_ABOVE_3_4_0, TRITON_ABOVE_3_7_1
+
+        return TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+    except ImportError:
+        from packaging.specifiers import SpecifierSet
+
+        try:
+            return importlib.metadata.version("triton") in SpecifierSet(",".join(BAD_TRITON))
+        except importlib.metadata.PackageNotFoundError:
+            return False
 
 
 def gated_delta_fla(
