@@ -1,14 +1,15 @@
-"""Speed of the gated kinds (gla, liger, lizard, lawcat) against lolcats and SDPA, per attention layer.
+"""Speed of the gated kinds (gla, liger, lizard, lawcat, gdn) against lolcats and SDPA, per attention layer.
 
 Each kind's module is built around one Llama-shaped softmax attention layer (hidden 4096, 32 query heads, 8 key/
 value heads, head size 128, bf16) and timed on `attention_heads` (projections, feature maps, gates, conv, both
 branches; without o_proj), forward and forward+backward at B*T = 16k tokens, then a one-token decoding step at B=16
 from the state a prefill left. SDPA is the teacher layer's own attention with PyTorch's flash kernel, its decoding
 step against a key/value cache of `--contexts` tokens. The gated kinds run fla's kernels when fla-core is
-installed (`--kernels torch` forces the PyTorch path). Medians of `triton.testing.do_bench`. A script, not a test:
-it needs a CUDA GPU.
+installed (`--kernels torch` forces the PyTorch path); `gdn`'s backward takes the PyTorch path where fla refuses it
+(Hopper with Triton >= 3.4, < 3.7.1 and no tilelang), which the script says. Medians of `triton.testing.do_bench`.
+A script, not a test: it needs a CUDA GPU.
 
-    python benchmarks/bench_gated.py [--lengths 2048 8192 16384 32768] [--kinds gla liger lizard lawcat lolcats]
+    python benchmarks/bench_gated.py [--lengths 2048 8192 16384 32768] [--kinds gla liger lizard lawcat gdn lolcats]
 """
 
 from __future__ import annotations
@@ -120,6 +121,12 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["LINEARIZE_KERNELS"] = args.kernels
     torch.manual_seed(0)
+    if "gdn" in args.kinds:
+        from linearize.kernels.delta import delta_backend
+
+        probe = torch.empty(1, device="cuda")
+        print(f"# gdn runs on {delta_backend(probe)}, its backward on {delta_backend(probe, needs_grad=True)}",
+              file=sys.stderr)  # fmt: skip
     teacher, rotary = _teacher_layer()
     names = ["sdpa", *args.kinds]
     print("| T | B | " + " | ".join(f"{n} fwd / fwd+bwd (ms)" for n in names) + " |")
