@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from linearize.kernels import rwkv7 as rwkv7_mod
 from linearize.kernels.gla import fla_path as gla_fla_path
+from linearize.kernels.rwkv7 import chunk as rwkv7_chunk
 from linearize.kernels.rwkv7 import fla_path, rwkv7_attention, rwkv7_naive, rwkv7_recurrent_torch
 
 
@@ -63,10 +64,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("path", ["chunk", "recurrent"])
+@pytest.mark.parametrize("path", ["chunk", "chunk-unsplit", "recurrent"])
 @pytest.mark.parametrize("B,T,H,Hkv,K,V,chunk", CASES)
 def test_paths_match_naive(monkeypatch, path, B, T, H, Hkv, K, V, chunk):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    if path == "chunk-unsplit":
+        # Decays too strong to split exp(G_i - G_j) into two factors take the differences first; here every chunk.
+        monkeypatch.setattr(rwkv7_chunk, "MAX_FACTORED_DECAY", -1.0)
     if path == "recurrent":
         # The dispatcher takes the step-by-step path for decoding; here it takes it for every input and gradient.
         monkeypatch.setattr(rwkv7_mod, "rwkv7_chunk_torch", lambda *args, chunk_size: rwkv7_recurrent_torch(*args))

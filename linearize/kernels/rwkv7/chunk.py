@@ -8,14 +8,21 @@ the state's read-outs u_i = h_{i-1}^T a_i (what the low-rank part removes) solve
 after which the chunk is plain gated linear attention with the values v_j on keys k_j and the values u_j on keys
 b_j: o_i = (r_i * exp(G_i))^T h_0 + sum_{j<=i} [(r_i * exp(G_i - G_j)) . k_j] v_j + [(r_i * ...) . b_j] u_j, and
 the state leaving it is exp(G_C) * h_0 + sum_j (k_j * exp(G_C - G_j)) v_j^T + (b_j * exp(G_C - G_j)) u_j^T.
-Decays enter as differences before the exponential, so no factor exceeds 1; the triangular solve is autograd's, so
-every gradient is exact. The [C, C, K] intra-chunk decays are recomputed in the backward rather than kept.
+The triangular solve is autograd's, so every gradient is exact. Where a chunk's total log decay stays above
+-MAX_FACTORED_DECAY (always, for RWKV-7's decays of at least exp(-0.61) per step and chunks of up to 32 tokens),
+exp(G_i - G_j) is split into exp(G_i) exp(-G_j) and the four score matrices are plain matrix products; stronger
+decays would overflow that split, and those chunks take the differences before the exponential instead ([C, C, K]
+decays per chunk, recomputed in the backward rather than kept), so no factor exceeds 1.
 """
 
 from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+# Largest chunk total of log decays (in magnitude) for which exp(G_i) and exp(-G_j) are formed apart: e^30 = 1e13
+# leaves fp32 ample room above any product of them and the inputs.
+MAX_FACTORED_DECAY = 30.0
 
 
 def _intra(r, k, a, b, G, w, later, strictly_later):
@@ -31,6 +38,19 @@ def _intra(r, k, a, b, G, w, later, strictly_later):
         torch.einsum("bhic,bhjc,bhijc->bhij", r, b, decay),
         torch.einsum("bhic,bhjc,bhijc->bhij", a, k, decay_before),
         torch.einsum("bhic,bhjc,bhijc->bhij", a, b, decay_before),
+    )
+
+
+def _intra_factored(r, k, a, b, G, w, later, strictly_later):
+    # The same matrices as `_intra`, for chunks whose decays are weak enough to split.
+    rq, ad = r * torch.exp(G), a * torch.exp(G - w)
+    kd, bd = (k * torch.exp(-G)).transpose(-1, -2), (b * torch.exp(-G)).transpose(-1, -2)
+    later, strictly_later = later[..., 0], strictly_later[..., 0]
+    return (
+        (rq @ kd).masked_fill(later, 0.0),
+        (rq @ bd).masked_fill(later, 0.0),
+        (ad @ kd).masked_fill(strictly_later, 0.0),
+        (ad @ bd).masked_fill(strictly_later, 0.0),
     )
 
 
@@ -83,7 +103,9 @@ def rwkv7_chunk_torch(
     for n in range(n_chunks):
         rn, wn, kn, vn, an, bn, Gn = (x[:, :, n] for x in (rf, wf, kf, vf, af, bf, G))
         args = (rn, kn, an, bn, Gn, wn, later, strictly_later)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (rn, kn, an, bn, Gn)):
+        if Gn[:, :, -1].min() > -MAX_FACTORED_DECAY:
+            A_rk, A_rb, A_ak, A_ab = _intra_factored(*args)
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (rn, kn, an, bn, Gn)):
             A_rk, A_rb, A_ak, A_ab = checkpoint(_intra, *args, use_reentrant=False)
         else:
             A_rk, A_rb, A_ak, A_ab = _intra(*args)
