@@ -217,3 +217,27 @@ def test_the_cache_size_is_declared_and_constant():
     kind = get_attention_kind("rwkv7")
     declared = kind.state_bytes(model.config, AttentionConfig(**CONFIG), 0, 9, 2, 4)
     assert cache.recurrent_layer(0).nbytes() == declared == kind.state_bytes(model.config, None, 0, 10_000, 2, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fla_path_matches_the_torch_path_and_decodes_as_it_prefills(monkeypatch):
+    from linearize.kernels.gla.fla_path import fla_version
+
+    if fla_version() is None:
+        pytest.skip("needs fla-core")
+    model = convert(tiny_model("llama"), AttentionConfig(**CONFIG)).cuda().to(torch.bfloat16)
+    _perturb(model)
+    ids = _ids(2, 80).cuda()
+    with torch.no_grad():
+        monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+        want = model(ids, use_cache=False).logits.float()
+        monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+        got = model(ids, use_cache=False).logits.float()
+        # Prefill past fla's 64-token switch (chunk kernel), then decode steps on its fused recurrent kernel.
+        out = model(ids[:, :70], use_cache=True)
+        cache, steps = output_cache(out), [out.logits.float()]
+        for t in range(70, 80):
+            steps.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache}).logits.float())
+    scale = want.pow(2).mean().sqrt()
+    assert (got - want).pow(2).mean().sqrt() < 2e-2 * scale
+    assert (torch.cat(steps, 1) - got).pow(2).mean().sqrt() < 2e-2 * scale
