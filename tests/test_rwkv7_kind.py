@@ -209,6 +209,22 @@ def test_left_padding_gives_the_unpadded_outputs():
     torch.testing.assert_close(got[:, 3:], alone, rtol=1e-4, atol=1e-5)
 
 
+def test_a_hybrid_with_a_softmax_layer_decodes_as_it_prefills():
+    model = convert(tiny_model("qwen3"), AttentionConfig(**CONFIG, softmax_layers=[2]))
+    assert sorted(converted_modules(model)) == [0, 1, 3]
+    _perturb(model)
+    _decode_equals_full(model, _ids(2, 9))
+
+
+def test_bad_options_are_refused_in_one_line():
+    from linearize.errors import LinearizeError
+
+    with pytest.raises(LinearizeError, match="rwkv7 ranks must be >= 0"):
+        load_recipe("radlads", ["attention.options.decay_rank=-1"]).attention.kind_options()
+    with pytest.raises(LinearizeError, match="attention.options.colour"):
+        load_recipe("radlads", ["attention.options.colour=red"])
+
+
 def test_the_cache_size_is_declared_and_constant():
     from linearize.attention import get_attention_kind
 
