@@ -2,8 +2,8 @@
 
 For one head, in fla's state layout (h is `[K, V]`; RWKV-7's papers write its transpose S = h^T):
 
-    h_t = diag(exp(w_t)) h_{t-1} + b_t (a_t^T h_{t-1}) + k_t v_t^T        (S_t = S_{t-1} (diag(exp w_t) + a_t b_t^T) + v_t k_t^T)
-    o_t = h_t^T (scale r_t)                                                  (o_t = S_t r_t)
+    h_t = diag(exp(w_t)) h_{t-1} + b_t (a_t^T h_{t-1}) + k_t v_t^T,   o_t = h_t^T (scale r_t)
+    (that is, S_t = S_{t-1} (diag(exp w_t) + a_t b_t^T) + v_t k_t^T and o_t = S_t r_t)
 
 w_t <= 0 is a per-channel log decay; RWKV-7 takes a = -kk and b = kk * iclr (kk the normalised key, iclr the
 in-context learning rate), so that the transition removes part of what the state stored along kk before writing
