@@ -100,10 +100,12 @@ def rwkv7_chunk_torch(
         else torch.zeros(B, H, K, V, dtype=torch.float32, device=r.device)
     )
     outputs = []
+    # Which chunks may split their decays, read in one go (one device sync on a GPU, not one per chunk).
+    factored = (G[:, :, :, -1].amin(dim=(0, 1, 3)) > -MAX_FACTORED_DECAY).tolist()
     for n in range(n_chunks):
         rn, wn, kn, vn, an, bn, Gn = (x[:, :, n] for x in (rf, wf, kf, vf, af, bf, G))
         args = (rn, kn, an, bn, Gn, wn, later, strictly_later)
-        if Gn[:, :, -1].min() > -MAX_FACTORED_DECAY:
+        if factored[n]:
             A_rk, A_rb, A_ak, A_ab = _intra_factored(*args)
         elif torch.is_grad_enabled() and any(t.requires_grad for t in (rn, kn, an, bn, Gn)):
             A_rk, A_rb, A_ak, A_ab = checkpoint(_intra, *args, use_reentrant=False)
