@@ -187,6 +187,9 @@ def test_gpu_fla_bf16_within_twice_naive_bf16_error(monkeypatch, B, T, H, Hkv, K
         assert not torch.isnan(x).any(), name
         kernel, naive = rel_rmse(x.float(), ref.float()), rel_rmse(y.float(), ref.float())
         assert kernel <= 2 * naive + 1e-3, f"{name}: fla {kernel:.2e} vs naive bf16 {naive:.2e}"
+        # A state carried in bf16 through hundreds of steps drifts far, so the rule above alone is lenient: fla keeps
+        # its state in fp32, and is held to a few percent besides.
+        assert kernel <= 5e-2, f"{name}: fla {kernel:.2e}"
 
 
 @cuda
