@@ -286,6 +286,11 @@ def test_report_renders_json_markdown_and_png(tmp_path, capsys):
     (tmp_path / "report.md").unlink()
     assert main(["report", str(tmp_path)]) == 0
     assert (tmp_path / "report.md").read_text() == md == render_markdown(data)
+    # Another recipe's run: its own objective named, its own recipe suggested.
+    assert "MSE of the per-head attention outputs" in md
+    other = render_markdown({**data, "recipe": "radlads", "transfer_objective": "hidden_state"})
+    assert "MSE of the attention outputs after o_proj" in other
+    assert "--recipe radlads --set 'attention.softmax_layers=[1,3,10]'" in other
 
 
 def test_eval_cli_writes_report(tmp_path, capsys):

@@ -66,6 +66,11 @@ def _pct_ci(x, lo, hi, noise=None) -> str:
     return text + (" (within noise)" if noise else "")
 
 
+# What the per-layer transfer error compares, by the objective of the stage that measured it (reports written
+# before the objective was recorded came from attention_output).
+_COMPARED = {"attention_output": "the per-head attention outputs", "hidden_state": "the attention outputs after o_proj"}
+
+
 def render_markdown(report: dict) -> str:
     lines = [f"# Accuracy recovery: {report['model']}", ""]
     lines.append(
@@ -186,15 +191,19 @@ def render_markdown(report: dict) -> str:
         lines += [
             "## Attention transfer",
             "",
-            f"Per-layer validation MSE of the per-head attention outputs: mean {sum(mse.values()) / len(mse):.3g}; "
+            f"Per-layer validation MSE of {_COMPARED.get(report.get('transfer_objective', 'attention_output'), 'the attention outputs')}: mean "
+            f"{sum(mse.values()) / len(mse):.3g}; "
             "largest in layers " + ", ".join(f"{k} ({v:.3g})" for k, v in worst) + ".",
             "",
         ]
         if len(mse) > 3:
             keep = ",".join(sorted((k for k, _ in worst[:3]), key=int))
+            # lolcats has a recipe made for this (stage-2 distillation); other recipes keep their own stages.
+            recipe = report.get("recipe") or "lolcats"
+            recipe = "lolcats-hybrid" if recipe == "lolcats" else recipe
             lines += [
                 "A hybrid that keeps the three worst as softmax attention: "
-                f"`--recipe lolcats-hybrid --set 'attention.softmax_layers=[{keep}]'` (see docs/RESULTS.md).",
+                f"`--recipe {recipe} --set 'attention.softmax_layers=[{keep}]'` (see docs/RESULTS.md).",
                 "",
             ]
     for name, caption in (

@@ -289,5 +289,7 @@ def attach_training(report: dict, model_folder: Path) -> dict:
     if summary.is_file():
         data = json.loads(summary.read_text())
         report["transfer_layer_mse"] = data.get("transfer_layer_mse") or {}
+        report["transfer_objective"] = data.get("transfer_objective") or "attention_output"
+        report["recipe"] = data.get("recipe")
         report["training"] = data.get("stages", [])
     return report

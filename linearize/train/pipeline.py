@@ -200,6 +200,10 @@ def run_pipeline(
             "dtype": dtype,
             "stages": [r.__dict__ for r in results],
             "transfer_layer_mse": next((r.extra["layer_mse"] for r in results if "layer_mse" in r.extra), {}),
+            # What that per-layer error compares: the objective of the stage that measured it.
+            "transfer_objective": next(
+                (recipe.stage(r.name).objective for r in results if "layer_mse" in r.extra), None
+            ),
             # Stages count the time earlier processes of a resumed run spent in them.
             "seconds": round(sum(r.seconds for r in results) + time.perf_counter() - started - stage_seconds, 1),
         }
