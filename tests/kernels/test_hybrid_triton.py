@@ -245,7 +245,7 @@ def test_feature_program_chunks_match_naive(interpreter, monkeypatch, chunks=3):
 
 
 @interpreted
-def test_state_blocks_match_naive(interpreter, monkeypatch, bv=16, F=24, T=130, D=32, W=64, pad=20):
+def test_state_blocks_match_naive(interpreter, monkeypatch, bv=16, F=24, T=90, D=32, W=64, pad=20):
     # The Dv columns per program of the state passes are a tuning knob: every block gives the same op (here Dv = 40
     # in three programs, the last one partial; the default block of 64 with Dv = 68 runs in test_chunk_matches_naive).
     mod = importlib.import_module("linearize.kernels.hybrid.triton_chunk")
@@ -654,7 +654,12 @@ def test_model_runs_packed_sequences_in_one_triton_row(interpreter, monkeypatch,
     convert(model, AttentionConfig(kind=kind, window=8, feature_dim=8))
     randomise_new_parameters(model)
     lens = [5, 70, 17]
-    packed, separate, _ = packed_forwards(model, lens)
+    # Each sequence on its own on the PyTorch path (the unpacked Triton calls are tested above), then the packed row.
+    monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
+    _, separate, _ = packed_forwards(model, lens)
+    rows.clear(), plans.clear()
+    monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
+    packed, _, _ = packed_forwards(model, lens, separate=False)
     torch.testing.assert_close(packed, separate, rtol=1e-4, atol=1e-4)
     # One Triton call per layer took all three sequences.
     assert rows == [len(lens)] * model.config.num_hidden_layers
