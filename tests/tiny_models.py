@@ -77,11 +77,11 @@ WORDS = (
 ).split()
 
 
-def packed_forwards(model, lens, seed=0, mixed=False):
+def packed_forwards(model, lens, seed=0, mixed=False, separate=True):
     """Logits of sequences of lengths `lens` (random ids) packed into one row with transformers' flash-attention
     kwargs, as DataCollatorWithFlattening makes them (positions restart per sequence), and of each sequence on its
-    own, concatenated: `(packed, separate, mixed)`, where `mixed` (with `mixed`, else None) is the packed row
-    without the offsets."""
+    own, concatenated (with `separate`, else None): `(packed, separate, mixed)`, where `mixed` (with `mixed`, else
+    None) is the packed row without the offsets."""
     gen = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(3, VOCAB, (1, n), generator=gen) for n in lens]
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -89,7 +89,7 @@ def packed_forwards(model, lens, seed=0, mixed=False):
     row = torch.cat(seqs, 1)
     with torch.no_grad():
         packed = model(row, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits
-        separate = torch.cat([model(x, use_cache=False).logits for x in seqs], 1)
+        separate = torch.cat([model(x, use_cache=False).logits for x in seqs], 1) if separate else None
         mixed = model(row, position_ids=positions, use_cache=False).logits if mixed else None
     return packed, separate, mixed
 

@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--packed", type=int, default=0, metavar="N",
                         help="N sequences packed in one row at chunk boundaries (variable-length batches)")  # fmt: skip
     parser.add_argument("--no-stats", action="store_true", help="skip the registers and spills (faster)")
+    parser.add_argument("--kernels", default=None, metavar="NAME,...",
+                        help="compile only the kernels of these names (default: all of them)")  # fmt: skip
     parser.add_argument(
         "--no-tma", action="store_true", help="the pointer loads a device without TMA descriptors runs (below sm_90)"
     )
@@ -327,6 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}")
         return 2
+    if args.kernels:
+        names = set(args.kernels.split(","))
+        unknown = names - {launch.name for launch in launches}
+        if unknown:
+            print(f"error: no launch of {', '.join(sorted(unknown))} with these arguments")
+            return 2
+        launches = [launch for launch in launches if launch.name in names]
     try:
         results = check(launches, args.arch, not args.no_stats, args.loops)
     except RuntimeError as e:
