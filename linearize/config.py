@@ -233,12 +233,13 @@ class ReportConfig:
     Attributes:
         enabled: write it (default true).
         tasks: tasks for `linearize eval` (names, ppl:<path>, passkey, mqar); perplexity on the run's
-            held-out validation sequences is always included.
+            held-out validation sequences (the first 16, those of the stages' validation loss) is always included.
         limit: documents per task (a quick look; run `linearize eval` without a limit for final numbers).
         passkey_lengths: passkey context lengths; empty means 1x and 2x data.seq_len (a quick look: `linearize
             eval --passkey-lengths` for longer ones).
         efficiency_lengths: context lengths of the speed and memory table.
-        controls: include the window-only and linear-only controls where the attention has both branches.
+        controls: include the window-only and linear-only controls where the attention has both branches (off in
+            the quick report; `linearize eval` runs them by default).
         long_context_source: `ppl:` source of the perplexity-against-context-length row ("" to skip); the
             default, the Python standard library's source files, is on every machine.
         context_lengths: its window lengths; empty means 1x, 2x and 4x data.seq_len (up to the teacher's
@@ -253,7 +254,7 @@ class ReportConfig:
     limit: int = 8
     passkey_lengths: list[int] = field(default_factory=lambda: [256, 512])
     efficiency_lengths: list[int] = field(default_factory=lambda: [256])
-    controls: bool = True
+    controls: bool = False
     long_context_source: str = "stdlib"
     context_lengths: list[int] = field(default_factory=list)
     long_context_docs: int = 2

@@ -159,7 +159,9 @@ def _sets(corpus, extra=()):
 
 def test_full_pipeline_exports_a_model_that_reloads_fresh_and_generates(tmp_path, tiny_dir, corpus):
     out = tmp_path / "run"
-    proc = _cli(["--model", str(tiny_dir), "--recipe", "lolcats", "--out", str(out), *_sets(corpus)])
+    # The quick report leaves the controls out by default; this run asks for them.
+    sets = _sets(corpus, ["report.controls=true"])
+    proc = _cli(["--model", str(tiny_dir), "--recipe", "lolcats", "--out", str(out), *sets])
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-3000:]
     assert f"model: {out}" in stdout

@@ -273,8 +273,11 @@ def _write_run_report(source: str, out: Path, recipe: Recipe, data, dtype: str, 
         teacher_name=public_name(source),
     )
     if len(data.validation):
+        from .stages import VAL_SEQUENCES
+
+        held_out = data.validation[:VAL_SEQUENCES]
         rows = {
-            who: perplexity_of_sequences(m, student.tokenizer, data.validation)
+            who: perplexity_of_sequences(m, student.tokenizer, held_out)
             for who, m in (("student", student.model), ("teacher", teacher.model))
         }
         report["perplexity"].insert(
