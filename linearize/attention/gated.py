@@ -124,17 +124,6 @@ class GatedAttention(ConvertedAttention):
         # The Hedgehog maps are per query head: keys are shared out to the query heads first.
         return self.feature_map_q(q), self.feature_map_k(expand_heads(k, self.num_heads))
 
-    def _conv(self, x, state, token_mask, cu_seqlens):
-        if cu_seqlens is None:
-            return self.conv(x, state, token_mask)
-        # Each packed sequence starts its conv from zeros.
-        bounds = cu_seqlens.tolist()
-        parts = [
-            self.conv(x[:, a:b], None, token_mask[:, a:b] if token_mask is not None else None)[0]
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-        ]
-        return torch.cat(parts, 1), None
-
     def _core(self, hidden, position_embeddings, token_mask, state: GatedState | None, cu_seqlens=None):
         B, T, _ = hidden.shape
         H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
@@ -145,7 +134,7 @@ class GatedAttention(ConvertedAttention):
         conv_state = None
         if hasattr(self, "conv"):
             x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)
-            x, conv_state = self._conv(x, state.conv if state is not None else None, token_mask, cu_seqlens)
+            x, conv_state = self.conv.packed(x, state.conv if state is not None else None, token_mask, cu_seqlens)
             q, k, v = (t.unflatten(-1, (-1, D)) for t in x.split([H * D, Hkv * D, Hkv * D], -1))
         qr, kr = (t.transpose(1, 2) for t in self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin))
 

@@ -51,3 +51,15 @@ class ShortConv(nn.Module):
             w[i] * full[:, self.kernel_size - 1 - i : self.kernel_size - 1 - i + T] for i in range(self.kernel_size)
         )
         return out, full[:, full.shape[1] - (self.kernel_size - 1) :]
+
+    def packed(self, x, state, token_mask, cu_seqlens):
+        """`forward`, except that with `cu_seqlens` each packed sequence starts its conv from zeros (and no state
+        is returned)."""
+        if cu_seqlens is None:
+            return self(x, state, token_mask)
+        bounds = cu_seqlens.tolist()
+        parts = [
+            self(x[:, a:b], None, token_mask[:, a:b] if token_mask is not None else None)[0]
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        return torch.cat(parts, 1), None
