@@ -7,11 +7,14 @@ happen inside them, so `import linearize` stays quick.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LinearizeError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = "hellaswag,piqa,arc_easy,arc_challenge,winogrande"
 
@@ -62,6 +65,8 @@ def evaluate(
     dtype: str = "auto",
     device: str | None = None,
     compare: Mapping[str, str] | Iterable[str] = (),
+    sparse_cache: int = 0,
+    sparse_block: int | None = None,
     **options,
 ) -> Evaluation:
     """Score `model` (and its `teacher`) and write the accuracy-recovery report.
@@ -76,6 +81,9 @@ def evaluate(
         device: e.g. "cuda" (default: CPU).
         compare: other models scored on the same tasks, as {"no-transfer": "out/smol-notransfer"} or
             ["no-transfer=out/smol-notransfer"].
+        sparse_cache: K > 0 evaluates `model` and every `compare` model whose kind takes it (lolcats) with a sparse
+            cache of K past pairs per key/value head kept exact beside the window (LoLA; no retraining).
+        sparse_block: tokens between updates of the kept pairs (None: the window).
         **options: further `EvalSettings` fields, e.g. batch_size=8, passkey_lengths=[512], controls=False.
 
     Returns:
@@ -105,10 +113,12 @@ def evaluate(
     student = load_model(model, dtype=dtype, device=device)
     if student.tokenizer is None:
         raise LinearizeError(f"{model} has no tokenizer files: evaluation needs one")
+    sparse = _apply_sparse_cache(student.model, public_name(model), sparse_cache, sparse_block, required=True)
     other = load_model(teacher, dtype=dtype, device=device) if teacher else None
     extra = []
     for name, path in pairs:
         loaded = load_model(path, dtype=dtype, device=device)
+        sparse += _apply_sparse_cache(loaded.model, name, sparse_cache, sparse_block, required=False)
         extra.append((name, loaded.model, loaded.tokenizer or student.tokenizer))
     report = run_evaluation(
         student.model,
@@ -122,9 +132,27 @@ def evaluate(
         compare=extra,
     )
     attach_training(report, Path(model))
+    if sparse:
+        report["sparse_cache"] = {"pairs": sparse_cache, "block": sparse_block, "models": sparse}
     path = write_report(report, folder)
     write_marker(folder, "report")
     return Evaluation(report=report, path=path)
+
+
+def _apply_sparse_cache(model, name: str, cache_size: int, block: int | None, required: bool) -> list[str]:
+    """Switch the sparse cache on in a loaded model; returns [name] where it was, [] where it was not asked for
+    or (`required` False) the model's kind does not take it."""
+    from .attention.sparse_cache import set_sparse_cache, takes_sparse_cache
+
+    if not cache_size:
+        if block is not None:
+            raise LinearizeError("--sparse-block is set without --sparse-cache: give the cache a size, e.g. 64")
+        return []
+    if not required and not takes_sparse_cache(model):
+        logger.info("%s takes no sparse cache: evaluated as it is", name)
+        return []
+    set_sparse_cache(model, cache_size, block, name=name)
+    return [name]
 
 
 def _settings(overrides: Mapping[str, object] | Iterable[str]) -> list[str]:

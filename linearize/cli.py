@@ -191,6 +191,8 @@ def _cmd_eval(args) -> int:
         niah_trials=args.niah_trials,
         cache_lengths=_ints(args.cache_lengths, "--cache-lengths"),
         seed=args.seed,
+        sparse_cache=args.sparse_cache,
+        sparse_block=args.sparse_block,
     )
     print(result.path.read_text())
     print(f"report: {result.path}  (report.json and plots beside it)")
@@ -438,6 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=MODEL",
         help="another model scored on the same tasks and listed with the controls, e.g. "
         "no-transfer=out/smol-notransfer (repeatable)",
+    )
+    p.add_argument(
+        "--sparse-cache",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep the K past key/value pairs per kv head that the linear state recalls worst exact beside the "
+        "window (LoLA, no retraining), in --model and every --compare of a kind that takes it (lolcats)",
+    )
+    p.add_argument(
+        "--sparse-block",
+        type=int,
+        default=None,
+        metavar="C",
+        help="tokens between updates of the kept pairs (None: the window)",
     )
     p.add_argument("--device", default=None, help="e.g. cuda (None: CPU)")
     p.add_argument("--out", help="report folder (None: <model>/report)")

@@ -65,6 +65,9 @@ class AttentionConfig:
         softmax_heads: key/value heads kept as exact softmax, by layer (`{"5": [0, 2]}`); conversion writes its
             choice here, so a reload never scores again.
         probe: the copy probe the budgets are chosen with.
+        sparse_cache: K, past key/value pairs per linear key/value head kept exact beside the window, those the
+            linear state recalls worst (LoLA); 0 (default) for none. Only kinds with a window take it.
+        sparse_block: C, tokens between two updates of the kept pairs (None: the window).
     """
 
     kind: str = "lolcats"
@@ -79,6 +82,8 @@ class AttentionConfig:
     softmax_head_budget: float = 0.0
     softmax_heads: dict = field(default_factory=dict)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    sparse_cache: int = 0
+    sparse_block: int | None = None
 
     def __post_init__(self):
         from .attention import ATTENTION_KINDS
@@ -95,6 +100,7 @@ class AttentionConfig:
         if any(i < 0 for i in self.softmax_layers):
             raise LinearizeError(f"attention.softmax_layers must be layer indices >= 0, got {self.softmax_layers}")
         self._check_softmax_choice()
+        check_sparse_cache(self.kind, self.window, self.sparse_cache, self.sparse_block)
 
     def _check_softmax_choice(self) -> None:
         """Budgets are chosen by score, lists are given: one of the two per granularity, and only fractions."""
@@ -143,6 +149,26 @@ class AttentionConfig:
         from .attention import ATTENTION_KINDS
 
         return self.window if ATTENTION_KINDS[self.kind].uses_window else 0
+
+
+def check_sparse_cache(kind: str, window: int, cache: int, block: int | None, prefix: str = "attention.") -> None:
+    """One-line errors for a sparse cache the kind cannot take or sizes that are not counts."""
+    from .attention import ATTENTION_KINDS
+
+    if type(cache) is not int or cache < 0:
+        raise LinearizeError(f"{prefix}sparse_cache must be an integer >= 0 (pairs kept per kv head), got {cache!r}")
+    if block is not None and (type(block) is not int or block < 1):
+        raise LinearizeError(f"{prefix}sparse_block must be an integer >= 1 or null (the window), got {block!r}")
+    if not cache:
+        return
+    supported = sorted(name for name, k in ATTENTION_KINDS.items() if k.sparse_cache)
+    if not ATTENTION_KINDS[kind].sparse_cache:
+        raise LinearizeError(
+            f"{prefix}sparse_cache needs a kind with a window: '{kind}' has none; kinds that take it: "
+            f"{', '.join(supported)}"
+        )
+    if window < 1:
+        raise LinearizeError(f"{prefix}sparse_cache needs attention.window >= 1, got {window}")
 
 
 @dataclass

@@ -27,20 +27,28 @@ def build_hedgehog(original, cfg, layer_idx: int, window: int = 0) -> HybridLine
         init_window_factor=cfg.init_window_factor,
         chunk_size=cfg.chunk_size,
         softmax_kv_heads=cfg.softmax_heads.get(str(layer_idx), ()),
+        sparse_cache=cfg.sparse_cache,
+        sparse_block=cfg.sparse_block,
     )
 
 
 def hybrid_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dtype_bytes: int, window: int) -> int:
     """Bytes of a Hedgehog-family layer's cache after `tokens` tokens: per linear query head the fp32 state
     `[2F, Dv]` and normaliser `[2F]`, the last W-1 raw keys/values of the linear key/value heads and their mask;
-    plus the kept softmax heads' keys, values and mask, which grow with `tokens`."""
+    plus the kept softmax heads' keys, values and mask, which grow with `tokens`. A sparse cache of K pairs adds,
+    per linear key/value head, K keys and values and their int64 positions, and keeps C - 1 more raw tokens (those
+    that left the window since the last update of the kept pairs, `SparseState`)."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     split = HeadSplit(config.num_attention_heads, config.num_key_value_heads, cfg.softmax_heads.get(str(layer_idx), ()))
     features, slots = 2 * cfg.feature_dim, max(window - 1, 0)
+    sparse = getattr(cfg, "sparse_cache", 0) if window > 0 else 0
+    if sparse:
+        slots = (cfg.sparse_block or window) + window - 2
     linear = 0
     if split.num_linear_heads:
         heads, kv_heads = split.num_linear_heads, len(split.linear_kv)
-        linear = batch * (4 * heads * features * (head_dim + 1) + slots * (2 * kv_heads * head_dim * dtype_bytes + 1))
+        pair = 2 * kv_heads * head_dim * dtype_bytes
+        linear = batch * (4 * heads * features * (head_dim + 1) + slots * (pair + 1) + sparse * (pair + 8 * kv_heads))
     return linear + softmax_heads_bytes(len(split.softmax_kv), head_dim, tokens, batch, dtype_bytes)
 
 

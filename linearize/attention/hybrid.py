@@ -3,7 +3,9 @@
 `hedgehog` (hedgehog.py) is this module with window 0; `lolcats` (lolcats.py) is it with a window (64 by default)
 and a learned per-head window weight. The module keeps the teacher's projections under their original names and
 adds only the feature maps and the window factors. Its decoding state is a `HybridState` (linear state plus the
-last W-1 raw keys/values) kept in a `RecurrentLayer` of the cache. Key/value heads listed in `softmax_kv_heads`
+last W-1 raw keys/values) kept in a `RecurrentLayer` of the cache; with a sparse cache (`sparse_cache` K > 0, LoLA:
+the K past pairs per key/value head that the linear state recalls worst stay exact beside the window) it is a
+`SparseState` and the op is `sparse_hybrid_attention`. Key/value heads listed in `softmax_kv_heads`
 keep exact softmax over every token (heads.py); the feature maps and window factors cover the other heads only.
 """
 
@@ -20,6 +22,7 @@ from ..kernels.hybrid import (
     hybrid_attention_varlen,
     hybrid_attention_weights,
 )
+from ..kernels.hybrid.sparse import sparse_hybrid_attention
 from .feature_maps import HedgehogFeatureMap
 from .heads import HeadSplit, split_attention, split_weights
 from .projection import project_qkv, rope_function
@@ -38,6 +41,9 @@ class HybridLinearAttention(ConvertedAttention):
         init_window_factor: initial logit of the per-head window weight.
         chunk_size: tokens per chunk on the PyTorch path.
         softmax_kv_heads: key/value heads kept as exact softmax over every past token, with their query heads.
+        sparse_cache: past pairs per linear key/value head kept exact beside the window (0: none); the evaluation
+            may change it on a loaded model (it adds no parameters).
+        sparse_block: tokens between updates of the kept pairs (None: the window).
     """
 
     def __init__(
@@ -50,6 +56,8 @@ class HybridLinearAttention(ConvertedAttention):
         init_window_factor: float = -2.1972,
         chunk_size: int = 128,
         softmax_kv_heads: tuple[int, ...] = (),
+        sparse_cache: int = 0,
+        sparse_block: int | None = None,
     ):
         super().__init__(original, layer_idx)
         self.config = config
@@ -63,6 +71,8 @@ class HybridLinearAttention(ConvertedAttention):
         self.feature_dim = feature_dim
         self.init_window_factor = init_window_factor
         self.chunk_size = chunk_size
+        self.sparse_cache = sparse_cache
+        self.sparse_block = sparse_block
         # Evaluation controls switch the linear branch off (window-only); training never does.
         self.use_linear = True
         self.split = HeadSplit(self.num_heads, self.num_kv_heads, softmax_kv_heads)
@@ -114,7 +124,12 @@ class HybridLinearAttention(ConvertedAttention):
 
     def linear_heads(self, q, k, v, token_mask, initial_state, output_final_state: bool, cu_seqlens):
         """The hybrid op on the linear heads' q `[B, T, H', D]`, k and v `[B, T, H'kv, D]`: `(out, state)`."""
-        if self.use_linear:
+        sizes = dict(chunk_size=self.chunk_size)
+        if self.use_linear and self.sparse_cache and self.window > 0:
+            # The controls switch a branch off and run the plain op: the kept pairs belong to neither branch alone.
+            op = partial(sparse_hybrid_attention, cu_seqlens=cu_seqlens)
+            sizes = dict(cache_size=self.sparse_cache, block=self.sparse_block)
+        elif self.use_linear:
             # The dispatcher takes packed sequences itself, so that the Triton kernels get them in one row.
             op = partial(hybrid_attention, cu_seqlens=cu_seqlens)
         else:
@@ -134,7 +149,7 @@ class HybridLinearAttention(ConvertedAttention):
             token_mask=token_mask,
             initial_state=initial_state,
             output_final_state=output_final_state,
-            chunk_size=self.chunk_size,
+            **sizes,
         )
         return out, state
 
@@ -154,7 +169,8 @@ class HybridLinearAttention(ConvertedAttention):
 
     def extra_repr(self) -> str:
         heads = f", softmax_kv_heads={self.split.softmax_kv}" if self.split else ""
-        return f"layer_idx={self.layer_idx}, window={self.window}, feature_dim={self.feature_dim}{heads}"
+        sparse = f", sparse_cache={self.sparse_cache}, sparse_block={self.sparse_block}" if self.sparse_cache else ""
+        return f"layer_idx={self.layer_idx}, window={self.window}, feature_dim={self.feature_dim}{heads}{sparse}"
 
 
 def _window_only(module: HybridLinearAttention):

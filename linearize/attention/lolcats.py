@@ -17,6 +17,7 @@ register_attention_kind(
         cache_layer=RecurrentLayer,
         ops=HYBRID_OPS,
         controls=WINDOW_CONTROLS,
+        sparse_cache=True,
         state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: hybrid_state_bytes(
             config, cfg, idx, tokens, batch, nbytes, window=cfg.window
         ),

@@ -114,6 +114,7 @@ class AttentionKind:
         options: dataclass of kind-specific settings read from `attention.options`; None when there are none.
         state_bytes: `(model_config, attention_config, layer_idx, tokens, batch, dtype_bytes) -> int`, the bytes
             its cache layer holds after `tokens` tokens (what `cache_bytes_at` reports); None when not declared.
+        sparse_cache: whether the kind takes `attention.sparse_cache` (exact past pairs beside its window).
     """
 
     name: str
@@ -125,6 +126,7 @@ class AttentionKind:
     controls: dict[str, Control] = field(default_factory=dict)
     options: type | None = None
     state_bytes: Callable[..., int] | None = None
+    sparse_cache: bool = False
 
 
 ATTENTION_KINDS: dict[str, AttentionKind] = {}

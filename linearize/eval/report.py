@@ -79,6 +79,14 @@ def render_markdown(report: dict) -> str:
         + "".join(f", {k}: {v}" for k, v in (report.get("task_limits") or {}).items())
         + " (MMLU: per subject)."
     )
+    sparse = report.get("sparse_cache")
+    if sparse:
+        lines.append("")
+        lines.append(
+            f"Sparse cache (LoLA, not trained with): {sparse['pairs']} past key/value pairs per kv head kept exact "
+            f"beside the window, updated every {sparse.get('block') or 'window'} tokens, in "
+            f"{', '.join(sparse.get('models') or [])}."
+        )
     lines.append("")
     if report.get("tasks"):
         lines += [

@@ -1,0 +1,60 @@
+"""Switch the sparse cache (LoLA) on or off in a loaded model, without retraining.
+
+The cache adds no parameters: the kept pairs are chosen by the linear state's recall error at run time, so an
+evaluation can try it on any trained student of a kind that takes it (`AttentionKind.sparse_cache`). The modules
+get the new sizes and the model's conversion settings record them, so that a save writes them into config.json and
+a reload builds the same op.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ..errors import LinearizeError
+from .registry import ATTENTION_KINDS, converted_modules, kind_of
+
+logger = logging.getLogger(__name__)
+
+
+def supported_kinds() -> list[str]:
+    """Names of the registered kinds that take a sparse cache."""
+    return sorted(name for name, kind in ATTENTION_KINDS.items() if kind.sparse_cache)
+
+
+def takes_sparse_cache(model: nn.Module) -> bool:
+    """Whether any converted layer of `model` is of a kind that takes a sparse cache and has a window."""
+    return any(kind_of(m).sparse_cache and m.window > 0 for m in converted_modules(model).values())
+
+
+def set_sparse_cache(model: nn.Module, cache_size: int, block: int | None = None, name: str = "the model") -> int:
+    """Give every converted layer that takes it a sparse cache of `cache_size` pairs per key/value head, updated
+    every `block` tokens (None: the window); `cache_size` 0 switches it off. Returns the layers changed.
+
+    Raises `LinearizeError` for sizes that are not counts and for a model with no layer that takes the cache.
+    """
+    from ..config import check_sparse_cache
+
+    if type(cache_size) is not int or cache_size < 0:
+        raise LinearizeError(f"--sparse-cache must be an integer >= 0 (pairs kept per kv head), got {cache_size!r}")
+    if block is not None and (type(block) is not int or block < 1):
+        raise LinearizeError(f"--sparse-block must be an integer >= 1, got {block!r}")
+    if cache_size and not takes_sparse_cache(model):
+        kinds = sorted({kind_of(m).name for m in converted_modules(model).values()}) or ["none converted"]
+        raise LinearizeError(
+            f"{name} has attention {', '.join(kinds)}, which takes no sparse cache; kinds that take it (with a "
+            f"window >= 1): {', '.join(supported_kinds())}"
+        )
+    changed = 0
+    for module in converted_modules(model).values():
+        if kind_of(module).sparse_cache and module.window > 0:
+            module.sparse_cache, module.sparse_block = cache_size, block
+            changed += 1
+    settings = getattr(model.config, "linearize", None)
+    if settings and "attention" in settings:
+        attention = settings["attention"]
+        check_sparse_cache(attention["kind"], attention.get("window", 0), cache_size, block)
+        attention["sparse_cache"], attention["sparse_block"] = cache_size, block
+    logger.info("%s: sparse cache of %d pairs per kv head in %d layers", name, cache_size, changed)
+    return changed
