@@ -1,0 +1,161 @@
+"""The sparse-cache hybrid op (LoLA): the blockwise PyTorch path against the token-by-token reference on outputs,
+final states and every gradient; decoding in pieces against one call; packed sequences; the tie rule of the
+selection; the state's cache protocol."""
+
+import pytest
+import torch
+
+from linearize.kernels.hybrid import hybrid_attention_chunked
+from linearize.kernels.hybrid.sparse import SparseState, sparse_hybrid_attention
+from linearize.kernels.hybrid.sparse_naive import sparse_hybrid_attention_naive
+
+SCALE = 0.35
+STATE_NAMES = ("kv", "ksum", "tail_k", "tail_v", "tail_mask", "cache_k", "cache_v", "cache_pos")
+
+
+def make_inputs(B, T, H, Hkv, D, F, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).requires_grad_()
+
+    return (rand(B, T, H, D), rand(B, T, Hkv, D), rand(B, T, Hkv, D), rand(H, D, F, scale=0.5),
+            rand(H, D, F, scale=0.5), rand(H))  # fmt: skip
+
+
+def assert_states_equal(got: SparseState, want: SparseState):
+    assert got.seen == want.seen
+    for name, a, b in zip(STATE_NAMES, got.tensors(), want.tensors(), strict=True):
+        assert a.shape == b.shape, name
+        if a.dtype in (torch.bool, torch.long):
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4, msg=name)
+
+
+CASES = [
+    # B, T, H, Hkv, D, F, W, C, K, padding
+    pytest.param(2, 23, 4, 2, 8, 4, 4, 3, 2, True, id="B2-T23-GQA2-W4-C3-K2-pad"),
+    pytest.param(1, 17, 2, 2, 6, 3, 3, 5, 3, False, id="B1-T17-W3-C5-K3"),
+    pytest.param(2, 11, 4, 2, 8, 4, 2, 2, 40, True, id="B2-T11-K-beyond-candidates-pad"),
+    pytest.param(1, 10, 4, 1, 4, 2, 1, 1, 2, False, id="B1-T10-GQA4-W1-C1"),
+    pytest.param(1, 19, 2, 1, 8, 4, 5, None, 3, False, id="B1-T19-C-default-window"),
+]
+
+
+def _mask(B, T, padding):
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if padding:
+        mask[-1, :3] = False
+        mask[-1, T // 2] = False
+    return mask
+
+
+@pytest.mark.parametrize("B, T, H, Hkv, D, F, W, C, K, padding", CASES)
+def test_prefill_equals_the_reference_on_outputs_states_and_gradients(B, T, H, Hkv, D, F, W, C, K, padding):
+    inputs = make_inputs(B, T, H, Hkv, D, F)
+    mask = _mask(B, T, padding)
+    kw = dict(window=W, scale=SCALE, token_mask=mask, cache_size=K, block=C)
+    out, state = sparse_hybrid_attention(*inputs, output_final_state=True, **kw)
+    ref, ref_state = sparse_hybrid_attention_naive(*inputs, **kw)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    assert_states_equal(state, ref_state)
+    # Something is kept (the test would not see the cache otherwise), and never a padding token.
+    kept = state.cache_pos[state.cache_pos >= 0]
+    assert kept.numel() > 0
+    for b, kvh, slot in (state.cache_pos >= 0).nonzero().tolist():
+        assert mask[b, state.cache_pos[b, kvh, slot]]
+
+    def loss(o, s):
+        return (o * torch.linspace(-1, 1, o.shape[-1])).sum() + s.kv.sum() + s.ksum.sum() + s.cache_v.pow(2).sum()
+
+    grads = torch.autograd.grad(loss(out, state), inputs)
+    want = torch.autograd.grad(loss(ref, ref_state), inputs)
+    for name, g, w in zip(("q", "k", "v", "wq", "wk", "window_factor"), grads, want, strict=True):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("cuts", [[7], [1, 2, 3, 9], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18]])
+def test_prefill_then_steps_equals_one_call(cuts):
+    B, T, H, Hkv, D, F = 2, 19, 4, 2, 8, 4
+    inputs = make_inputs(B, T, H, Hkv, D, F, seed=1)
+    q, k, v, *weights = inputs
+    mask = _mask(B, T, True)
+    kw = dict(window=3, scale=SCALE, cache_size=2, block=4, output_final_state=True)
+    with torch.no_grad():
+        full, full_state = sparse_hybrid_attention(q, k, v, *weights, token_mask=mask, **kw)
+        outs, state = [], None
+        for a, b in zip([0, *cuts], [*cuts, T], strict=True):
+            part = slice(a, b)
+            out, state = sparse_hybrid_attention(q[:, part], k[:, part], v[:, part], *weights,
+                                                 token_mask=mask[:, part], initial_state=state, **kw)  # fmt: skip
+            outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-6, rtol=1e-5)
+    assert_states_equal(state, full_state)
+
+
+def test_no_cache_is_the_plain_op():
+    inputs = make_inputs(2, 21, 4, 2, 8, 4, seed=2)
+    mask = _mask(2, 21, True)
+    out, _ = sparse_hybrid_attention(*inputs, window=4, scale=SCALE, token_mask=mask, cache_size=0, block=3)
+    plain, _ = hybrid_attention_chunked(*inputs, window=4, scale=SCALE, token_mask=mask)
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_sequences_run_each_on_its_own():
+    q, k, v, *weights = make_inputs(1, 20, 4, 2, 8, 4, seed=3)
+    kw = dict(window=3, scale=SCALE, cache_size=2, block=3, output_final_state=True)
+    with torch.no_grad():
+        out, state = sparse_hybrid_attention(q, k, v, *weights, cu_seqlens=torch.tensor([0, 8, 20]), **kw)
+        for a, b, n in ((0, 8, 0), (8, 20, 1)):
+            alone, alone_state = sparse_hybrid_attention(q[:, a:b], k[:, a:b], v[:, a:b], *weights, **kw)
+            torch.testing.assert_close(out[:, a:b], alone)
+            torch.testing.assert_close(state.cache_pos[n], alone_state.cache_pos[0])
+
+
+def test_selection_keeps_the_later_position_on_ties_and_is_deterministic():
+    # Every token has the same key and value: every candidate has the same recall error.
+    B, T, H, Hkv, D, F = 1, 16, 2, 1, 4, 2
+    q, _, _, wq, wk, wf = make_inputs(B, T, H, Hkv, D, F, seed=4)
+    k = torch.ones(B, T, Hkv, D)
+    v = torch.ones(B, T, Hkv, D)
+    kw = dict(window=2, scale=SCALE, cache_size=3, block=4, output_final_state=True)
+    with torch.no_grad():
+        _, state = sparse_hybrid_attention(q, k, v, wq, wk, wf, **kw)
+        _, again = sparse_hybrid_attention(q, k, v, wq, wk, wf, **kw)
+        _, ref = sparse_hybrid_attention_naive(q, k, v, wq, wk, wf, window=2, scale=SCALE, cache_size=3, block=4)
+    # The last boundary is after token 15; tokens up to 15 - 2 + 1 = 14 have left the window: keep 12, 13, 14.
+    assert state.cache_pos.tolist() == [[[12, 13, 14]]]
+    assert torch.equal(again.cache_pos, state.cache_pos) and torch.equal(ref.cache_pos, state.cache_pos)
+
+
+def test_the_worst_recalled_token_is_kept():
+    # One token's value is far from all the others': the linear state recalls it worst.
+    B, T, H, Hkv, D, F = 1, 12, 2, 1, 4, 2
+    q, k, v, wq, wk, wf = (t.detach() for t in make_inputs(B, T, H, Hkv, D, F, seed=5))
+    v = 0.01 * v
+    v[0, 3] = 50.0
+    _, state = sparse_hybrid_attention(q, k, v, wq, wk, wf, window=2, scale=SCALE, cache_size=1, block=4,
+                                       output_final_state=True)  # fmt: skip
+    assert state.cache_pos.tolist() == [[[3]]]
+
+
+def test_state_follows_the_cache_protocol():
+    q, k, v, *weights = (t.detach() for t in make_inputs(3, 9, 4, 2, 8, 4, seed=6))
+    _, state = sparse_hybrid_attention(q, k, v, *weights, window=2, scale=SCALE, cache_size=2, block=2,
+                                       output_final_state=True)  # fmt: skip
+    picked = state.index_select(torch.tensor([2, 0]))
+    assert picked.seen == state.seen == 9
+    assert torch.equal(picked.cache_pos[0], state.cache_pos[2]) and torch.equal(picked.kv[1], state.kv[0])
+    repeated = state.repeat_interleave(2)
+    assert repeated.cache_k.shape[0] == 6 and torch.equal(repeated.tail_k[3], state.tail_k[1])
+    moved = state.to(torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(moved.tensors(), state.tensors(), strict=True))
+    # A beam's continuation from a selected state equals the continuation of that row alone.
+    step = [t[:, -1:] for t in (q, k, v)]
+    with torch.no_grad():
+        out, _ = sparse_hybrid_attention(*[t[[2, 0]] for t in step], *weights, window=2, scale=SCALE, cache_size=2,
+                                         block=2, initial_state=picked)  # fmt: skip
+        alone, _ = sparse_hybrid_attention(*[t[[2]] for t in step], *weights, window=2, scale=SCALE, cache_size=2,
+                                           block=2, initial_state=state.index_select(torch.tensor([2])))  # fmt: skip
+    torch.testing.assert_close(out[:1], alone)
