@@ -128,6 +128,11 @@ def _attention_section(settings: dict) -> list[str]:
         ["converted layers", f"{len(layers) - len(kept)} of {len(layers)}"],
         ["layers kept softmax", ", ".join(map(str, kept)) or "none"],
     ]
+    if attention.get("sparse_cache"):
+        block = attention.get("sparse_block") or window
+        rows.append(
+            ["sparse cache", f"{attention['sparse_cache']} past pairs per kv head (LoLA), updated every {block} tokens"]
+        )
     return ["## Attention", "", *_table(["setting", "value"], rows), ""]
 
 

@@ -120,3 +120,10 @@ def test_eval_applies_the_cache_and_names_it(tmp_path, capsys):
     bad = ["eval", "--model", str(tmp_path / "hedgehog"), *common, "--out", str(tmp_path / "r2"), "--sparse-cache", "2"]
     assert main(bad) == 2
     assert "takes no sparse cache; kinds that take it (with a window >= 1): lolcats" in capsys.readouterr().err
+
+
+def test_model_card_names_the_cache():
+    from linearize.card import _attention_section
+
+    lines = _attention_section({"attention": {"kind": "lolcats", "window": 4, "sparse_cache": 2}, "layers": {}})
+    assert "| sparse cache | 2 past pairs per kv head (LoLA), updated every 4 tokens |" in lines
