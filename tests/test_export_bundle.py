@@ -24,6 +24,9 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Every kind that replaces attention travels in the copy; the folder of the first is also saved again and loaded as a
 # Hub repo.
 KINDS = ["lolcats", *sorted(k for k, v in linearize.ATTENTION_KINDS.items() if v.build is not None and k != "lolcats")]
+# Settings beyond the kind's own, travelling in config.json: `<kind>+<variant>` entries of KINDS.
+VARIANTS = {"lolcats+sparse": dict(sparse_cache=2, sparse_block=2)}
+KINDS += list(VARIANTS)
 
 # Runs in a fresh interpreter where `linearize` (and, for the Hub-style load, `triton`) cannot be imported.
 CHILD = r"""
@@ -79,7 +82,7 @@ def exported(tmp_path_factory):
     out = {}
     for kind in KINDS:
         model = tiny_model("llama")
-        convert(model, AttentionConfig(kind=kind, window=3, feature_dim=8))
+        convert(model, AttentionConfig(kind=kind.split("+")[0], window=3, feature_dim=8, **VARIANTS.get(kind, {})))
         randomise_new_parameters(model)
         folder = tmp_path_factory.mktemp("export") / f"tiny-{kind}"
         model.save_pretrained(folder)
