@@ -100,6 +100,8 @@ class AttentionConfig:
         if any(i < 0 for i in self.softmax_layers):
             raise LinearizeError(f"attention.softmax_layers must be layer indices >= 0, got {self.softmax_layers}")
         self._check_softmax_choice()
+        from .attention.sparse_cache import check_sparse_cache
+
         check_sparse_cache(self.kind, self.window, self.sparse_cache, self.sparse_block)
 
     def _check_softmax_choice(self) -> None:
@@ -149,26 +151,6 @@ class AttentionConfig:
         from .attention import ATTENTION_KINDS
 
         return self.window if ATTENTION_KINDS[self.kind].uses_window else 0
-
-
-def check_sparse_cache(kind: str, window: int, cache: int, block: int | None, prefix: str = "attention.") -> None:
-    """One-line errors for a sparse cache the kind cannot take or sizes that are not counts."""
-    from .attention import ATTENTION_KINDS
-
-    if type(cache) is not int or cache < 0:
-        raise LinearizeError(f"{prefix}sparse_cache must be an integer >= 0 (pairs kept per kv head), got {cache!r}")
-    if block is not None and (type(block) is not int or block < 1):
-        raise LinearizeError(f"{prefix}sparse_block must be an integer >= 1 or null (the window), got {block!r}")
-    if not cache:
-        return
-    supported = sorted(name for name, k in ATTENTION_KINDS.items() if k.sparse_cache)
-    if not ATTENTION_KINDS[kind].sparse_cache:
-        raise LinearizeError(
-            f"{prefix}sparse_cache needs a kind with a window: '{kind}' has none; kinds that take it: "
-            f"{', '.join(supported)}"
-        )
-    if window < 1:
-        raise LinearizeError(f"{prefix}sparse_cache needs attention.window >= 1, got {window}")
 
 
 @dataclass

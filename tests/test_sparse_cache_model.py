@@ -102,6 +102,8 @@ def test_export_reloads_with_the_cache_and_switching_it_off_restores_the_plain_o
         set_sparse_cache(plain, 0)
         assert torch.equal(plain(ids).logits, before)
     assert plain.config.linearize["attention"]["sparse_cache"] == 0
+    with pytest.raises(LinearizeError, match="--sparse-cache must be an integer >= 0"):
+        set_sparse_cache(plain, -2)
 
 
 def test_eval_applies_the_cache_and_names_it(tmp_path, capsys):
@@ -120,6 +122,8 @@ def test_eval_applies_the_cache_and_names_it(tmp_path, capsys):
     bad = ["eval", "--model", str(tmp_path / "hedgehog"), *common, "--out", str(tmp_path / "r2"), "--sparse-cache", "2"]
     assert main(bad) == 2
     assert "takes no sparse cache; kinds that take it (with a window >= 1): lolcats" in capsys.readouterr().err
+    assert main([*args[:-2], "--sparse-block", "3"]) == 2
+    assert "--sparse-block is set without --sparse-cache" in capsys.readouterr().err
 
 
 def test_model_card_names_the_cache():

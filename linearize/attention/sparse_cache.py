@@ -28,18 +28,35 @@ def takes_sparse_cache(model: nn.Module) -> bool:
     return any(kind_of(m).sparse_cache and m.window > 0 for m in converted_modules(model).values())
 
 
+def check_sizes(cache, block, names: tuple[str, str] = ("attention.sparse_cache", "attention.sparse_block")) -> None:
+    """One-line errors (`LinearizeError`) for sizes that are not counts; `names` are what they call the settings."""
+    if type(cache) is not int or cache < 0:
+        raise LinearizeError(f"{names[0]} must be an integer >= 0 (pairs kept per kv head), got {cache!r}")
+    if block is not None and (type(block) is not int or block < 1):
+        raise LinearizeError(f"{names[1]} must be an integer >= 1 or unset (the window), got {block!r}")
+
+
+def check_sparse_cache(kind: str, window: int, cache, block) -> None:
+    """The attention settings' check: counts, and a cache only for a kind that takes it, with a window."""
+    check_sizes(cache, block)
+    if not cache:
+        return
+    if not ATTENTION_KINDS[kind].sparse_cache:
+        raise LinearizeError(
+            f"attention.sparse_cache needs a kind with a window: '{kind}' has none; kinds that take it: "
+            f"{', '.join(supported_kinds())}"
+        )
+    if window < 1:
+        raise LinearizeError(f"attention.sparse_cache needs attention.window >= 1, got {window}")
+
+
 def set_sparse_cache(model: nn.Module, cache_size: int, block: int | None = None, name: str = "the model") -> int:
     """Give every converted layer that takes it a sparse cache of `cache_size` pairs per key/value head, updated
     every `block` tokens (None: the window); `cache_size` 0 switches it off. Returns the layers changed.
 
     Raises `LinearizeError` for sizes that are not counts and for a model with no layer that takes the cache.
     """
-    from ..config import check_sparse_cache
-
-    if type(cache_size) is not int or cache_size < 0:
-        raise LinearizeError(f"--sparse-cache must be an integer >= 0 (pairs kept per kv head), got {cache_size!r}")
-    if block is not None and (type(block) is not int or block < 1):
-        raise LinearizeError(f"--sparse-block must be an integer >= 1, got {block!r}")
+    check_sizes(cache_size, block, ("--sparse-cache", "--sparse-block"))
     if cache_size and not takes_sparse_cache(model):
         kinds = sorted({kind_of(m).name for m in converted_modules(model).values()}) or ["none converted"]
         raise LinearizeError(
@@ -54,7 +71,6 @@ def set_sparse_cache(model: nn.Module, cache_size: int, block: int | None = None
     settings = getattr(model.config, "linearize", None)
     if settings and "attention" in settings:
         attention = settings["attention"]
-        check_sparse_cache(attention["kind"], attention.get("window", 0), cache_size, block)
         attention["sparse_cache"], attention["sparse_block"] = cache_size, block
     logger.info("%s: sparse cache of %d pairs per kv head in %d layers", name, cache_size, changed)
     return changed
