@@ -111,12 +111,24 @@ def test_eval_applies_the_cache_and_names_it(tmp_path, capsys):
     save_converted(_converted(), tok, tmp_path / "student")
     save_converted(_converted(kind="hedgehog"), tok, tmp_path / "hedgehog")
     (tmp_path / "t.txt").write_text("the city of paris is the capital of france " * 10)
-    common = ["--tasks", f"ppl:{tmp_path / 't.txt'}", "--no-controls", "--cache-lengths", "64"]
+    common = [
+        "--tasks",
+        f"ppl:{tmp_path / 't.txt'}",
+        "--no-controls",
+        "--cache-lengths",
+        "64",
+        "--context-lengths",
+        "32",
+    ]
     out = tmp_path / "rep"
     args = ["eval", "--model", str(tmp_path / "student"), *common, "--out", str(out), "--sparse-cache", "2"]
     assert main([*args, "--sparse-block", "3", "--compare", f"hh={tmp_path / 'hedgehog'}"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["sparse_cache"] == {"pairs": 2, "block": 3, "models": ["student"]}
+    # The cache table measures the real cache: the kept pairs and the longer tail are in it.
+    cache = {row["model"]: row["at"]["64"]["total"] for row in report["long_context"]["cache"]}
+    assert cache["student"] == cache_bytes_at(_converted(sparse_cache=2, sparse_block=3).config, 64, 1, 4)["total"]
+    assert cache["student"] > cache_bytes_at(_converted().config, 64, 1, 4)["total"]
     assert "Sparse cache (LoLA, not trained with): 2 past key/value pairs" in (out / "report.md").read_text()
     capsys.readouterr()
     bad = ["eval", "--model", str(tmp_path / "hedgehog"), *common, "--out", str(tmp_path / "r2"), "--sparse-cache", "2"]

@@ -28,8 +28,8 @@ LONG_TASKS = (*QA_TASKS, "niah", *NIAH_PROBES)
 
 # What each control switches off, by branch of the converted attention (window, linear, kept softmax, sparse cache).
 BRANCHES = {
-    "window-only": "removes the linear branch (keeps the sliding window and any softmax layers)",
-    "linear-only": "removes the sliding window (keeps the linear branch and any softmax layers)",
+    "window-only": "removes the linear branch and any sparse cache (keeps the sliding window and any softmax layers)",
+    "linear-only": "removes the sliding window and any sparse cache (keeps the linear branch and any softmax layers)",
 }
 
 
