@@ -4,7 +4,8 @@
 Triton kernels (`triton_chunk.py` for training and prefill, `triton_recurrent.py` for one-token decoding steps) on
 CUDA tensors and the chunked PyTorch path elsewhere. The environment variable `LINEARIZE_KERNELS` overrides the
 choice: `torch`, `triton` (also on CPU, under `TRITON_INTERPRET=1`) or `auto` (the default). Triton is imported only
-when a Triton path is taken, so that `TRITON_INTERPRET` can still be set before that.
+when a Triton path is taken, so that `TRITON_INTERPRET` can still be set before that. With a sparse cache beside the
+window (LoLA), the modules call `sparse_hybrid_attention` instead (`sparse.py`, PyTorch on every device).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 from ...errors import LinearizeError
 from . import varlen
 from .naive import hedgehog_feature_map, hybrid_attention_naive, hybrid_attention_weights
+from .sparse import SparseState, sparse_hybrid_attention
+from .sparse_naive import sparse_hybrid_attention_naive
 from .torch_chunked import HybridState, hybrid_attention_chunked
 from .varlen import hybrid_attention_varlen
 
@@ -223,6 +226,7 @@ def hybrid_attention(
 
 __all__ = [
     "HybridState",
+    "SparseState",
     "check_settings",
     "hedgehog_feature_map",
     "hybrid_attention",
@@ -234,5 +238,7 @@ __all__ = [
     "keeping_states",
     "kernel_name",
     "save_states",
+    "sparse_hybrid_attention",
+    "sparse_hybrid_attention_naive",
     "triton_version",
 ]

@@ -148,7 +148,7 @@ def sparse_hybrid_attention(
         token_mask: `[B, T]` bool, False for padding tokens, which take part in nothing and are never kept.
         initial_state: state after the previous tokens; None starts from empty.
         output_final_state: return the state after these tokens.
-        cache_size: K >= 1, positions kept exact per key/value head.
+        cache_size: K, positions kept exact per key/value head (0: none, the plain op up to rounding).
         block: C >= 1, tokens between updates of the kept set (None: the window).
         cu_seqlens: `[N + 1]` offsets of N sequences packed along T (B = 1), each run on its own.
 
