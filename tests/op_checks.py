@@ -1,0 +1,88 @@
+"""Checks the gated ops' tests share (`tests/kernels/test_gla.py`, `test_delta.py`, `test_rwkv7.py`): relative RMSE,
+results with every gradient, flash-attention's bf16 rule, decoding token by token, packed sequences one by one."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from linearize.kernels.gla.fla_path import FLA_VERSIONS, fla_version
+
+needs_fla = pytest.mark.skipif(fla_version() is None, reason="needs fla-core")
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_rmse(actual, expected):
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-12)).item()
+
+
+def assert_rel(actual, expected, tol, what):
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    err = rel_rmse(actual, expected)
+    assert err <= tol, f"{what}: relative RMSE {err:.2e} > {tol:.0e}"
+
+
+def run_with_grads(fn, leaves, seed=7):
+    """`[output, final state, *gradients of each leaf]` of `fn(*leaves)` under a random loss on both results."""
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    out, state = fn(*leaves)
+    gen = torch.Generator().manual_seed(seed)
+    d_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    d_state = torch.randn(state.shape, generator=gen).to(state.device)
+    loss = (out * d_out).sum() + (state * d_state).sum()
+    return [out, state, *torch.autograd.grad(loss, leaves)]
+
+
+def assert_all_rel(names, got, want, tol, finite=False):
+    """Each result of `run_with_grads` within `tol` of the reference's (same shape; finite too with `finite`)."""
+    for name, a, b in zip(names, got, want, strict=True):
+        assert a.shape == b.shape, name
+        if finite:
+            assert torch.isfinite(a).all(), name
+        assert_rel(a, b, tol, name)
+
+
+def assert_within_twice_naive_error(names, got, low, want, cap=None):
+    """flash-attention's rule for a 16-bit kernel: its error against the fp32 reference `want` at most twice (plus
+    1e-3) that of the naive op run in the same precision (`low`); with `cap`, at most `cap` besides."""
+    for name, a, b, ref in zip(names, got, low, want, strict=True):
+        assert not torch.isnan(a).any(), name
+        kernel, naive = rel_rmse(a.float(), ref.float()), rel_rmse(b.float(), ref.float())
+        assert kernel <= 2 * naive + 1e-3, f"{name}: fla {kernel:.2e} vs naive bf16 {naive:.2e}"
+        if cap is not None:
+            assert kernel <= cap, f"{name}: fla {kernel:.2e}"
+
+
+def decode_in_steps(run, tensors, prefill, **kw):
+    """`run` over the first `prefill` tokens of the `[B, T, ...]` inputs, then one token at a time from the state it
+    returns: (the outputs along T, the last state). `kw` goes to every call, with `output_final_state=True`."""
+    with torch.no_grad():
+        out, state = run(*(x[:, :prefill] for x in tensors), output_final_state=True, **kw)
+        steps = [out]
+        for t in range(prefill, tensors[0].shape[1]):
+            out, state = run(*(x[:, t : t + 1] for x in tensors), initial_state=state, output_final_state=True, **kw)
+            steps.append(out)
+    return torch.cat(steps, 1), state
+
+
+def assert_sequences_alone(o, s, bounds, run, tensors, s0, tol, **kw):
+    """Packed results `o` (`[1, T, ...]`) and `s` (`[N, ...]`) equal `run` over each sequence of `bounds` on its own,
+    from its row of `s0`."""
+    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        o_n, s_n = run(*(x[:, a:b] for x in tensors), initial_state=s0[n : n + 1], output_final_state=True, **kw)
+        assert_rel(o[:, a:b], o_n, tol, f"sequence {n} output")
+        assert_rel(s[n : n + 1], s_n, tol, f"sequence {n} state")
+
+
+def assert_fla_signatures(*pairs):
+    """The installed fla-core is a pinned version, and each `(op, argument names)` pair's op takes those names."""
+    from packaging.specifiers import SpecifierSet
+
+    assert fla_version() in SpecifierSet(FLA_VERSIONS)
+    for fn, names in pairs:
+        params = inspect.signature(fn).parameters
+        missing = [n for n in names if n not in params]
+        assert not missing, f"{fn.__name__} lacks {missing}"
