@@ -12,6 +12,14 @@ from linearize.kernels.gla.fla_path import FLA_VERSIONS, fla_version
 
 needs_fla = pytest.mark.skipif(fla_version() is None, reason="needs fla-core")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# `B, T, H, Hkv, K, V` of the GPU tests of fla's kernels: long and short inputs (fla switches to its recurrent
+# kernel at 64 tokens), GQA, K = 128.
+GPU_CASES = [
+    pytest.param(2, 500, 4, 2, 64, 64, id="B2-T500-H4-Hkv2-K64"),
+    pytest.param(1, 63, 2, 2, 64, 64, id="B1-T63-H2-K64"),
+    pytest.param(2, 300, 4, 4, 128, 128, id="B2-T300-H4-K128"),
+    pytest.param(1, 40, 4, 2, 64, 64, id="B1-T40-H4-Hkv2-K64-short"),
+]
 
 
 def rel_rmse(actual, expected):

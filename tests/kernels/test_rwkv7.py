@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from op_checks import (
+    GPU_CASES,
     assert_all_rel,
     assert_fla_signatures,
     assert_rel,
@@ -130,14 +131,6 @@ def test_fla_signatures_match_the_pinned_version():
     assert_fla_signatures(
         (chunk_rwkv7, fla_path.CHUNK_RWKV7_ARGS), (fused_recurrent_rwkv7, fla_path.FUSED_RECURRENT_RWKV7_ARGS)
     )
-
-
-GPU_CASES = [
-    pytest.param(2, 500, 4, 2, 64, 64, id="B2-T500-H4-Hkv2-K64"),
-    pytest.param(1, 63, 2, 2, 64, 64, id="B1-T63-H2-K64"),
-    pytest.param(2, 300, 4, 4, 128, 128, id="B2-T300-H4-K128"),
-    pytest.param(1, 40, 4, 2, 64, 64, id="B1-T40-H4-Hkv2-K64-short"),
-]
 
 
 @cuda
