@@ -1,13 +1,11 @@
 """Scaffolds the tests of the recurrent-state kinds share (`test_gated_kinds.py`, `test_gdn.py`,
 `test_rwkv7_kind.py`): token ids, a layer's inputs, new parameters moved off their start, decoding against the full
-forward, a word corpus, and reloading exports in a fresh process."""
+forward, a word corpus."""
 
 from __future__ import annotations
 
 import copy
 import random
-import subprocess
-import sys
 
 import torch
 from tiny_models import VOCAB, WORDS, randomise_new_parameters, tiny_model
@@ -87,22 +85,3 @@ def write_corpus(folder):
     rng = random.Random(0)
     path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(60)))
     return path
-
-
-def reload_in_fresh_process(tmp_path, folders, ids):
-    """Each exported folder (name -> (folder, logits of `ids` in this process)) loads in a fresh Python through its
-    own modeling code (`trust_remote_code`) and gives the same logits."""
-    torch.save(ids, tmp_path / "ids.pt")
-    torch.save({name: (str(folder), logits) for name, (folder, logits) in folders.items()}, tmp_path / "want.pt")
-    code = (
-        "import sys, torch\nfrom transformers import AutoModelForCausalLM as A\nd = sys.argv[1]\n"
-        "ids = torch.load(f'{d}/ids.pt')\n"
-        "for folder, want in torch.load(f'{d}/want.pt').values():\n"
-        "    m = A.from_pretrained(folder, trust_remote_code=True).eval()\n"
-        "    assert type(m).__module__.startswith('transformers_modules.'), type(m).__module__\n"
-        "    with torch.no_grad():\n"
-        "        torch.testing.assert_close(m(ids, use_cache=False).logits, want)\n"
-        "print('ok')"
-    )
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

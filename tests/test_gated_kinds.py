@@ -1,7 +1,7 @@
 """The gated kinds (gla, liger, lizard, lawcat) on tiny models: convert, train, export, reload, decode; and the checks
 every recurrent-state kind (these, `gdn` and `rwkv7`) passes alike: a teacher checkpoint gets the kind's start,
 decoding equals the full forward on every family, packed sequences equal separate forwards, left padding leaks
-nothing.
+nothing. Exports reload in a fresh process without linearize in `test_export_bundle.py`, with every kind.
 
 Also checks each kind's math against an independent path: with its gate held at 1, `gla` is the `hedgehog` kind
 and `lizard` is its two branches' naive ops under one normaliser.
@@ -20,7 +20,6 @@ from kind_checks import (
     heads,
     layer_inputs,
     perturb,
-    reload_in_fresh_process,
     token_ids,
     write_corpus,
 )
@@ -213,16 +212,3 @@ def test_left_padding_gives_the_unpadded_outputs(name):
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         got = model(padded, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
     torch.testing.assert_close(got[:, 3:], alone, rtol=1e-4, atol=1e-5)
-
-
-def test_exports_reload_in_a_fresh_process(tmp_path):
-    x = token_ids(seed=4)
-    folders = {}
-    for kind in KINDS:
-        model = converted(kind)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-            folders[kind] = (tmp_path / kind, model(x, use_cache=False).logits)
-        model.save_pretrained(tmp_path / kind)
-    reload_in_fresh_process(tmp_path, folders, x)

@@ -6,6 +6,8 @@ the start from a teacher checkpoint are checked with the other kinds, in `test_g
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +18,6 @@ from kind_checks import (
     generates_greedily,
     layer_inputs,
     perturb,
-    reload_in_fresh_process,
     token_ids,
     write_corpus,
 )
@@ -81,6 +82,25 @@ def test_options_are_checked():
         load_recipe("gdn", ["attention.options.gate_rank=4"])
 
 
+def _reload_in_fresh_process(tmp_path, folders, ids):
+    """Each exported folder (name -> (folder, logits of `ids` in this process)) loads in a fresh Python through its
+    own modeling code (`trust_remote_code`) and gives the same logits."""
+    torch.save(ids, tmp_path / "ids.pt")
+    torch.save({name: (str(folder), logits) for name, (folder, logits) in folders.items()}, tmp_path / "want.pt")
+    code = (
+        "import sys, torch\nfrom transformers import AutoModelForCausalLM as A\nd = sys.argv[1]\n"
+        "ids = torch.load(f'{d}/ids.pt')\n"
+        "for folder, want in torch.load(f'{d}/want.pt').values():\n"
+        "    m = A.from_pretrained(folder, trust_remote_code=True).eval()\n"
+        "    assert type(m).__module__.startswith('transformers_modules.'), type(m).__module__\n"
+        "    with torch.no_grad():\n"
+        "        torch.testing.assert_close(m(ids, use_cache=False).logits, want)\n"
+        "print('ok')"
+    )
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return write_corpus(tmp_path_factory.mktemp("data"))
@@ -117,7 +137,9 @@ def test_bundled_recipes_train_export_reload_fresh_and_decode_as_they_prefill(tm
         generates_greedily(model, x)
         with torch.no_grad():
             folders[recipe] = (out, model(x, use_cache=False).logits)
-    reload_in_fresh_process(tmp_path, folders, x)
+    # The exported code in a fresh process, here for the hybrid's probe-chosen softmax layer too
+    # (`test_export_bundle.py` reloads each kind alone).
+    _reload_in_fresh_process(tmp_path, folders, x)
 
 
 def _rel(a, b):
