@@ -57,17 +57,23 @@ def heads(module, hidden, pe, **kw):
         return module.attention_heads(hidden, pe, **kw)
 
 
-def decode_equals_full(model, ids, prefix=5):
-    """Prefill `prefix` tokens, decode the rest one at a time; the logits equal the full forward's. Returns the
-    cache."""
+def decoded(model, ids, prefix):
+    """Prefill `prefix` tokens, decode the rest one at a time through the cache: (the logits along T, the cache)."""
     with torch.no_grad():
-        full = model(ids, use_cache=False).logits
         out = model(ids[:, :prefix], use_cache=True)
         cache, steps = output_cache(out), [out.logits]
         for t in range(prefix, ids.shape[1]):
             out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})
             steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    return torch.cat(steps, 1), cache
+
+
+def decode_equals_full(model, ids, prefix=5):
+    """Decoding after a prefill of `prefix` tokens gives the full forward's logits. Returns the cache."""
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+    steps, cache = decoded(model, ids, prefix)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
     return cache
 
 

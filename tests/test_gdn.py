@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from kind_checks import (
     converted,
     decode_equals_full,
+    decoded,
     generates_greedily,
     layer_inputs,
     perturb,
@@ -25,7 +26,6 @@ from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM
 
 from linearize import AttentionConfig
-from linearize._compat import CACHE_KWARG, output_cache
 from linearize.attention import converted_modules
 from linearize.attention.gdn import GatedDeltaAttention
 from linearize.attention.projection import project_qkv
@@ -162,13 +162,9 @@ def test_gpu_fla_model_matches_the_pytorch_path_decodes_as_it_prefills_and_train
         monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
         reference = model(ids, use_cache=False).logits
         monkeypatch.setenv("LINEARIZE_KERNELS", "auto")
-        out = model(ids[:, :80], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(80, 100):
-            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})
-            steps.append(out.logits)
+        steps, _ = decoded(model, ids, 80)
     assert _rel(full, reference) < 2e-2, "fla against the PyTorch path"
-    assert _rel(torch.cat(steps, 1), full) < 2e-2, "decoding against the full forward"
+    assert _rel(steps, full) < 2e-2, "decoding against the full forward"
     # A training step: fla's backward, or the PyTorch path where fla refuses it (the dispatcher says which).
     model.train()
     model(ids, labels=ids).loss.backward()

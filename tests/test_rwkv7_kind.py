@@ -12,6 +12,7 @@ from kind_checks import (
     RWKV7_RANKS,
     converted,
     decode_equals_full,
+    decoded,
     generates_greedily,
     layer_inputs,
     perturb,
@@ -21,7 +22,6 @@ from kind_checks import (
 from tiny_models import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
-from linearize._compat import CACHE_KWARG, output_cache
 from linearize.attention import converted_modules
 from linearize.attention.gated import GatedState
 from linearize.attention.projection import project_qkv
@@ -145,10 +145,7 @@ def test_gpu_fla_path_matches_the_torch_path_and_decodes_as_it_prefills(monkeypa
         monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
         got = model(ids, use_cache=False).logits.float()
         # Prefill past fla's 64-token switch (chunk kernel), then decode steps on its fused recurrent kernel.
-        out = model(ids[:, :70], use_cache=True)
-        cache, steps = output_cache(out), [out.logits.float()]
-        for t in range(70, 80):
-            steps.append(model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache}).logits.float())
+        steps = decoded(model, ids, 70)[0].float()
     scale = want.pow(2).mean().sqrt()
     assert (got - want).pow(2).mean().sqrt() < 2e-2 * scale
-    assert (torch.cat(steps, 1) - got).pow(2).mean().sqrt() < 2e-2 * scale
+    assert (steps - got).pow(2).mean().sqrt() < 2e-2 * scale
