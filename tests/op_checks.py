@@ -76,6 +76,35 @@ def decode_in_steps(run, tensors, prefill, **kw):
     return torch.cat(steps, 1), state
 
 
+def assert_decodes_as_full(run, tensors, prefill, **kw):
+    """`decode_in_steps` gives the outputs and the final state of one call over all the tokens."""
+    with torch.no_grad():
+        full, full_state = run(*tensors, output_final_state=True, **kw)
+    decoded, state = decode_in_steps(run, tensors, prefill, **kw)
+    assert_rel(decoded, full, 1e-6, "decoded outputs")
+    assert_rel(state, full_state, 1e-6, "state after decoding")
+
+
+def left_padded(tensors, pad, fills):
+    """The `[1, T, ...]` inputs with `pad` tokens before them, each input's filled with its value of `fills`, and the
+    `[1, pad + T]` token mask, False on the padding."""
+    padded = [torch.cat([torch.full_like(x[:, :pad], fill), x], 1) for x, fill in zip(tensors, fills, strict=True)]
+    mask = torch.ones(1, pad + tensors[0].shape[1], dtype=torch.bool)
+    mask[:, :pad] = False
+    return padded, mask
+
+
+def assert_padding_is_left_alone(runs, tensors, pad, fills, reference, **kw):
+    """Each of `runs` over the left-padded inputs (`left_padded`) gives, on the real tokens, the output and the final
+    state `reference` gives without the padding."""
+    padded, mask = left_padded(tensors, pad, fills)
+    o_ref, s_ref = reference(*tensors, output_final_state=True, **kw)
+    for run in runs:
+        o, s = run(*padded, output_final_state=True, token_mask=mask, **kw)
+        assert_rel(o[:, pad:], o_ref, 1e-6, f"{run.__name__}: outputs of real tokens")
+        assert_rel(s, s_ref, 1e-6, f"{run.__name__}: final state")
+
+
 def assert_sequences_alone(o, s, bounds, run, tensors, s0, tol, **kw):
     """Packed results `o` (`[1, T, ...]`) and `s` (`[N, ...]`) equal `run` over each sequence of `bounds` on its own,
     from its row of `s0`."""

@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from op_checks import (
     GPU_CASES,
     assert_all_rel,
+    assert_decodes_as_full,
     assert_fla_signatures,
+    assert_padding_is_left_alone,
     assert_rel,
     assert_sequences_alone,
     assert_within_twice_naive_error,
@@ -114,28 +116,15 @@ def test_packed_sequences_equal_separate_calls(monkeypatch):
 def test_decoding_step_by_step_equals_the_full_forward(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     *tensors, _ = make_inputs(2, 45, 4, 2, 16, 8)
-    with torch.no_grad():
-        full, full_state = gated_delta_rule(*tensors, output_final_state=True, qk_l2norm=True)
-    decoded, state = decode_in_steps(gated_delta_rule, tensors, 37, qk_l2norm=True)
-    assert_rel(decoded, full, 1e-6, "decoded outputs")
-    assert_rel(state, full_state, 1e-6, "state after decoding")
+    assert_decodes_as_full(gated_delta_rule, tensors, 37, qk_l2norm=True)
 
 
 def test_left_padding_leaves_the_real_tokens_as_alone(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
-    q, k, v, g, beta, _ = make_inputs(1, 30, 2, 2, 8, 8)
-    pad = 9
+    *tensors, _ = make_inputs(1, 30, 2, 2, 8, 8)
     # Padding tokens with large keys, strong decays and full writes: they must leave the state untouched.
-    qp, kp, vp = (torch.cat([torch.full_like(x[:, :pad], 3.0), x], 1) for x in (q, k, v))
-    gp = torch.cat([torch.full_like(g[:, :pad], -5.0), g], 1)
-    bp = torch.cat([torch.ones_like(beta[:, :pad]), beta], 1)
-    mask = torch.ones(1, 30 + pad, dtype=torch.bool)
-    mask[:, :pad] = False
-    o_ref, s_ref = gated_delta_naive(q, k, v, g, beta, output_final_state=True, qk_l2norm=True)
-    for run in (gated_delta_rule, gated_delta_naive):
-        o, s = run(qp, kp, vp, gp, bp, output_final_state=True, token_mask=mask, qk_l2norm=True)
-        assert_rel(o[:, pad:], o_ref, 1e-6, f"{run.__name__}: outputs of real tokens")
-        assert_rel(s, s_ref, 1e-6, f"{run.__name__}: final state")
+    runs = (gated_delta_rule, gated_delta_naive)
+    assert_padding_is_left_alone(runs, tensors, 9, (3.0, 3.0, 3.0, -5.0, 1.0), gated_delta_naive, qk_l2norm=True)
 
 
 def test_backend_choice(monkeypatch):

@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from op_checks import (
     assert_all_rel,
+    assert_decodes_as_full,
     assert_fla_signatures,
+    assert_padding_is_left_alone,
     assert_rel,
     assert_sequences_alone,
     assert_within_twice_naive_error,
@@ -107,27 +109,15 @@ def test_packed_sequences_equal_separate_calls(monkeypatch, normalize):
 def test_decoding_step_by_step_equals_the_full_forward(monkeypatch, normalize):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     *tensors, _ = make_inputs(2, 45, 4, 2, 16, 8, normalize)
-    with torch.no_grad():
-        full, full_state = gated_linear_attention(*tensors, normalize=normalize, output_final_state=True)
-    decoded, state = decode_in_steps(gated_linear_attention, tensors, 37, normalize=normalize)
-    assert_rel(decoded, full, 1e-6, "decoded outputs")
-    assert_rel(state, full_state, 1e-6, "state after decoding")
+    assert_decodes_as_full(gated_linear_attention, tensors, 37, normalize=normalize)
 
 
 def test_left_padding_leaves_the_real_tokens_as_alone(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
-    q, k, v, g, _ = make_inputs(1, 30, 2, 2, 8, 8, normalize=True)
+    *tensors, _ = make_inputs(1, 30, 2, 2, 8, 8, normalize=True)
     # Padding tokens with large keys and strong gates: they must neither add to the state nor decay it.
-    pad = 9
-    qp, kp, vp = (torch.cat([torch.full_like(x[:, :pad], 3.0), x], 1) for x in (q, k, v))
-    gp = torch.cat([torch.full_like(g[:, :pad], -5.0), g], 1)
-    mask = torch.ones(1, 30 + pad, dtype=torch.bool)
-    mask[:, :pad] = False
-    for run in (gated_linear_attention, gla_naive):
-        o, s = run(qp, kp, vp, gp, normalize=True, output_final_state=True, token_mask=mask)
-        o_ref, s_ref = gla_naive(q, k, v, g, normalize=True, output_final_state=True)
-        assert_rel(o[:, pad:], o_ref, 1e-6, f"{run.__name__}: outputs of real tokens")
-        assert_rel(s, s_ref, 1e-6, f"{run.__name__}: final state")
+    runs = (gated_linear_attention, gla_naive)
+    assert_padding_is_left_alone(runs, tensors, 9, (3.0, 3.0, 3.0, -5.0), gla_naive, normalize=True)
 
 
 def test_backend_choice(monkeypatch):

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from op_checks import (
     GPU_CASES,
     assert_all_rel,
+    assert_decodes_as_full,
     assert_fla_signatures,
+    assert_padding_is_left_alone,
     assert_rel,
     assert_sequences_alone,
     assert_within_twice_naive_error,
@@ -92,27 +94,15 @@ def test_packed_sequences_equal_separate_calls(monkeypatch):
 def test_decoding_step_by_step_equals_the_full_forward(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     *tensors, _ = make_inputs(2, 45, 4, 2, 8, 8)
-    with torch.no_grad():
-        full, full_state = rwkv7_attention(*tensors, 1.0, None, True)
-    decoded, state = decode_in_steps(rwkv7_attention, tensors, 37, scale=1.0)
-    assert_rel(decoded, full, 1e-6, "decoded outputs")
-    assert_rel(state, full_state, 1e-6, "state after decoding")
+    assert_decodes_as_full(rwkv7_attention, tensors, 37, scale=1.0)
 
 
 def test_left_padding_leaves_the_real_tokens_as_alone(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     *tensors, _ = make_inputs(1, 20, 2, 2, 8, 8)
-    pad = 6
-    # Padding tokens with large keys, strong decays and a full-strength removal: none of it may reach the state.
-    padded = [torch.cat([torch.full_like(x[:, :pad], 2.0), x], 1) for x in tensors]
-    padded[1][:, :pad] = -5.0
-    mask = torch.ones(1, 20 + pad, dtype=torch.bool)
-    mask[:, :pad] = False
-    o_ref, s_ref = rwkv7_naive(*tensors, 1.0, None, True)
-    for run in (rwkv7_attention, rwkv7_naive):
-        o, s = run(*padded, 1.0, None, True, token_mask=mask)
-        assert_rel(o[:, pad:], o_ref, 1e-6, f"{run.__name__}: outputs of real tokens")
-        assert_rel(s, s_ref, 1e-6, f"{run.__name__}: final state")
+    # Padding tokens with large keys, strong decays (w) and a full-strength removal: none of it may reach the state.
+    fills = (2.0, -5.0, 2.0, 2.0, 2.0, 2.0)
+    assert_padding_is_left_alone((rwkv7_attention, rwkv7_naive), tensors, 6, fills, rwkv7_naive, scale=1.0)
 
 
 def test_the_transition_removes_what_a_key_stored():
