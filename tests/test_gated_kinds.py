@@ -1,4 +1,7 @@
-"""The gated kinds (gla, liger, lizard, lawcat) on tiny models: convert, train, export, reload, decode.
+"""The gated kinds (gla, liger, lizard, lawcat) on tiny models: convert, train, export, reload, decode; and the checks
+every recurrent-state kind (these, `gdn` and `rwkv7`) passes alike: a teacher checkpoint gets the kind's start,
+decoding equals the full forward on every family, packed sequences equal separate forwards, left padding leaks
+nothing. Exports reload in a fresh process without linearize in `test_export_bundle.py`, with every kind.
 
 Also checks each kind's math against an independent path: with its gate held at 1, `gla` is the `hedgehog` kind
 and `lizard` is its two branches' naive ops under one normaliser.
@@ -6,18 +9,25 @@ and `lizard` is its two branches' naive ops under one normaliser.
 
 from __future__ import annotations
 
-import random
-import subprocess
-import sys
-
 import pytest
 import torch
-from tiny_models import VOCAB, WORDS, save_tiny, tiny_model
+from kind_checks import (
+    CONFIGS,
+    attention_config,
+    converted,
+    decode_equals_full,
+    generates_greedily,
+    heads,
+    layer_inputs,
+    perturb,
+    token_ids,
+    write_corpus,
+)
+from tiny_models import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 from linearize import AttentionConfig, convert
-from linearize._compat import CACHE_KWARG, output_cache
-from linearize.attention import converted_modules
+from linearize.attention import converted_modules, get_attention_kind
 from linearize.attention.gated import GatedAttention, GatedState
 from linearize.attention.projection import project_qkv
 from linearize.config import load_recipe
@@ -28,31 +38,12 @@ from linearize.kernels.window import window_naive
 from linearize.train.pipeline import run_pipeline
 
 KINDS = ["gla", "liger", "lizard", "lawcat"]
-SMALL = dict(window=4, feature_dim=8)
-
-
-def _ids(B=2, T=11, seed=0):
-    return torch.randint(3, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def _decode_equals_full(model, ids, prefix=5):
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :prefix], use_cache=True)
-        cache, steps = output_cache(out), [out.logits]
-        for t in range(prefix, ids.shape[1]):
-            out = model(ids[:, t : t + 1], use_cache=True, **{CACHE_KWARG: cache})
-            steps.append(out.logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
-    return cache
+FAMILIES = ["qwen3", "gemma2", "gemma3_text", "phi3"]
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "words.txt"
-    rng = random.Random(0)
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(60)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +62,7 @@ def test_bundled_recipe_trains_exports_reloads_and_decodes_as_it_prefills(kind, 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     modules = converted_modules(model)
     assert sorted(modules) == [0, 1, 2, 3] and all(isinstance(m, GatedAttention) for m in modules.values())
-    start = convert(tiny_model("llama"), AttentionConfig(kind=kind, window=4, feature_dim=8))
+    start = converted(kind)
     if kind == "liger":
         # No new parameters: the LoRA stage, merged, moved the teacher's projections.
         assert not modules[0].new_parameters()
@@ -80,82 +71,75 @@ def test_bundled_recipe_trains_exports_reloads_and_decodes_as_it_prefills(kind, 
         # Stage 1 moved the kind's new parameters off their start.
         for name, p in converted_modules(start)[0].named_new_parameters().items():
             assert not torch.equal(modules[0].get_parameter(name), p), name
-    cache = _decode_equals_full(model, _ids())
+    cache = decode_equals_full(model, token_ids())
     state = cache.recurrent_layer(0).state
     assert isinstance(state, GatedState) and (state.window is not None) == (kind in ("liger", "lizard"))
     assert (state.conv is not None) == (kind == "lawcat")
-    ids = _ids(seed=2)
-    with torch.no_grad():
-        generated = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False, min_new_tokens=6)
-        # Greedy decoding with the cache picks what the full forward over the generated text predicts.
-        logits = model(generated, use_cache=False).logits
-    assert torch.equal(generated[0, 4:], logits[0, 3:-1].argmax(-1))
+    generates_greedily(model, token_ids(seed=2))
 
 
-@pytest.mark.parametrize("kind", ["gla", "lawcat", "lizard"])
-def test_a_teacher_checkpoint_gets_the_kinds_start(kind, tmp_path):
-    model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
-    fresh = {n: p.detach().clone() for n, p in converted_modules(model)[0].named_new_parameters().items()}
+@pytest.mark.parametrize("name", ["gla", "lawcat", "lizard", "gdn", "rwkv7"])
+def test_a_teacher_checkpoint_gets_the_kinds_start(name, tmp_path):
+    model = converted(name)
+    fresh = {
+        (i, n): p.detach().clone()
+        for i, m in converted_modules(model).items()
+        for n, p in m.named_new_parameters().items()
+    }
     tiny_model("llama").save_pretrained(tmp_path / "teacher")
     skeleton = type(model).from_pretrained(tmp_path / "teacher", config=model.config)
-    for name, p in converted_modules(skeleton)[0].named_new_parameters().items():
-        if name == "gate.down.weight":
-            # Random by design (the up projection starts at zero): only its scale is the start.
-            assert abs(p.std().item() - fresh[name].std().item()) < 0.5 * fresh[name].std().item()
+    got = {(i, n): p for i, m in converted_modules(skeleton).items() for n, p in m.named_new_parameters().items()}
+    assert got.keys() == fresh.keys()
+    for (i, n), p in got.items():
+        if n.endswith("down.weight"):
+            # Random by design (the up projections start at zero): only the scale is the start.
+            assert abs(p.std().item() - fresh[i, n].std().item()) < 0.5 * fresh[i, n].std().item()
         else:
-            assert torch.equal(p, fresh[name]), name
+            assert torch.equal(p, fresh[i, n]), (i, n)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3_text", "phi3"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_families_with_norms_softcap_and_partial_rotary(kind, family):
-    model = convert(tiny_model(family), AttentionConfig(kind=kind, **SMALL))
-    _perturb(model)
-    _decode_equals_full(model, _ids(1, 9))
+# gdn's conv and rope on the families with norms and partial rotary, its plain form on those with a softcap.
+FAMILY_CASES = [
+    *((name, family) for name in [*KINDS, "rwkv7"] for family in FAMILIES),
+    *(("gdn-conv-rope", "qwen3"), ("gdn", "gemma2"), ("gdn", "gemma3_text"), ("gdn-conv-rope", "phi3")),
+]
 
 
-def _perturb(model, seed=9):
-    """Move every new parameter off its start (an identity conv, for one, hides a conv that never resets)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in converted_modules(model).values():
-            for p in m.new_parameters():
-                p.add_(0.3 * torch.randn(p.shape, generator=gen))
-
-
-def _heads(module, hidden, pe, **kw):
-    with torch.no_grad():
-        return module.attention_heads(hidden, pe, **kw)
-
-
-def _layer_inputs(family="llama", T=13):
-    teacher = tiny_model(family)
-    hidden = torch.randn(2, T, teacher.config.hidden_size, generator=torch.Generator().manual_seed(3))
-    pe = teacher.model.rotary_emb(hidden, torch.arange(T)[None].expand(2, T))
-    return teacher, hidden, pe
+@pytest.mark.parametrize("name,family", FAMILY_CASES)
+def test_families_decode_as_they_prefill_and_the_cache_is_what_the_kind_declares(name, family):
+    model = converted(name, family)
+    perturb(model)
+    cache = decode_equals_full(model, token_ids(1, 9))
+    declared = get_attention_kind(CONFIGS[name]["kind"]).state_bytes
+    if declared is not None:
+        idx = min(converted_modules(model))
+        cfg = attention_config(name)
+        # What the cache holds after 9 tokens, and no more after 10,000.
+        assert cache.recurrent_layer(idx).nbytes() == declared(model.config, cfg, idx, 9, 1, 4)
+        assert declared(model.config, cfg, idx, 10_000, 1, 4) == declared(model.config, cfg, idx, 9, 1, 4)
 
 
 def test_gla_with_its_gate_at_one_is_hedgehog():
-    teacher, hidden, pe = _layer_inputs()
-    gla = convert(tiny_model("llama"), AttentionConfig(kind="gla", **SMALL))
-    hedgehog = convert(tiny_model("llama"), AttentionConfig(kind="hedgehog", **SMALL))
+    hidden, pe = layer_inputs()
+    gla = converted("gla")
+    hedgehog = convert(tiny_model("llama"), AttentionConfig(kind="hedgehog", window=4, feature_dim=8))
     a, b = converted_modules(gla)[0], converted_modules(hedgehog)[0]
     with torch.no_grad():
         for fa, fb in ((a.feature_map_q, b.feature_map_q), (a.feature_map_k, b.feature_map_k)):
             fa.weight.normal_(generator=torch.Generator().manual_seed(4))
             fb.weight.copy_(fa.weight)
         a.gate.up.bias.fill_(40.0)
-    torch.testing.assert_close(_heads(a, hidden, pe), _heads(b, hidden, pe), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(heads(a, hidden, pe), heads(b, hidden, pe), rtol=1e-4, atol=1e-5)
     # A real gate forgets: the output moves.
     with torch.no_grad():
         a.gate.up.bias.fill_(-1.0)
-    assert (_heads(a, hidden, pe) - _heads(b, hidden, pe)).abs().max() > 1e-3
+    assert (heads(a, hidden, pe) - heads(b, hidden, pe)).abs().max() > 1e-3
 
 
 def test_lizard_is_its_two_naive_branches_under_one_normaliser():
-    teacher, hidden, pe = _layer_inputs(T=19)
-    lizard = convert(tiny_model("llama"), AttentionConfig(kind="lizard", options={"sinks": 2}, **SMALL))
-    _perturb(lizard)
+    hidden, pe = layer_inputs(T=19)
+    lizard = converted("lizard", options={"sinks": 2})
+    perturb(lizard)
     m = converted_modules(lizard)[0]
     params = m.new_parameters()
     q, k, v = project_qkv(m, hidden, pe)
@@ -179,33 +163,31 @@ def test_lizard_is_its_two_naive_branches_under_one_normaliser():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda text, p=p: f"{p.shape}: {text}")
     # Sinks add to the normaliser only: raising them shrinks every output, never turns its direction.
     with torch.no_grad():
-        base = _heads(m, hidden, pe)
+        base = heads(m, hidden, pe)
         m.sinks.add_(3.0)
-        sunk = _heads(m, hidden, pe)
+        sunk = heads(m, hidden, pe)
     assert (sunk.norm(dim=-1) < base.norm(dim=-1)).all()
 
 
-@pytest.mark.parametrize("kind", ["lawcat", "lizard"])
-def test_packed_sequences_equal_separate_forwards(kind):
-    _, hidden, _ = _layer_inputs(T=12)
-    model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
-    _perturb(model)
+@pytest.mark.parametrize("name", ["lawcat", "lizard", "rwkv7", "gdn", "gdn-conv-rope", "gdn-no-gate"])
+def test_packed_sequences_equal_separate_forwards(name):
+    hidden, _ = layer_inputs(T=12, B=1)
+    model = converted(name)
+    perturb(model)
     m = converted_modules(model)[0]
-    one = hidden[:1]
-    cu = torch.tensor([0, 5, 12])
+    rotary = tiny_model("llama").model.rotary_emb
     # Each packed sequence restarts its positions.
-    pos = torch.cat([torch.arange(5), torch.arange(7)])[None]
-    packed_pe = tiny_model("llama").model.rotary_emb(one, pos)
-    packed = _heads(m, one, packed_pe, cu_seqlens=cu)
+    packed_pe = rotary(hidden, torch.cat([torch.arange(5), torch.arange(7)])[None])
+    packed = heads(m, hidden, packed_pe, cu_seqlens=torch.tensor([0, 5, 12]))
     for a, b in ((0, 5), (5, 12)):
-        alone_pe = tiny_model("llama").model.rotary_emb(one, torch.arange(b - a)[None])
-        torch.testing.assert_close(packed[:, a:b], _heads(m, one[:, a:b], alone_pe), rtol=1e-5, atol=1e-6)
+        alone = heads(m, hidden[:, a:b], rotary(hidden, torch.arange(b - a)[None]))
+        torch.testing.assert_close(packed[:, a:b], alone, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["liger", "lizard"])
 def test_controls_switch_each_branch_off(kind):
-    model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
-    ids = _ids()
+    model = converted(kind)
+    ids = token_ids()
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
         outs = {}
@@ -217,40 +199,16 @@ def test_controls_switch_each_branch_off(kind):
     assert (outs["window-only"] - outs["linear-only"]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("kind", ["lizard", "lawcat"])
-def test_left_padding_gives_the_unpadded_outputs(kind):
-    model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
-    _perturb(model)
-    ids = _ids(1, 9)
+@pytest.mark.parametrize("name", ["lizard", "lawcat", "rwkv7", "gdn-conv-rope"])
+def test_left_padding_gives_the_unpadded_outputs(name):
+    model = converted(name)
+    perturb(model)
+    x = token_ids(1, 9)
     # Padding with a real token's id: its embedding is not zero, so a leak would show.
-    padded = torch.cat([torch.full((1, 3), 7, dtype=ids.dtype), ids], 1)
-    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    padded = torch.cat([torch.full((1, 3), 7, dtype=x.dtype), x], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(x)], 1)
     with torch.no_grad():
-        alone = model(ids, use_cache=False).logits
+        alone = model(x, use_cache=False).logits
         position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
         got = model(padded, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
     torch.testing.assert_close(got[:, 3:], alone, rtol=1e-4, atol=1e-5)
-
-
-def test_exports_reload_in_a_fresh_process(tmp_path):
-    ids = _ids(seed=4)
-    for kind in KINDS:
-        model = convert(tiny_model("llama"), AttentionConfig(kind=kind, **SMALL))
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.01 * torch.randn_like(p))
-            torch.save(model(ids, use_cache=False).logits, tmp_path / f"{kind}.pt")
-        model.save_pretrained(tmp_path / kind)
-    torch.save(ids, tmp_path / "ids.pt")
-    code = (
-        "import sys, torch\nfrom transformers import AutoModelForCausalLM as A\nd = sys.argv[1]\n"
-        "ids = torch.load(f'{d}/ids.pt')\n"
-        f"kinds = {KINDS!r}\n"
-        "for k in kinds:\n"
-        "    m = A.from_pretrained(f'{d}/{k}', trust_remote_code=True).eval()\n"
-        "    with torch.no_grad():\n"
-        "        torch.testing.assert_close(m(ids, use_cache=False).logits, torch.load(f'{d}/{k}.pt'))\n"
-        "print('ok')"
-    )
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]

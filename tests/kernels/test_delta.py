@@ -7,11 +7,23 @@ with flash-attention's bf16 rule.
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn.functional as F
+from op_checks import (
+    GPU_CASES,
+    assert_all_rel,
+    assert_decodes_as_full,
+    assert_fla_signatures,
+    assert_padding_is_left_alone,
+    assert_rel,
+    assert_sequences_alone,
+    assert_within_twice_naive_error,
+    cuda,
+    decode_in_steps,
+    needs_fla,
+    run_with_grads,
+)
 
 from linearize.errors import LinearizeError
 from linearize.kernels import delta as delta_mod
@@ -21,18 +33,6 @@ from linearize.kernels.delta import (
     gated_delta_recurrent_torch,
     gated_delta_rule,
 )
-from linearize.kernels.gla.fla_path import FLA_VERSIONS, fla_version
-
-
-def rel_rmse(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-
-
-def assert_rel(actual, expected, tol, what):
-    assert not torch.isnan(actual).any(), f"{what}: NaN"
-    err = rel_rmse(actual, expected)
-    assert err <= tol, f"{what}: relative RMSE {err:.2e} > {tol:.0e}"
 
 
 def make_inputs(B, T, H, Hkv, K, V, Hg=None, gate_scale=1.0, dtype=torch.float32, device="cpu", seed=0, n_states=None):
@@ -47,16 +47,6 @@ def make_inputs(B, T, H, Hkv, K, V, Hg=None, gate_scale=1.0, dtype=torch.float32
     beta = torch.sigmoid(rnd(B, T, Hg))
     s0 = rnd(n_states or B, H, K, V) * 0.5
     return [t.to(dtype) for t in (q, k, v)] + [g.float(), beta.to(dtype), s0]
-
-
-def run_with_grads(fn, leaves, seed=7):
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    out, state = fn(*leaves)
-    gen = torch.Generator().manual_seed(seed)
-    d_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
-    d_state = torch.randn(state.shape, generator=gen).to(state.device)
-    loss = (out * d_out).sum() + (state * d_state).sum()
-    return [out, state, *torch.autograd.grad(loss, leaves)]
 
 
 NAMES = ["output", "final state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_state"]
@@ -85,9 +75,7 @@ def test_paths_match_naive(monkeypatch, path, B, T, H, Hkv, K, V, Hg, chunk):
     got = run_with_grads(
         lambda q, k, v, g, b, s: gated_delta_rule(q, k, v, g, b, initial_state=s, chunk_size=chunk, **kw), leaves
     )
-    for name, a, b in zip(NAMES, got, want, strict=True):
-        assert a.shape == b.shape, name
-        assert_rel(a, b, 1e-5, name)
+    assert_all_rel(NAMES, got, want, 1e-5)
 
 
 def test_the_delta_rule_overwrites_what_a_key_stored():
@@ -109,9 +97,7 @@ def test_strong_decays_stay_finite_across_chunks(monkeypatch):
     )
     got = run_with_grads(lambda *t: gated_delta_rule(*t[:5], initial_state=t[5], chunk_size=64, **kw),
                          [q, k, v, g, beta, s0])  # fmt: skip
-    for name, a, b in zip(NAMES, got, want, strict=True):
-        assert torch.isfinite(a).all(), name
-        assert_rel(a, b, 1e-3, name)
+    assert_all_rel(NAMES, got, want, 1e-3, finite=True)
 
 
 def test_packed_sequences_equal_separate_calls(monkeypatch):
@@ -123,48 +109,22 @@ def test_packed_sequences_equal_separate_calls(monkeypatch):
     leaves = [q, k, v, g, beta, s0]
     got = run_with_grads(lambda *t: gated_delta_rule(*t[:5], initial_state=t[5], **kw), leaves)
     want = run_with_grads(lambda *t: gated_delta_naive(*t[:5], initial_state=t[5], **kw), leaves)
-    for name, a, b in zip(NAMES, got, want, strict=True):
-        assert_rel(a, b, 1e-5, f"packed {name}")
-    o, s = got[:2]
-    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        o_n, s_n = gated_delta_rule(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b],
-                                    initial_state=s0[n : n + 1], output_final_state=True, qk_l2norm=True)  # fmt: skip
-        assert_rel(o[:, a:b], o_n, 1e-6, f"sequence {n} output")
-        assert_rel(s[n : n + 1], s_n, 1e-6, f"sequence {n} state")
+    assert_all_rel(NAMES, got, want, 1e-5)
+    assert_sequences_alone(*got[:2], bounds, gated_delta_rule, leaves[:5], s0, 1e-6, qk_l2norm=True)
 
 
 def test_decoding_step_by_step_equals_the_full_forward(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
-    q, k, v, g, beta, _ = make_inputs(2, 45, 4, 2, 16, 8)
-    kw = dict(output_final_state=True, qk_l2norm=True)
-    with torch.no_grad():
-        full, full_state = gated_delta_rule(q, k, v, g, beta, **kw)
-        out, state = gated_delta_rule(q[:, :37], k[:, :37], v[:, :37], g[:, :37], beta[:, :37], **kw)
-        steps = [out]
-        for t in range(37, 45):
-            sl = slice(t, t + 1)
-            out, state = gated_delta_rule(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], initial_state=state,
-                                          **kw)  # fmt: skip
-            steps.append(out)
-    assert_rel(torch.cat(steps, 1), full, 1e-6, "decoded outputs")
-    assert_rel(state, full_state, 1e-6, "state after decoding")
+    *tensors, _ = make_inputs(2, 45, 4, 2, 16, 8)
+    assert_decodes_as_full(gated_delta_rule, tensors, 37, qk_l2norm=True)
 
 
 def test_left_padding_leaves_the_real_tokens_as_alone(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
-    q, k, v, g, beta, _ = make_inputs(1, 30, 2, 2, 8, 8)
-    pad = 9
+    *tensors, _ = make_inputs(1, 30, 2, 2, 8, 8)
     # Padding tokens with large keys, strong decays and full writes: they must leave the state untouched.
-    qp, kp, vp = (torch.cat([torch.full_like(x[:, :pad], 3.0), x], 1) for x in (q, k, v))
-    gp = torch.cat([torch.full_like(g[:, :pad], -5.0), g], 1)
-    bp = torch.cat([torch.ones_like(beta[:, :pad]), beta], 1)
-    mask = torch.ones(1, 30 + pad, dtype=torch.bool)
-    mask[:, :pad] = False
-    o_ref, s_ref = gated_delta_naive(q, k, v, g, beta, output_final_state=True, qk_l2norm=True)
-    for run in (gated_delta_rule, gated_delta_naive):
-        o, s = run(qp, kp, vp, gp, bp, output_final_state=True, token_mask=mask, qk_l2norm=True)
-        assert_rel(o[:, pad:], o_ref, 1e-6, f"{run.__name__}: outputs of real tokens")
-        assert_rel(s, s_ref, 1e-6, f"{run.__name__}: final state")
+    runs = (gated_delta_rule, gated_delta_naive)
+    assert_padding_is_left_alone(runs, tensors, 9, (3.0, 3.0, 3.0, -5.0, 1.0), gated_delta_naive, qk_l2norm=True)
 
 
 def test_backend_choice(monkeypatch):
@@ -195,31 +155,13 @@ def test_a_blocked_fla_backward_trains_on_pytorch_or_says_what_to_install(monkey
         delta_mod.delta_backend(FakeCuda(), needs_grad=True)
 
 
-needs_fla = pytest.mark.skipif(fla_version() is None, reason="needs fla-core")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @needs_fla
 def test_fla_signatures_match_the_pinned_version():
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-    from packaging.specifiers import SpecifierSet
 
-    assert fla_version() in SpecifierSet(FLA_VERSIONS)
-    for fn, names in (
-        (chunk_gated_delta_rule, fla_path.CHUNK_ARGS),
-        (fused_recurrent_gated_delta_rule, fla_path.FUSED_RECURRENT_ARGS),
-    ):
-        params = inspect.signature(fn).parameters
-        missing = [n for n in names if n not in params]
-        assert not missing, f"{fn.__name__} lacks {missing}"
-
-
-GPU_CASES = [
-    pytest.param(2, 500, 4, 2, 64, 64, id="B2-T500-H4-Hkv2-K64"),
-    pytest.param(1, 63, 2, 2, 64, 64, id="B1-T63-H2-K64"),
-    pytest.param(2, 300, 4, 4, 128, 128, id="B2-T300-H4-K128"),
-    pytest.param(1, 40, 4, 2, 64, 64, id="B1-T40-H4-Hkv2-K64-short"),
-]
+    assert_fla_signatures(
+        (chunk_gated_delta_rule, fla_path.CHUNK_ARGS), (fused_recurrent_gated_delta_rule, fla_path.FUSED_RECURRENT_ARGS)
+    )
 
 
 @cuda
@@ -238,10 +180,7 @@ def test_gpu_fla_bf16_within_twice_naive_bf16_error(monkeypatch, B, T, H, Hkv, K
     )
     got = run_with_grads(lambda q, k, v, g, b, s: gated_delta_rule(q, k, v, g, b, initial_state=s, **kw), leaves)
     assert delta_mod.delta_backend(leaves[0], needs_grad=True) == "fla"
-    for name, a, b, ref in zip(NAMES, got, low, want, strict=True):
-        assert not torch.isnan(a).any(), name
-        kernel, naive = rel_rmse(a.float(), ref.float()), rel_rmse(b.float(), ref.float())
-        assert kernel <= 2 * naive + 1e-3, f"{name}: fla {kernel:.2e} vs naive bf16 {naive:.2e}"
+    assert_within_twice_naive_error(NAMES, got, low, want)
 
 
 @cuda
@@ -249,26 +188,21 @@ def test_gpu_fla_bf16_within_twice_naive_bf16_error(monkeypatch, B, T, H, Hkv, K
 def test_gpu_fla_forward_packed_and_decoding_match_naive(monkeypatch):
     # Forward only, so it runs on every Triton: prefill with fla's chunk kernel, decode with its recurrent one.
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
-    q, k, v, g, beta, _ = make_inputs(1, 200, 4, 2, 64, 64, dtype=torch.bfloat16, device="cuda")
+    *tensors, _ = make_inputs(1, 200, 4, 2, 64, 64, dtype=torch.bfloat16, device="cuda")
+    q, k, v, g, beta = tensors
     cu = torch.tensor([0, 17, 150, 200], device="cuda")
     kw = dict(output_final_state=True, qk_l2norm=True)
     with torch.no_grad():
-        o, s = gated_delta_rule(q, k, v, g, beta, cu_seqlens=cu, **kw)
+        o, s = gated_delta_rule(*tensors, cu_seqlens=cu, **kw)
         o_ref, s_ref = gated_delta_naive(q.float(), k.float(), v.float(), g, beta.float(), cu_seqlens=cu, **kw)
         assert_rel(o.float(), o_ref, 2e-2, "packed output")
         assert_rel(s, s_ref, 2e-2, "packed states")
-        out, state = gated_delta_rule(q[:, :150], k[:, :150], v[:, :150], g[:, :150], beta[:, :150], **kw)
-        prefill_state, steps = state, [out]
-        for t in range(150, 200):
-            sl = slice(t, t + 1)
-            out, state = gated_delta_rule(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], initial_state=state,
-                                          **kw)  # fmt: skip
-            steps.append(out)
+        decoded, state = decode_in_steps(gated_delta_rule, tensors, 150, qk_l2norm=True)
+        _, prefill_state = gated_delta_rule(*(x[:, :150] for x in tensors), **kw)
         full, full_state = gated_delta_naive(q.float(), k.float(), v.float(), g, beta.float(), **kw)
         # The PyTorch path continues from fla's state: one layout ([N, H, K, V]) on both.
         monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
-        rest, _ = gated_delta_rule(q[:, 150:], k[:, 150:], v[:, 150:], g[:, 150:], beta[:, 150:],
-                                   initial_state=prefill_state, **kw)  # fmt: skip
-    assert_rel(torch.cat(steps, 1).float(), full, 2e-2, "decoded outputs")
+        rest, _ = gated_delta_rule(*(x[:, 150:] for x in tensors), initial_state=prefill_state, **kw)
+    assert_rel(decoded.float(), full, 2e-2, "decoded outputs")
     assert_rel(state, full_state, 2e-2, "state after decoding")
     assert_rel(rest.float(), full[:, 150:], 2e-2, "PyTorch path after fla's prefill")

@@ -7,26 +7,26 @@ tested on the GPU only, with flash-attention's bf16 rule.
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn.functional as F
+from op_checks import (
+    assert_all_rel,
+    assert_decodes_as_full,
+    assert_fla_signatures,
+    assert_padding_is_left_alone,
+    assert_rel,
+    assert_sequences_alone,
+    assert_within_twice_naive_error,
+    cuda,
+    decode_in_steps,
+    needs_fla,
+    run_with_grads,
+)
 
 from linearize.errors import LinearizeError
 from linearize.kernels import gla as gla_mod
 from linearize.kernels.gla import fla_path, gated_linear_attention, gla_naive, gla_recurrent_torch
-
-
-def rel_rmse(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-
-
-def assert_rel(actual, expected, tol, what):
-    assert not torch.isnan(actual).any(), f"{what}: NaN"
-    err = rel_rmse(actual, expected)
-    assert err <= tol, f"{what}: relative RMSE {err:.2e} > {tol:.0e}"
 
 
 def make_inputs(B, T, H, Hkv, K, V, normalize=False, gate_scale=1.0, dtype=torch.float32, device="cpu", seed=0):
@@ -42,16 +42,6 @@ def make_inputs(B, T, H, Hkv, K, V, normalize=False, gate_scale=1.0, dtype=torch
     g = F.logsigmoid(rnd(B, T, Hkv, K) * gate_scale + 2) * gate_scale
     s0 = rnd(B, H, K, V + normalize).abs() * 0.5
     return [t.to(dtype) for t in (q, k, v)] + [g.to(dtype), s0]
-
-
-def run_with_grads(fn, leaves, seed=7):
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    out, state = fn(*leaves)
-    gen = torch.Generator().manual_seed(seed)
-    d_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
-    d_state = torch.randn(state.shape, generator=gen).to(state.device)
-    loss = (out * d_out).sum() + (state * d_state).sum()
-    return [out, state, *torch.autograd.grad(loss, leaves)]
 
 
 NAMES = ["output", "final state", "dq", "dk", "dv", "dg", "dinitial_state"]
@@ -79,9 +69,7 @@ def test_paths_match_naive(monkeypatch, path, B, T, H, Hkv, K, V, normalize, chu
     got = run_with_grads(
         lambda q, k, v, g, s: gated_linear_attention(q, k, v, g, initial_state=s, chunk_size=chunk, **kw), leaves
     )
-    for name, a, b in zip(NAMES, got, want, strict=True):
-        assert a.shape == b.shape, name
-        assert_rel(a, b, 1e-5, name)
+    assert_all_rel(NAMES, got, want, 1e-5)
 
 
 def test_strong_gates_stay_finite_across_chunks(monkeypatch):
@@ -97,10 +85,8 @@ def test_strong_gates_stay_finite_across_chunks(monkeypatch):
         lambda *t: gated_linear_attention(*t[:4], initial_state=t[4], output_final_state=True, chunk_size=32),
         [q, k, v, g, s0],
     )
-    for name, a, b in zip(NAMES, got, want, strict=True):
-        assert torch.isfinite(a).all(), name
-        # Gate sums of ~1000 within a chunk keep ~1e-4 of absolute precision in fp32, as in fla's kernels.
-        assert_rel(a, b, 1e-3, name)
+    # Gate sums of ~1000 within a chunk keep ~1e-4 of absolute precision in fp32, as in fla's kernels.
+    assert_all_rel(NAMES, got, want, 1e-3, finite=True)
 
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalised"])
@@ -116,45 +102,22 @@ def test_packed_sequences_equal_separate_calls(monkeypatch, normalize):
                              cu_seqlens=cu)  # fmt: skip
     assert_rel(o, o_ref, 1e-5, "packed output vs naive")
     assert_rel(s, s_ref, 1e-5, "packed states vs naive")
-    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        o_n, s_n = gated_linear_attention(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], normalize=normalize,
-                                          initial_state=s0[n : n + 1], output_final_state=True)  # fmt: skip
-        assert_rel(o[:, a:b], o_n, 1e-6, f"sequence {n} output")
-        assert_rel(s[n : n + 1], s_n, 1e-6, f"sequence {n} state")
+    assert_sequences_alone(o, s, bounds, gated_linear_attention, (q, k, v, g), s0, 1e-6, normalize=normalize)
 
 
 @pytest.mark.parametrize("normalize", [False, True], ids=["plain", "normalised"])
 def test_decoding_step_by_step_equals_the_full_forward(monkeypatch, normalize):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
-    q, k, v, g, _ = make_inputs(2, 45, 4, 2, 16, 8, normalize)
-    with torch.no_grad():
-        full, full_state = gated_linear_attention(q, k, v, g, normalize=normalize, output_final_state=True)
-        out, state = gated_linear_attention(q[:, :37], k[:, :37], v[:, :37], g[:, :37], normalize=normalize,
-                                            output_final_state=True)  # fmt: skip
-        steps = [out]
-        for t in range(37, 45):
-            sl = slice(t, t + 1)
-            out, state = gated_linear_attention(q[:, sl], k[:, sl], v[:, sl], g[:, sl], normalize=normalize,
-                                                initial_state=state, output_final_state=True)  # fmt: skip
-            steps.append(out)
-    assert_rel(torch.cat(steps, 1), full, 1e-6, "decoded outputs")
-    assert_rel(state, full_state, 1e-6, "state after decoding")
+    *tensors, _ = make_inputs(2, 45, 4, 2, 16, 8, normalize)
+    assert_decodes_as_full(gated_linear_attention, tensors, 37, normalize=normalize)
 
 
 def test_left_padding_leaves_the_real_tokens_as_alone(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
-    q, k, v, g, _ = make_inputs(1, 30, 2, 2, 8, 8, normalize=True)
+    *tensors, _ = make_inputs(1, 30, 2, 2, 8, 8, normalize=True)
     # Padding tokens with large keys and strong gates: they must neither add to the state nor decay it.
-    pad = 9
-    qp, kp, vp = (torch.cat([torch.full_like(x[:, :pad], 3.0), x], 1) for x in (q, k, v))
-    gp = torch.cat([torch.full_like(g[:, :pad], -5.0), g], 1)
-    mask = torch.ones(1, 30 + pad, dtype=torch.bool)
-    mask[:, :pad] = False
-    for run in (gated_linear_attention, gla_naive):
-        o, s = run(qp, kp, vp, gp, normalize=True, output_final_state=True, token_mask=mask)
-        o_ref, s_ref = gla_naive(q, k, v, g, normalize=True, output_final_state=True)
-        assert_rel(o[:, pad:], o_ref, 1e-6, f"{run.__name__}: outputs of real tokens")
-        assert_rel(s, s_ref, 1e-6, f"{run.__name__}: final state")
+    runs = (gated_linear_attention, gla_naive)
+    assert_padding_is_left_alone(runs, tensors, 9, (3.0, 3.0, 3.0, -5.0), gla_naive, normalize=True)
 
 
 def test_backend_choice(monkeypatch):
@@ -181,20 +144,13 @@ def test_gpu_extra_pins_the_checked_fla_versions():
     assert f"fla-core{fla_path.FLA_VERSIONS}" in pyproject["project"]["optional-dependencies"]["gpu"]
 
 
-needs_fla = pytest.mark.skipif(fla_path.fla_version() is None, reason="needs fla-core")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @needs_fla
 def test_fla_signatures_match_the_pinned_version():
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
-    from packaging.specifiers import SpecifierSet
 
-    assert fla_path.fla_version() in SpecifierSet(fla_path.FLA_VERSIONS)
-    for fn, names in ((chunk_gla, fla_path.CHUNK_GLA_ARGS), (fused_recurrent_gla, fla_path.FUSED_RECURRENT_GLA_ARGS)):
-        params = inspect.signature(fn).parameters
-        missing = [n for n in names if n not in params]
-        assert not missing, f"{fn.__name__} lacks {missing}"
+    assert_fla_signatures(
+        (chunk_gla, fla_path.CHUNK_GLA_ARGS), (fused_recurrent_gla, fla_path.FUSED_RECURRENT_GLA_ARGS)
+    )
 
 
 GPU_CASES = [
@@ -219,10 +175,7 @@ def test_gpu_fla_bf16_within_twice_naive_bf16_error(monkeypatch, B, T, H, Hkv, K
                          leaves)  # fmt: skip
     got = run_with_grads(lambda q, k, v, g, s: gated_linear_attention(q, k, v, g, initial_state=s, **kw), leaves)
     assert gla_mod.gla_backend(leaves[0]) == "fla"
-    for name, a, b, ref in zip(NAMES, got, low, want, strict=True):
-        assert not torch.isnan(a).any(), name
-        kernel, naive = rel_rmse(a.float(), ref.float()), rel_rmse(b.float(), ref.float())
-        assert kernel <= 2 * naive + 1e-3, f"{name}: fla {kernel:.2e} vs naive bf16 {naive:.2e}"
+    assert_within_twice_naive_error(NAMES, got, low, want)
 
 
 @cuda
@@ -231,19 +184,13 @@ def test_gpu_fla_packed_and_decoding_match_naive(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "triton")
     q, k, v, g, _ = make_inputs(1, 200, 4, 2, 64, 64, dtype=torch.bfloat16, device="cuda")
     g = g.float()
+    tensors = (q, k, v, g)
     cu = torch.tensor([0, 17, 150, 200], device="cuda")
     o, s = gated_linear_attention(q, k, v, g, output_final_state=True, cu_seqlens=cu)
     o_ref, s_ref = gla_naive(q.float(), k.float(), v.float(), g, output_final_state=True, cu_seqlens=cu)
     assert_rel(o.float(), o_ref, 2e-2, "packed output")
     assert_rel(s, s_ref, 2e-2, "packed states")
-    with torch.no_grad():
-        out, state = gated_linear_attention(q[:, :150], k[:, :150], v[:, :150], g[:, :150], output_final_state=True)
-        steps = [out]
-        for t in range(150, 200):
-            sl = slice(t, t + 1)
-            out, state = gated_linear_attention(q[:, sl], k[:, sl], v[:, sl], g[:, sl], initial_state=state,
-                                                output_final_state=True)  # fmt: skip
-            steps.append(out)
+    decoded, state = decode_in_steps(gated_linear_attention, tensors, 150)
     full, full_state = gla_naive(q.float(), k.float(), v.float(), g, output_final_state=True)
-    assert_rel(torch.cat(steps, 1).float(), full, 2e-2, "decoded outputs")
+    assert_rel(decoded.float(), full, 2e-2, "decoded outputs")
     assert_rel(state, full_state, 2e-2, "state after decoding")

@@ -6,27 +6,27 @@ fla's kernels are tested on the GPU only, with flash-attention's bf16 rule.
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 import torch.nn.functional as F
+from op_checks import (
+    GPU_CASES,
+    assert_all_rel,
+    assert_decodes_as_full,
+    assert_fla_signatures,
+    assert_padding_is_left_alone,
+    assert_rel,
+    assert_sequences_alone,
+    assert_within_twice_naive_error,
+    cuda,
+    decode_in_steps,
+    needs_fla,
+    run_with_grads,
+)
 
 from linearize.kernels import rwkv7 as rwkv7_mod
-from linearize.kernels.gla import fla_path as gla_fla_path
 from linearize.kernels.rwkv7 import chunk as rwkv7_chunk
 from linearize.kernels.rwkv7 import fla_path, rwkv7_attention, rwkv7_naive, rwkv7_recurrent_torch
-
-
-def rel_rmse(actual, expected):
-    actual, expected = actual.double(), expected.double()
-    return ((actual - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-
-
-def assert_rel(actual, expected, tol, what):
-    assert not torch.isnan(actual).any(), f"{what}: NaN"
-    err = rel_rmse(actual, expected)
-    assert err <= tol, f"{what}: relative RMSE {err:.2e} > {tol:.0e}"
 
 
 def make_inputs(B, T, H, Hkv, K, V, N=None, decay=1.0, dtype=torch.float32, device="cpu", seed=0):
@@ -42,16 +42,6 @@ def make_inputs(B, T, H, Hkv, K, V, N=None, decay=1.0, dtype=torch.float32, devi
     a, b = -kk, kk * torch.sigmoid(rnd(B, T, H, K))
     s0 = rnd(N or B, H, K, V) * 0.5
     return [t.to(device, dtype) for t in (r, w, k, v, a, b)] + [s0.to(device)]
-
-
-def run_with_grads(fn, leaves, seed=7):
-    leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    out, state = fn(*leaves)
-    gen = torch.Generator().manual_seed(seed)
-    d_out = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
-    d_state = torch.randn(state.shape, generator=gen).to(state.device)
-    loss = (out * d_out).sum() + (state * d_state).sum()
-    return [out, state, *torch.autograd.grad(loss, leaves)]
 
 
 NAMES = ["output", "final state", "dr", "dw", "dk", "dv", "da", "db", "dinitial_state"]
@@ -77,9 +67,7 @@ def test_paths_match_naive(monkeypatch, path, B, T, H, Hkv, K, V, chunk):
     leaves = make_inputs(B, T, H, Hkv, K, V)
     want = run_with_grads(lambda *t: rwkv7_naive(*t[:6], 0.5, t[6], True), leaves)
     got = run_with_grads(lambda *t: rwkv7_attention(*t[:6], 0.5, t[6], True, chunk_size=chunk), leaves)
-    for name, x, y in zip(NAMES, got, want, strict=True):
-        assert x.shape == y.shape, name
-        assert_rel(x, y, 1e-5, name)
+    assert_all_rel(NAMES, got, want, 1e-5)
 
 
 def test_strong_decays_stay_finite_across_chunks(monkeypatch):
@@ -88,9 +76,7 @@ def test_strong_decays_stay_finite_across_chunks(monkeypatch):
     leaves = make_inputs(1, 40, 2, 2, 8, 8, decay=40.0)
     want = run_with_grads(lambda *t: rwkv7_naive(*t[:6], 1.0, t[6], True), [t.double() for t in leaves])
     got = run_with_grads(lambda *t: rwkv7_attention(*t[:6], 1.0, t[6], True, chunk_size=32), leaves)
-    for name, x, y in zip(NAMES, got, want, strict=True):
-        assert torch.isfinite(x).all(), name
-        assert_rel(x, y, 1e-4, name)
+    assert_all_rel(NAMES, got, want, 1e-4, finite=True)
 
 
 def test_packed_sequences_equal_separate_calls(monkeypatch):
@@ -102,40 +88,21 @@ def test_packed_sequences_equal_separate_calls(monkeypatch):
     o_ref, s_ref = rwkv7_naive(*tensors, 1.0, s0, True, cu_seqlens=cu)
     assert_rel(o, o_ref, 1e-5, "packed output vs naive")
     assert_rel(s, s_ref, 1e-5, "packed states vs naive")
-    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        o_n, s_n = rwkv7_naive(*(t[:, a:b] for t in tensors), 1.0, s0[n : n + 1], True)
-        assert_rel(o[:, a:b], o_n, 1e-5, f"sequence {n} output")
-        assert_rel(s[n : n + 1], s_n, 1e-5, f"sequence {n} state")
+    assert_sequences_alone(o, s, bounds, rwkv7_naive, tensors, s0, 1e-5, scale=1.0)
 
 
 def test_decoding_step_by_step_equals_the_full_forward(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     *tensors, _ = make_inputs(2, 45, 4, 2, 8, 8)
-    with torch.no_grad():
-        full, full_state = rwkv7_attention(*tensors, 1.0, None, True)
-        out, state = rwkv7_attention(*(t[:, :37] for t in tensors), 1.0, None, True)
-        steps = [out]
-        for t in range(37, 45):
-            out, state = rwkv7_attention(*(x[:, t : t + 1] for x in tensors), 1.0, state, True)
-            steps.append(out)
-    assert_rel(torch.cat(steps, 1), full, 1e-6, "decoded outputs")
-    assert_rel(state, full_state, 1e-6, "state after decoding")
+    assert_decodes_as_full(rwkv7_attention, tensors, 37, scale=1.0)
 
 
 def test_left_padding_leaves_the_real_tokens_as_alone(monkeypatch):
     monkeypatch.setenv("LINEARIZE_KERNELS", "torch")
     *tensors, _ = make_inputs(1, 20, 2, 2, 8, 8)
-    pad = 6
-    # Padding tokens with large keys, strong decays and a full-strength removal: none of it may reach the state.
-    padded = [torch.cat([torch.full_like(x[:, :pad], 2.0), x], 1) for x in tensors]
-    padded[1][:, :pad] = -5.0
-    mask = torch.ones(1, 20 + pad, dtype=torch.bool)
-    mask[:, :pad] = False
-    o_ref, s_ref = rwkv7_naive(*tensors, 1.0, None, True)
-    for run in (rwkv7_attention, rwkv7_naive):
-        o, s = run(*padded, 1.0, None, True, token_mask=mask)
-        assert_rel(o[:, pad:], o_ref, 1e-6, f"{run.__name__}: outputs of real tokens")
-        assert_rel(s, s_ref, 1e-6, f"{run.__name__}: final state")
+    # Padding tokens with large keys, strong decays (w) and a full-strength removal: none of it may reach the state.
+    fills = (2.0, -5.0, 2.0, 2.0, 2.0, 2.0)
+    assert_padding_is_left_alone((rwkv7_attention, rwkv7_naive), tensors, 6, fills, rwkv7_naive, scale=1.0)
 
 
 def test_the_transition_removes_what_a_key_stored():
@@ -147,29 +114,13 @@ def test_the_transition_removes_what_a_key_stored():
     torch.testing.assert_close(o[0, 1, 0], torch.tensor([0.0, 3.0]), atol=1e-6, rtol=0)
 
 
-needs_fla = pytest.mark.skipif(gla_fla_path.fla_version() is None, reason="needs fla-core")
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @needs_fla
 def test_fla_signatures_match_the_pinned_version():
     from fla.ops.rwkv7 import chunk_rwkv7, fused_recurrent_rwkv7
-    from packaging.specifiers import SpecifierSet
 
-    assert gla_fla_path.fla_version() in SpecifierSet(gla_fla_path.FLA_VERSIONS)
-    for fn, names in ((chunk_rwkv7, fla_path.CHUNK_RWKV7_ARGS), (fused_recurrent_rwkv7,
-                                                                 fla_path.FUSED_RECURRENT_RWKV7_ARGS)):  # fmt: skip
-        params = inspect.signature(fn).parameters
-        missing = [n for n in names if n not in params]
-        assert not missing, f"{fn.__name__} lacks {missing}"
-
-
-GPU_CASES = [
-    pytest.param(2, 500, 4, 2, 64, 64, id="B2-T500-H4-Hkv2-K64"),
-    pytest.param(1, 63, 2, 2, 64, 64, id="B1-T63-H2-K64"),
-    pytest.param(2, 300, 4, 4, 128, 128, id="B2-T300-H4-K128"),
-    pytest.param(1, 40, 4, 2, 64, 64, id="B1-T40-H4-Hkv2-K64-short"),
-]
+    assert_fla_signatures(
+        (chunk_rwkv7, fla_path.CHUNK_RWKV7_ARGS), (fused_recurrent_rwkv7, fla_path.FUSED_RECURRENT_RWKV7_ARGS)
+    )
 
 
 @cuda
@@ -183,13 +134,9 @@ def test_gpu_fla_bf16_within_twice_naive_bf16_error(monkeypatch, B, T, H, Hkv, K
     low = run_with_grads(lambda *t: rwkv7_naive(*t[:6], 1.0, t[6], True, upcast=False), leaves)
     got = run_with_grads(lambda *t: rwkv7_attention(*t[:6], 1.0, t[6], True), leaves)
     assert rwkv7_mod.gla_backend(leaves[0]) == "fla"
-    for name, x, y, ref in zip(NAMES, got, low, want, strict=True):
-        assert not torch.isnan(x).any(), name
-        kernel, naive = rel_rmse(x.float(), ref.float()), rel_rmse(y.float(), ref.float())
-        assert kernel <= 2 * naive + 1e-3, f"{name}: fla {kernel:.2e} vs naive bf16 {naive:.2e}"
-        # A state carried in bf16 through hundreds of steps drifts far, so the rule above alone is lenient: fla keeps
-        # its state in fp32, and is held to a few percent besides.
-        assert kernel <= 5e-2, f"{name}: fla {kernel:.2e}"
+    # A state carried in bf16 through hundreds of steps drifts far, so the rule alone is lenient: fla keeps its state
+    # in fp32, and is held to a few percent besides.
+    assert_within_twice_naive_error(NAMES, got, low, want, cap=5e-2)
 
 
 @cuda
@@ -204,12 +151,7 @@ def test_gpu_fla_packed_and_decoding_match_naive(monkeypatch):
     o_ref, s_ref = rwkv7_naive(*ref_inputs, 1.0, None, True, cu_seqlens=cu)
     assert_rel(o.float(), o_ref, 2e-2, "packed output")
     assert_rel(s, s_ref, 2e-2, "packed states")
-    with torch.no_grad():
-        out, state = rwkv7_attention(*(t[:, :150] for t in tensors), 1.0, None, True)
-        steps = [out]
-        for t in range(150, 200):
-            out, state = rwkv7_attention(*(x[:, t : t + 1] for x in tensors), 1.0, state, True)
-            steps.append(out)
+    decoded, state = decode_in_steps(rwkv7_attention, tensors, 150, scale=1.0)
     full, full_state = rwkv7_naive(*ref_inputs, 1.0, None, True)
-    assert_rel(torch.cat(steps, 1).float(), full, 2e-2, "decoded outputs")
+    assert_rel(decoded.float(), full, 2e-2, "decoded outputs")
     assert_rel(state, full_state, 2e-2, "state after decoding")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..common import fp32_state, merge_chunks, split_chunks
+
 
 def gated_delta_chunk_torch(
     q: torch.Tensor,
@@ -43,28 +45,18 @@ def gated_delta_chunk_torch(
         `([B, T, H, V]` fp32 output, `[B, H, K, V]` fp32 state or None).
     """
     B, T, H, K = q.shape
-    V = v.shape[-1]
     C = chunk_size
-    pad = (-T) % C
-    n_chunks = (T + pad) // C
-    # Padding at the end has k = 0, g = 0 and beta = 0: it neither writes to the state nor decays it.
-    qf, kf, vf = (torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-    gf, bf = (torch.nn.functional.pad(x.float(), (0, 0, 0, pad)) for x in (g, beta))
-    # [B, H, N, C, *] and [B, H, N, C]
-    qf, kf, vf = (x.view(B, n_chunks, C, H, -1).permute(0, 3, 1, 2, 4) for x in (qf, kf, vf))
-    gf, bf = (x.view(B, n_chunks, C, H).permute(0, 3, 1, 2) for x in (gf, bf))
+    # [B, H, N, C, *] and [B, H, N, C]; the padding at the end has k = 0, g = 0 and beta = 0: it neither writes to
+    # the state nor decays it.
+    qf, kf, vf, gf, bf = split_chunks((q, k, v, g, beta), C)
     qf = qf * scale
     G = gf.cumsum(-1)
     idx = torch.arange(C, device=q.device)
     upto = idx[None, :] <= idx[:, None]
     before = idx[None, :] < idx[:, None]
-    state = (
-        initial_state.float()
-        if initial_state is not None
-        else torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device)
-    )
+    state = fp32_state(initial_state, B, H, K, v.shape[-1], q.device)
     outputs = []
-    for n in range(n_chunks):
+    for n in range(qf.shape[2]):
         qn, kn, vn, Gn, bn = qf[:, :, n], kf[:, :, n], vf[:, :, n], G[:, :, n], bf[:, :, n]
         diff = Gn[..., :, None] - Gn[..., None, :]
         decay = torch.exp(diff.masked_fill(~upto, float("-inf")))
@@ -75,5 +67,4 @@ def gated_delta_chunk_torch(
         outputs.append((qn * torch.exp(Gn)[..., None]) @ state + ((qn @ kn.transpose(-1, -2)) * decay) @ u)
         last = Gn[..., -1:]
         state = torch.exp(last)[..., None] * state + (kn * torch.exp(last - Gn)[..., None]).transpose(-1, -2) @ u
-    o = torch.stack(outputs, 2).permute(0, 2, 3, 1, 4).reshape(B, n_chunks * C, H, V)[:, :T]
-    return o, state if output_final_state else None
+    return merge_chunks(outputs, T), state if output_final_state else None

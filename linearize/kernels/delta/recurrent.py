@@ -7,7 +7,18 @@ q_t). It carries the same [B, H, K, V] fp32 state as the chunked path and fla's 
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from ..common import recurrent_scan
+
+
+def _step(scale, state, qt, kt, vt, gt, bt):
+    state = torch.exp(gt)[..., None, None] * state
+    u = bt[..., None] * (vt - torch.einsum("bhk,bhkv->bhv", kt, state))
+    state = state + kt[..., :, None] * u[..., None, :]
+    return state, torch.einsum("bhk,bhkv->bhv", qt * scale, state)
 
 
 def gated_delta_recurrent_torch(
@@ -34,19 +45,5 @@ def gated_delta_recurrent_torch(
     Returns:
         `([B, T, H, V]` fp32 output, `[B, H, K, V]` fp32 state or None).
     """
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    state = (
-        initial_state.float()
-        if initial_state is not None
-        else torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device)
-    )
-    outputs = []
-    for t in range(T):
-        kt, vt = k[:, t].float(), v[:, t].float()
-        state = torch.exp(g[:, t].float())[..., None, None] * state
-        u = beta[:, t].float()[..., None] * (vt - torch.einsum("bhk,bhkv->bhv", kt, state))
-        state = state + kt[..., :, None] * u[..., None, :]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].float() * scale, state))
-    o = torch.stack(outputs, 1) if outputs else q.new_zeros(B, 0, H, V, dtype=torch.float32)
-    return o, state if output_final_state else None
+    step = functools.partial(_step, scale)
+    return recurrent_scan(step, (q, k, v, g, beta), v.shape[-1], initial_state, output_final_state)

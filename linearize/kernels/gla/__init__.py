@@ -14,6 +14,7 @@ import logging
 import torch
 
 from ...errors import LinearizeError
+from ..common import torch_path
 from ..hybrid import ENV_VAR, kernel_choice
 from .chunk import gla_chunk_torch
 from .fla_path import FLA_VERSIONS, fla_version, gla_fla
@@ -22,26 +23,10 @@ from .recurrent import gla_recurrent_torch
 
 logger = logging.getLogger(__name__)
 
-# Inputs up to this many tokens without gradients (decoding steps) take the step-by-step PyTorch path.
-RECURRENT_MAX_TOKENS = 16
-
 
 def _torch(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g))
-    if q.shape[1] <= RECURRENT_MAX_TOKENS and not needs_grad:
-        run = gla_recurrent_torch
-    else:
-        run = functools.partial(gla_chunk_torch, chunk_size=chunk_size)
-    if cu_seqlens is None:
-        return run(q, k, v, g, scale, initial_state, output_final_state)
-    bounds = cu_seqlens.tolist()
-    outs, states = [], []
-    for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        init = initial_state[n : n + 1] if initial_state is not None else None
-        o, s = run(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], scale, init, True)
-        outs.append(o)
-        states.append(s)
-    return torch.cat(outs, 1), torch.cat(states, 0) if output_final_state else None
+    return torch_path(gla_recurrent_torch, gla_chunk_torch, (q, k, v, g), scale, initial_state, output_final_state,
+                      cu_seqlens, chunk_size)  # fmt: skip
 
 
 def _fla(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens, chunk_size):

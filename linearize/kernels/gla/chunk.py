@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..common import fp32_state, merge_chunks, split_chunks
+
 
 def _intra_scores(q: torch.Tensor, k: torch.Tensor, G: torch.Tensor, later: torch.Tensor) -> torch.Tensor:
     # [B, H, C, C]: sum_c q_ic k_jc exp(G_ic - G_jc) for j <= i; the difference is taken before the exponential.
@@ -45,25 +47,15 @@ def gla_chunk_torch(
         `([B, T, H, V]` fp32 output, `[B, H, K, V]` fp32 state or None).
     """
     B, T, H, K = q.shape
-    V = v.shape[-1]
-    C = chunk_size
-    pad = (-T) % C
-    # Padding at the end has k = 0 and g = 0: it neither adds to the state nor decays it.
-    qf, kf, vf, gf = (torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)) for x in (q, k, v, g))
-    n_chunks = (T + pad) // C
-    # [B, H, N, C, *]
-    qf, kf, vf, gf = (x.view(B, n_chunks, C, H, -1).permute(0, 3, 1, 2, 4) for x in (qf, kf, vf, gf))
+    # [B, H, N, C, *]; the padding at the end has k = 0 and g = 0: it neither adds to the state nor decays it.
+    qf, kf, vf, gf = split_chunks((q, k, v, g), chunk_size)
     qf = qf * scale
     G = gf.cumsum(3)
-    idx = torch.arange(C, device=q.device)
+    idx = torch.arange(chunk_size, device=q.device)
     later = (idx[None, :] > idx[:, None])[:, :, None]
-    state = (
-        initial_state.float()
-        if initial_state is not None
-        else torch.zeros(B, H, K, V, dtype=torch.float32, device=q.device)
-    )
+    state = fp32_state(initial_state, B, H, K, v.shape[-1], q.device)
     outputs = []
-    for n in range(n_chunks):
+    for n in range(qf.shape[2]):
         qn, kn, vn, Gn = qf[:, :, n], kf[:, :, n], vf[:, :, n], G[:, :, n]
         if torch.is_grad_enabled() and any(t.requires_grad for t in (qn, kn, Gn)):
             scores = checkpoint(_intra_scores, qn, kn, Gn, later, use_reentrant=False)
@@ -73,5 +65,4 @@ def gla_chunk_torch(
         outputs.append(out)
         last = Gn[:, :, -1:]
         state = torch.exp(last).transpose(-1, -2) * state + (kn * torch.exp(last - Gn)).transpose(-1, -2) @ vn
-    o = torch.stack(outputs, 2).permute(0, 2, 3, 1, 4).reshape(B, n_chunks * C, H, V)[:, :T]
-    return o, state if output_final_state else None
+    return merge_chunks(outputs, T), state if output_final_state else None

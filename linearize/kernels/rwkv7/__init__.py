@@ -8,10 +8,9 @@ overrides the choice as for the other ops: `torch` forces PyTorch, `triton` requ
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
+from ..common import torch_path
 from ..gla import gla_backend
 from ..gla.naive import expand_heads
 from .chunk import rwkv7_chunk_torch
@@ -19,26 +18,10 @@ from .fla_path import rwkv7_fla
 from .naive import rwkv7_naive
 from .recurrent import rwkv7_recurrent_torch
 
-# Inputs up to this many tokens without gradients (decoding steps) take the step-by-step PyTorch path.
-RECURRENT_MAX_TOKENS = 16
-
 
 def _torch(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (r, w, k, v, a, b))
-    if r.shape[1] <= RECURRENT_MAX_TOKENS and not needs_grad:
-        run = rwkv7_recurrent_torch
-    else:
-        run = functools.partial(rwkv7_chunk_torch, chunk_size=chunk_size)
-    if cu_seqlens is None:
-        return run(r, w, k, v, a, b, scale, initial_state, output_final_state)
-    bounds = cu_seqlens.tolist()
-    outs, states = [], []
-    for n, (s, e) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        init = initial_state[n : n + 1] if initial_state is not None else None
-        o, h = run(*(x[:, s:e] for x in (r, w, k, v, a, b)), scale, init, True)
-        outs.append(o)
-        states.append(h)
-    return torch.cat(outs, 1), torch.cat(states, 0) if output_final_state else None
+    return torch_path(rwkv7_recurrent_torch, rwkv7_chunk_torch, (r, w, k, v, a, b), scale, initial_state,
+                      output_final_state, cu_seqlens, chunk_size)  # fmt: skip
 
 
 def _fla(r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, chunk_size):
@@ -89,8 +72,9 @@ def rwkv7_attention(
     if token_mask is not None:
         keep = token_mask[:, :, None, None]
         k, w, b = k * keep.to(k.dtype), w * keep.to(w.dtype), b * keep.to(b.dtype)
-    o, state = BACKENDS[gla_backend(r)](r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens,
-                                        chunk_size)  # fmt: skip
+    o, state = BACKENDS[gla_backend(r)](
+        r, w, k, v, a, b, scale, initial_state, output_final_state, cu_seqlens, chunk_size
+    )
     return o.to(dtype), state
 
 

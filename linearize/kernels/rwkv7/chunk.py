@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..common import fp32_state, merge_chunks, split_chunks
+
 # Largest chunk total of log decays (in magnitude) for which exp(G_i) and exp(-G_j) are formed apart: e^30 = 1e13
 # leaves fp32 ample room above any product of them and the inputs.
 MAX_FACTORED_DECAY = 30.0
@@ -80,29 +82,19 @@ def rwkv7_chunk_torch(
         `([B, T, H, V]` fp32 output, `[B, H, K, V]` fp32 state or None).
     """
     B, T, H, K = r.shape
-    V = v.shape[-1]
-    C = chunk_size
-    pad = (-T) % C
-    # Padding at the end has k = b = w = 0: it leaves the state alone.
-    parts = [torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)) for x in (r, w, k, v, a, b)]
-    n_chunks = (T + pad) // C
-    # [B, H, N, C, *]
-    rf, wf, kf, vf, af, bf = (x.view(B, n_chunks, C, H, -1).permute(0, 3, 1, 2, 4) for x in parts)
+    # [B, H, N, C, *]; the padding at the end has k = b = w = 0: it leaves the state alone.
+    rf, wf, kf, vf, af, bf = split_chunks((r, w, k, v, a, b), chunk_size)
     rf = rf * scale
     G = wf.cumsum(3)
-    idx = torch.arange(C, device=r.device)
+    idx = torch.arange(chunk_size, device=r.device)
     later = (idx[None, :] > idx[:, None])[:, :, None]
     strictly_later = (idx[None, :] >= idx[:, None])[:, :, None]
-    eye = torch.eye(C, device=r.device)
-    h = (
-        initial_state.float()
-        if initial_state is not None
-        else torch.zeros(B, H, K, V, dtype=torch.float32, device=r.device)
-    )
+    eye = torch.eye(chunk_size, device=r.device)
+    h = fp32_state(initial_state, B, H, K, v.shape[-1], r.device)
     outputs = []
     # Which chunks may split their decays, read in one go (one device sync on a GPU, not one per chunk).
     factored = (G[:, :, :, -1].amin(dim=(0, 1, 3)) > -MAX_FACTORED_DECAY).tolist()
-    for n in range(n_chunks):
+    for n in range(rf.shape[2]):
         rn, wn, kn, vn, an, bn, Gn = (x[:, :, n] for x in (rf, wf, kf, vf, af, bf, G))
         args = (rn, kn, an, bn, Gn, wn, later, strictly_later)
         if factored[n]:
@@ -121,5 +113,4 @@ def rwkv7_chunk_torch(
             + (kn * tail).transpose(-1, -2) @ vn
             + (bn * tail).transpose(-1, -2) @ u
         )
-    o = torch.stack(outputs, 2).permute(0, 2, 3, 1, 4).reshape(B, n_chunks * C, H, V)[:, :T]
-    return o, h if output_final_state else None
+    return merge_chunks(outputs, T), h if output_final_state else None

@@ -6,7 +6,17 @@ this is the whole decoding step. It carries the same [B, H, K, V] fp32 state as 
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from ..common import recurrent_scan
+
+
+def _step(scale, h, rt, wt, kt, vt, at, bt):
+    h = torch.exp(wt)[..., None] * h + bt[..., None] * torch.einsum("bhk,bhkv->bhv", at, h)[:, :, None]
+    h = h + kt[..., None] * vt[:, :, None]
+    return h, torch.einsum("bhk,bhkv->bhv", rt * scale, h)
 
 
 def rwkv7_recurrent_torch(
@@ -21,18 +31,5 @@ def rwkv7_recurrent_torch(
     output_final_state: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The RWKV-7 recurrence, one step per token; same arguments and result as `rwkv7_chunk_torch`."""
-    B, T, H, K = r.shape
-    V = v.shape[-1]
-    h = (
-        initial_state.float()
-        if initial_state is not None
-        else torch.zeros(B, H, K, V, dtype=torch.float32, device=r.device)
-    )
-    outputs = []
-    for t in range(T):
-        at, bt = a[:, t].float(), b[:, t].float()
-        h = torch.exp(w[:, t].float())[..., None] * h + bt[..., None] * torch.einsum("bhk,bhkv->bhv", at, h)[:, :, None]
-        h = h + k[:, t].float()[..., None] * v[:, t].float()[:, :, None]
-        outputs.append(torch.einsum("bhk,bhkv->bhv", r[:, t].float() * scale, h))
-    o = torch.stack(outputs, 1) if outputs else r.new_zeros(B, 0, H, V, dtype=torch.float32)
-    return o, h if output_final_state else None
+    step = functools.partial(_step, scale)
+    return recurrent_scan(step, (r, w, k, v, a, b), v.shape[-1], initial_state, output_final_state)
