@@ -133,6 +133,14 @@ class AttentionConfig:
             if kv_heads:
                 heads[str(int(layer))] = sorted(set(kv_heads))
         self.softmax_heads = dict(sorted(heads.items(), key=lambda item: int(item[0])))
+        from .attention.registry import ATTENTION_KINDS, head_split_kinds
+
+        if (self.softmax_head_budget or self.softmax_heads) and not ATTENTION_KINDS[self.kind].softmax_heads:
+            raise LinearizeError(
+                f"attention kind '{self.kind}' cannot keep softmax heads inside a layer (softmax_head_budget, "
+                f"softmax_heads): use a kind that can ({', '.join(head_split_kinds())}), or keep whole layers with "
+                "softmax_budget / softmax_layers"
+            )
 
     def kind_options(self):
         """The kind's own settings (its `options` dataclass filled from `attention.options`), or None."""

@@ -14,12 +14,18 @@ log-uniformly over the heads from `dt_min` to `dt_max` (Mamba's range, 1e-3 .. 1
 tokens); `b_proj` 0 (beta = 1/2, half the delta rule's full overwrite); `o_norm.weight` 1; `g_proj.weight` 0 and
 its bias 1.2785, where silu = 1, so the gate starts open; `conv.weight` the identity. Decoding state: the [D, D]
 fp32 state per query head and the conv's last inputs (`DeltaState`).
+
+Key/value heads listed in `attention.softmax_heads` keep the teacher's exact softmax over every past token, with
+their query heads and the teacher's RoPE, scale and soft-cap (heads.py); the new parameters above cover the other
+(linear) heads only, so a kept head has nothing to train, and the decoding state is a `SoftmaxHeadsState` holding
+the linear heads' `DeltaState` and the kept heads' growing key/value cache.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +34,7 @@ from torch import nn
 from ..errors import LinearizeError
 from ..kernels import delta as delta_ops
 from .cache import RecurrentLayer
+from .heads import HeadSplit, softmax_heads_bytes, split_attention
 from .projection import project_qkv, rope_function
 from .registry import AttentionKind, ConvertedAttention, register_attention_kind
 from .short_conv import ShortConv
@@ -115,15 +122,28 @@ class GatedDeltaAttention(ConvertedAttention):
         layer_idx: index of the decoder layer.
         options: the kind's settings.
         chunk_size: tokens per chunk of the PyTorch path.
+        softmax_kv_heads: key/value heads kept as exact softmax over every past token, with their query heads.
     """
 
-    def __init__(self, original: nn.Module, layer_idx: int, options: GdnOptions, chunk_size: int = 64):
+    def __init__(
+        self,
+        original: nn.Module,
+        layer_idx: int,
+        options: GdnOptions,
+        chunk_size: int = 64,
+        softmax_kv_heads: tuple[int, ...] = (),
+    ):
         super().__init__(original, layer_idx)
         config = original.config
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim, self.options, self.chunk_size = original.head_dim, options, chunk_size
+        self.scaling = original.scaling
+        self.softcap = getattr(original, "attn_logit_softcapping", None)
         self.rope = rope_function(original)
-        H, D, hidden = self.num_heads, self.head_dim, config.hidden_size
+        self.split = HeadSplit(self.num_heads, self.num_kv_heads, softmax_kv_heads)
+        # The new parameters are the linear heads' (H of them, Hkv key/value heads); kept heads have none.
+        H, Hkv = self.split.num_linear_heads, len(self.split.linear_kv)
+        D, hidden = self.head_dim, config.hidden_size
         device = next(original.parameters()).device
         self.a_proj = nn.Linear(hidden, H, bias=False, device=device)
         self.A_log = nn.Parameter(torch.zeros(H, device=device))
@@ -132,8 +152,8 @@ class GatedDeltaAttention(ConvertedAttention):
         self.o_norm = HeadRMSNorm(D).to(device)
         if options.output_gate:
             self.g_proj = nn.Linear(hidden, H * D, bias=True, device=device)
-        if options.conv_kernel:
-            self.conv = ShortConv((H + 2 * self.num_kv_heads) * D, options.conv_kernel).to(device)
+        if options.conv_kernel and H:
+            self.conv = ShortConv((H + 2 * Hkv) * D, options.conv_kernel).to(device)
         self.reset_new_parameters()
         self.float_new_parameters()
 
@@ -153,8 +173,8 @@ class GatedDeltaAttention(ConvertedAttention):
             if "A_log" in prefixes:
                 self.A_log.zero_()
             if "dt_bias" in prefixes:
-                H = self.num_heads
-                spread = torch.linspace(0, 1, H) if H > 1 else torch.zeros(1)
+                H = self.split.num_linear_heads
+                spread = torch.linspace(0, 1, H) if H != 1 else torch.zeros(1)
                 dt = torch.exp(math.log(opts.dt_min) + spread * (math.log(opts.dt_max) - math.log(opts.dt_min)))
                 # softplus(dt_bias) = dt.
                 self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
@@ -162,18 +182,17 @@ class GatedDeltaAttention(ConvertedAttention):
             if module in prefixes:
                 getattr(self, module).reset_parameters()
 
-    def _core(self, hidden, position_embeddings, token_mask, state: DeltaState | None, cu_seqlens=None):
-        H, Hkv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        cos, sin = position_embeddings
-        # The projections with norms but no rotation (RoPE with cos 1, sin 0): the conv sees un-rotated q/k.
-        q, k, v = project_qkv(self, hidden, (torch.ones_like(cos), torch.zeros_like(sin)))
+    def linear_heads(self, hidden, position_embeddings, q, k, v, token_mask, state, output_final_state, cu_seqlens):
+        """The gated delta rule on the linear heads' un-rotated q `[B, T, H, D]`, k and v `[B, T, Hkv, D]`
+        (`split_attention`'s `LinearOp` once `hidden` and `position_embeddings` are bound): `(out, DeltaState)`."""
+        H, Hkv, D = q.shape[2], k.shape[2], self.head_dim
         conv_state = None
         if hasattr(self, "conv"):
             x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)
             x, conv_state = self.conv.packed(x, state.conv if state is not None else None, token_mask, cu_seqlens)
             q, k, v = (t.unflatten(-1, (-1, D)) for t in x.split([H * D, Hkv * D, Hkv * D], -1))
         if self.options.rope:
-            q, k = (t.transpose(1, 2) for t in self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin))
+            q, k = self._rotate(q, k, position_embeddings)
         x = hidden.to(self.a_proj.weight.dtype)
         g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         beta = torch.sigmoid(self.b_proj(x).float())
@@ -186,16 +205,27 @@ class GatedDeltaAttention(ConvertedAttention):
             out = out * F.silu(self.g_proj(x).float()).unflatten(-1, (H, D))
         return out.to(hidden.dtype), DeltaState(recurrent, conv_state)
 
+    def _rotate(self, q, k, position_embeddings):
+        """The teacher's RoPE on q `[B, T, H, D]` and k `[B, T, Hkv, D]`, whatever subset of heads they hold."""
+        cos, sin = position_embeddings
+        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2)
+
     def attention_heads(self, hidden_states, position_embeddings, token_mask=None, cache=None, cu_seqlens=None):
         """Per-head attention output before `o_proj`: `[B, T, hidden]` -> `[B, T, H * D]`.
 
         `cu_seqlens` (`[N + 1]`) marks sequences packed along T (B = 1): each runs from an empty state, in one call.
         """
+        cos, sin = position_embeddings
+        # The projections with norms but no rotation (RoPE with cos 1, sin 0): the conv sees un-rotated q/k, and
+        # the kept softmax heads get the teacher's rotation in `split_attention`.
+        q, k, v = project_qkv(self, hidden_states, (torch.ones_like(cos), torch.zeros_like(sin)))
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
-        out, state = self._core(hidden_states, position_embeddings, token_mask, layer.state if layer else None,
-                                cu_seqlens)  # fmt: skip
-        if layer is not None:
-            layer.advance(state, hidden_states.shape[1])
+        linear_op = partial(self.linear_heads, hidden_states, position_embeddings)
+        rotate = partial(self._rotate, position_embeddings=position_embeddings)
+        out = split_attention(
+            self.split, linear_op, q, k, v, self.scaling, self.softcap, token_mask, layer, cu_seqlens, rotate=rotate
+        )
         return out.reshape(*hidden_states.shape[:-1], -1)
 
     def attention_weights(self, hidden_states: torch.Tensor, position_embeddings) -> torch.Tensor:
@@ -204,16 +234,23 @@ class GatedDeltaAttention(ConvertedAttention):
 
     def extra_repr(self) -> str:
         o = self.options
-        return f"layer_idx={self.layer_idx}, output_gate={o.output_gate}, conv_kernel={o.conv_kernel}, rope={o.rope}"
+        heads = f", softmax_kv_heads={self.split.softmax_kv}" if self.split else ""
+        return (
+            f"layer_idx={self.layer_idx}, output_gate={o.output_gate}, conv_kernel={o.conv_kernel}, rope={o.rope}"
+            f"{heads}"
+        )
 
 
 def gdn_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dtype_bytes: int) -> int:
-    """Bytes of a `gdn` layer's cache: the fp32 [D, D] state per query head, plus the conv's last inputs."""
+    """Bytes of a `gdn` layer's cache after `tokens` tokens: per linear query head the fp32 [D, D] state, plus the
+    conv's last inputs of the linear heads; plus the kept softmax heads' keys, values and mask, which grow."""
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    H, Hkv = config.num_attention_heads, config.num_key_value_heads
+    split = HeadSplit(config.num_attention_heads, config.num_key_value_heads, cfg.softmax_heads.get(str(layer_idx), ()))
+    H, Hkv = split.num_linear_heads, len(split.linear_kv)
     kernel = cfg.kind_options().conv_kernel
     conv = max(kernel - 1, 0) * (H + 2 * Hkv) * head_dim * dtype_bytes
-    return batch * (4 * H * head_dim * head_dim + conv)
+    linear = batch * (4 * H * head_dim * head_dim + conv) if H else 0
+    return linear + softmax_heads_bytes(len(split.softmax_kv), head_dim, tokens, batch, dtype_bytes)
 
 
 register_attention_kind(
@@ -223,7 +260,11 @@ register_attention_kind(
         "strength from the layer input, output norm and gate (fla's GatedDeltaNet)",
         uses_window=False,
         build=lambda original, cfg, idx: GatedDeltaAttention(
-            original, idx, cfg.kind_options(), chunk_size=min(cfg.chunk_size, MAX_CHUNK)
+            original,
+            idx,
+            cfg.kind_options(),
+            chunk_size=min(cfg.chunk_size, MAX_CHUNK),
+            softmax_kv_heads=cfg.softmax_heads.get(str(idx), ()),
         ),
         cache_layer=RecurrentLayer,
         ops={
@@ -233,5 +274,6 @@ register_attention_kind(
         },
         options=GdnOptions,
         state_bytes=gdn_state_bytes,
+        softmax_heads=True,
     )
 )

@@ -5,7 +5,8 @@ key/value head: the cache is per key/value head, so a kept head brings its whole
 it. The kept heads compute what the teacher computes (its projections, RoPE, scale and soft-cap; no new
 parameters); the other heads run the kind's own op on their share of q, k and v; the outputs go back into the
 original head order before `o_proj`. Any kind whose op works on a subset of whole head groups can reuse this:
-`split_attention` takes the kind's op as a function.
+`split_attention` takes the kind's op as a function. A kind whose op reads un-rotated q/k (a short conv before
+RoPE, or no RoPE at all, as `gdn`) passes them so, with the teacher's rotation as `rotate` for the kept heads.
 
 Decoding keeps a `SoftmaxHeadsState` in the layer's `RecurrentLayer`: the kind's own state for the linear heads
 and a growing key/value cache for the kept heads only.
@@ -185,6 +186,7 @@ def split_attention(
     token_mask: torch.Tensor | None = None,
     layer=None,
     cu_seqlens: torch.Tensor | None = None,
+    rotate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Run the kept heads as exact softmax and the rest through `linear_op`, and put the heads back in order.
 
@@ -193,6 +195,8 @@ def split_attention(
         linear_op: the kind's op on a subset of whole head groups (see `LinearOp`).
         q, k, v: `[B, T, H, D]`, `[B, T, Hkv, D]`, `[B, T, Hkv, Dv]` after norms and RoPE.
         layer: the layer's `RecurrentLayer` when decoding with a cache (read and advanced here), else None.
+        rotate: `(q, k) -> (q, k)`, the teacher's RoPE, applied to the kept heads' q/k alone; None when q and k
+            come rotated.
 
     Returns:
         `[B, T, H, Dv]`.
@@ -215,9 +219,12 @@ def split_attention(
                 cu_seqlens,
             )
             parts.append(out)
+        sq, sk = q.index_select(2, sm_q), k.index_select(2, sm_kv)
+        if rotate is not None:
+            sq, sk = rotate(sq, sk)
         out, (keys, values, mask) = causal_softmax(
-            q.index_select(2, sm_q),
-            k.index_select(2, sm_kv),
+            sq,
+            sk,
             v.index_select(2, sm_kv),
             scale,
             softcap,

@@ -60,6 +60,7 @@ register_attention_kind(
         build=build_hedgehog,
         cache_layer=RecurrentLayer,
         ops=HYBRID_OPS,
+        softmax_heads=True,
         state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: hybrid_state_bytes(
             config, cfg, idx, tokens, batch, nbytes, window=0
         ),

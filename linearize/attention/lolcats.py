@@ -24,6 +24,7 @@ register_attention_kind(
         },
         controls=WINDOW_CONTROLS,
         sparse_cache=True,
+        softmax_heads=True,
         state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: hybrid_state_bytes(
             config, cfg, idx, tokens, batch, nbytes, window=cfg.window
         ),

@@ -115,6 +115,7 @@ class AttentionKind:
         state_bytes: `(model_config, attention_config, layer_idx, tokens, batch, dtype_bytes) -> int`, the bytes
             its cache layer holds after `tokens` tokens (what `cache_bytes_at` reports); None when not declared.
         sparse_cache: whether the kind takes `attention.sparse_cache` (exact past pairs beside its window).
+        softmax_heads: whether the kind keeps `attention.softmax_heads` exact inside a layer (heads.py).
     """
 
     name: str
@@ -127,6 +128,7 @@ class AttentionKind:
     options: type | None = None
     state_bytes: Callable[..., int] | None = None
     sparse_cache: bool = False
+    softmax_heads: bool = False
 
 
 ATTENTION_KINDS: dict[str, AttentionKind] = {}
@@ -149,6 +151,11 @@ def get_attention_kind(name: str) -> AttentionKind:
     if name not in ATTENTION_KINDS:
         raise LinearizeError(f"attention kind '{name}' is unknown; choose one of: {', '.join(sorted(ATTENTION_KINDS))}")
     return ATTENTION_KINDS[name]
+
+
+def head_split_kinds() -> list[str]:
+    """Names of the registered kinds that keep softmax heads inside a layer."""
+    return sorted(name for name, kind in ATTENTION_KINDS.items() if kind.softmax_heads)
 
 
 def converted_modules(model: nn.Module) -> dict[int, ConvertedAttention]:

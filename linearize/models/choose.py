@@ -105,6 +105,7 @@ def _check_head_layers(attention: AttentionConfig, plan: dict[str, str]) -> None
 def check_heads_built(model: nn.Module, attention: AttentionConfig) -> None:
     """After the swap: every layer with softmax heads was built by a kind that keeps them (has a `HeadSplit`)."""
     from ..attention import converted_modules
+    from ..attention.registry import head_split_kinds
 
     modules = converted_modules(model)
     for layer, heads in attention.softmax_heads.items():
@@ -112,5 +113,5 @@ def check_heads_built(model: nn.Module, attention: AttentionConfig) -> None:
         if split is None or split.softmax_kv != heads:
             raise LinearizeError(
                 f"attention kind '{attention.kind}' does not keep softmax heads inside a layer; use "
-                "softmax_layers / softmax_budget with it, or a kind that does (hedgehog, lolcats)"
+                f"softmax_layers / softmax_budget with it, or a kind that does ({', '.join(head_split_kinds())})"
             )
