@@ -21,6 +21,10 @@ CONFIGS = {
     "gdn": dict(kind="gdn", chunk_size=4),
     "gdn-conv-rope": dict(kind="gdn", chunk_size=4, options={"conv_kernel": 4, "rope": True}),
     "gdn-no-gate": dict(kind="gdn", chunk_size=4, options={"output_gate": False}),
+    # Kept softmax heads in layers 0 and 1 of the tiny llama (its layer 0 is what the single-layer checks use).
+    "gdn-heads": dict(
+        kind="gdn", chunk_size=4, options={"conv_kernel": 4, "rope": True}, softmax_heads={"0": [1], "1": [0]}
+    ),  # fmt: skip
     "rwkv7": dict(kind="rwkv7", chunk_size=4, options=RWKV7_RANKS),
 }
 

@@ -25,7 +25,10 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Hub repo.
 KINDS = ["lolcats", *sorted(k for k, v in linearize.ATTENTION_KINDS.items() if v.build is not None and k != "lolcats")]
 # Settings beyond the kind's own, travelling in config.json: `<kind>+<variant>` entries of KINDS.
-VARIANTS = {"lolcats+sparse": dict(sparse_cache=2, sparse_block=2)}
+VARIANTS = {
+    "lolcats+sparse": dict(sparse_cache=2, sparse_block=2),
+    "gdn+heads": dict(softmax_heads={"1": [0], "2": [0, 1]}, options={"conv_kernel": 4}),
+}
 KINDS += list(VARIANTS)
 
 # Runs in a fresh interpreter where `linearize` (and, for the Hub-style load, `triton`) cannot be imported.
