@@ -27,6 +27,11 @@ CONFIGS = {
     ),  # fmt: skip
     "rwkv7": dict(kind="rwkv7", chunk_size=4, options=RWKV7_RANKS),
 }
+# The gated kinds with the same kept heads.
+CONFIGS |= {
+    f"{kind}-heads": CONFIGS[kind] | {"softmax_heads": {"0": [1], "1": [0]}}
+    for kind in ("gla", "liger", "lizard", "lawcat")
+}
 
 
 def attention_config(name, **changes):

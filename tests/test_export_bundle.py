@@ -28,6 +28,7 @@ KINDS = ["lolcats", *sorted(k for k, v in linearize.ATTENTION_KINDS.items() if v
 VARIANTS = {
     "lolcats+sparse": dict(sparse_cache=2, sparse_block=2),
     "gdn+heads": dict(softmax_heads={"1": [0], "2": [0, 1]}, options={"conv_kernel": 4}),
+    "lizard+heads": dict(softmax_heads={"0": [1], "3": [0]}),
 }
 KINDS += list(VARIANTS)
 

@@ -169,7 +169,10 @@ def test_lizard_is_its_two_naive_branches_under_one_normaliser():
     assert (sunk.norm(dim=-1) < base.norm(dim=-1)).all()
 
 
-@pytest.mark.parametrize("name", ["lawcat", "lizard", "rwkv7", "gdn", "gdn-conv-rope", "gdn-no-gate", "gdn-heads"])
+@pytest.mark.parametrize(
+    "name",
+    ["lawcat", "lizard", "rwkv7", "gdn", "gdn-conv-rope", "gdn-no-gate", "gdn-heads", "lizard-heads", "lawcat-heads"],
+)
 def test_packed_sequences_equal_separate_forwards(name):
     hidden, _ = layer_inputs(T=12, B=1)
     model = converted(name)
@@ -199,7 +202,9 @@ def test_controls_switch_each_branch_off(kind):
     assert (outs["window-only"] - outs["linear-only"]).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("name", ["lizard", "lawcat", "rwkv7", "gdn-conv-rope", "gdn-heads"])
+@pytest.mark.parametrize(
+    "name", ["lizard", "lawcat", "rwkv7", "gdn-conv-rope", "gdn-heads", "lizard-heads", "liger-heads"]
+)
 def test_left_padding_gives_the_unpadded_outputs(name):
     model = converted(name)
     perturb(model)

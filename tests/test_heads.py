@@ -98,7 +98,10 @@ def test_a_kind_that_cannot_keep_heads_is_refused():
 
     register_attention_kind(AttentionKind("toy-heads", "test kind", False, build=ToyLinear, cache_layer=ToyLayer))
     try:
-        with pytest.raises(LinearizeError, match="'toy-heads' cannot keep softmax heads.*gdn, hedgehog, lolcats"):
+        with pytest.raises(
+            LinearizeError,
+            match="'toy-heads' cannot keep softmax heads.*gdn, gla, hedgehog, lawcat, liger, lizard, lolcats",
+        ):
             convert(tiny_model("llama"), AttentionConfig(kind="toy-heads", softmax_heads={"1": [0]}))
     finally:
         del ATTENTION_KINDS["toy-heads"]

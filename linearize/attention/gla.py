@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from ..errors import LinearizeError
 from ..kernels import gla as gla_ops
 from .cache import RecurrentLayer
-from .gated import GatedAttention
+from .gated import GatedAttention, gated_state_bytes, linear_split
 from .gates import LowRankGate
 from .registry import AttentionKind, register_attention_kind
 
@@ -47,11 +47,12 @@ class GateOptions:
 
 def build_gla(original, cfg, layer_idx: int, conv_kernel: int = 0) -> GatedAttention:
     opts = cfg.kind_options()
-    config = original.config
-    gate = LowRankGate(config.hidden_size, config.num_attention_heads, 2 * cfg.feature_dim, opts.gate_rank,
+    split = linear_split(original, cfg, layer_idx)
+    gate = LowRankGate(original.config.hidden_size, split.num_linear_heads, 2 * cfg.feature_dim, opts.gate_rank,
                        opts.gate_tau)  # fmt: skip
     return GatedAttention(original, layer_idx, gate, feature="hedgehog", feature_dim=cfg.feature_dim,
-                          conv_kernel=conv_kernel, chunk_size=min(cfg.chunk_size, MAX_CHUNK))  # fmt: skip
+                          conv_kernel=conv_kernel, chunk_size=min(cfg.chunk_size, MAX_CHUNK),
+                          softmax_kv_heads=split.softmax_kv)  # fmt: skip
 
 
 register_attention_kind(
@@ -64,5 +65,9 @@ register_attention_kind(
         cache_layer=RecurrentLayer,
         ops=GLA_OPS,
         options=GateOptions,
+        state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: gated_state_bytes(
+            config, cfg, idx, tokens, batch, nbytes, features=2 * cfg.feature_dim
+        ),
+        softmax_heads=True,
     )
 )

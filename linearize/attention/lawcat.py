@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import LinearizeError
 from .cache import RecurrentLayer
+from .gated import gated_state_bytes
 from .gla import GLA_OPS, GateOptions, build_gla
 from .registry import AttentionKind, register_attention_kind
 
@@ -37,5 +38,16 @@ register_attention_kind(
         cache_layer=RecurrentLayer,
         ops=GLA_OPS,
         options=LawcatOptions,
+        state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: gated_state_bytes(
+            config,
+            cfg,
+            idx,
+            tokens,
+            batch,
+            nbytes,
+            features=2 * cfg.feature_dim,
+            conv_kernel=cfg.kind_options().conv_kernel,
+        ),  # fmt: skip
+        softmax_heads=True,
     )
 )

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..errors import LinearizeError
 from .cache import RecurrentLayer
-from .gated import GATED_WINDOW_CONTROLS, GatedAttention
+from .gated import GATED_WINDOW_CONTROLS, GatedAttention, gated_state_bytes, linear_split
 from .gates import PooledKeyGate
 from .gla import GLA_OPS, MAX_CHUNK
 from .registry import AttentionKind, register_attention_kind
@@ -34,7 +34,8 @@ class LigerOptions:
 def build_liger(original, cfg, layer_idx: int) -> GatedAttention:
     gate = PooledKeyGate(original.head_dim, cfg.kind_options().gate_tau)
     return GatedAttention(original, layer_idx, gate, feature="softmax", window=cfg.window, mix="average",
-                          chunk_size=min(cfg.chunk_size, MAX_CHUNK), window_chunk_size=cfg.chunk_size)  # fmt: skip
+                          chunk_size=min(cfg.chunk_size, MAX_CHUNK), window_chunk_size=cfg.chunk_size,
+                          softmax_kv_heads=linear_split(original, cfg, layer_idx).softmax_kv)  # fmt: skip
 
 
 register_attention_kind(
@@ -48,5 +49,9 @@ register_attention_kind(
         ops=GLA_OPS,
         controls=GATED_WINDOW_CONTROLS,
         options=LigerOptions,
+        state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: gated_state_bytes(
+            config, cfg, idx, tokens, batch, nbytes, features=None, window=cfg.window
+        ),
+        softmax_heads=True,
     )
 )

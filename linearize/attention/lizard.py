@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import LinearizeError
 from .cache import RecurrentLayer
-from .gated import GATED_WINDOW_CONTROLS, GatedAttention
+from .gated import GATED_WINDOW_CONTROLS, GatedAttention, gated_state_bytes, linear_split
 from .gates import HeadGate
 from .gla import GLA_OPS, MAX_CHUNK
 from .registry import AttentionKind, register_attention_kind
@@ -37,10 +37,12 @@ class LizardOptions:
 
 def build_lizard(original, cfg, layer_idx: int) -> GatedAttention:
     opts = cfg.kind_options()
-    gate = HeadGate(original.config.hidden_size, original.config.num_attention_heads, opts.gate_tau)
+    split = linear_split(original, cfg, layer_idx)
+    gate = HeadGate(original.config.hidden_size, split.num_linear_heads, opts.gate_tau)
     return GatedAttention(original, layer_idx, gate, feature="hedgehog", feature_dim=cfg.feature_dim,
                           rope_linear=False, window=cfg.window, sinks=opts.sinks, mix="shared",
-                          chunk_size=min(cfg.chunk_size, MAX_CHUNK), window_chunk_size=cfg.chunk_size)  # fmt: skip
+                          chunk_size=min(cfg.chunk_size, MAX_CHUNK), window_chunk_size=cfg.chunk_size,
+                          softmax_kv_heads=split.softmax_kv)  # fmt: skip
 
 
 register_attention_kind(
@@ -54,5 +56,9 @@ register_attention_kind(
         ops=GLA_OPS,
         controls=GATED_WINDOW_CONTROLS,
         options=LizardOptions,
+        state_bytes=lambda config, cfg, idx, tokens, batch, nbytes: gated_state_bytes(
+            config, cfg, idx, tokens, batch, nbytes, features=2 * cfg.feature_dim, window=cfg.window
+        ),
+        softmax_heads=True,
     )
 )

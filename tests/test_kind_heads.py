@@ -1,7 +1,8 @@
-"""Head-level hybrids of the `gdn` kind: kept key/value heads are the teacher's softmax attention, the others the
-gated delta rule with new parameters for those heads only; decoding, the cache size, the refusal of kinds that
-cannot split heads, and the bundled `gdn-retrieval` recipe end to end. Packing and left padding are checked with the
-other kinds in `test_gated_kinds.py` (`gdn-heads`), export and reload in `test_export_bundle.py` (`gdn+heads`).
+"""Head-level hybrids of the recurrent kinds (`gdn` and the gated kinds): kept key/value heads are the teacher's
+softmax attention, the others the kind's op with new parameters for those heads only; decoding, the cache size, the
+refusal of kinds that cannot split heads, and the bundled `gdn-retrieval` recipe end to end. Packing and left padding
+are checked with the other kinds in `test_gated_kinds.py` (`*-heads`), export and reload in `test_export_bundle.py`
+(`gdn+heads`, `lizard+heads`). The Hedgehog family's head split is in `test_heads.py`.
 """
 
 from __future__ import annotations
@@ -10,13 +11,22 @@ import json
 
 import pytest
 import torch
-from kind_checks import converted, decode_equals_full, layer_inputs, perturb, token_ids, write_corpus
+from kind_checks import (
+    attention_config,
+    converted,
+    decode_equals_full,
+    layer_inputs,
+    perturb,
+    token_ids,
+    write_corpus,
+)
 from tiny_models import save_tiny, tiny_model
 from transformers import AutoModelForCausalLM
 
 from linearize import AttentionConfig, convert
 from linearize.attention import LinearizeCache, converted_modules
 from linearize.attention.footprint import cache_bytes_at
+from linearize.attention.gated import GatedState
 from linearize.attention.gdn import DeltaState
 from linearize.attention.heads import SoftmaxHeadsState
 from linearize.config import from_dict, load_recipe, to_dict
@@ -24,6 +34,17 @@ from linearize.errors import LinearizeError
 from linearize.train.pipeline import run_pipeline
 
 OPTIONS = {"conv_kernel": 4, "rope": True}
+# Each kind with its new parameters as varied as it has them: conv, RoPE, window, sinks, gates.
+NAMES = ["gdn-conv-rope", "gla", "liger", "lizard", "lawcat"]
+# The kinds that keep softmax heads, as the refusal names them.
+CAN = "gdn, gla, hedgehog, lawcat, liger, lizard, lolcats"
+STATES = {
+    "gdn-conv-rope": DeltaState,
+    "gla": GatedState,
+    "liger": GatedState,
+    "lizard": GatedState,
+    "lawcat": GatedState,
+}
 
 
 def _o_proj_inputs(model, layer: int, ids) -> torch.Tensor:
@@ -39,15 +60,16 @@ def _o_proj_inputs(model, layer: int, ids) -> torch.Tensor:
     return seen[0]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen3"])
-def test_kept_heads_are_the_teachers_attention(family):
+@pytest.mark.parametrize(
+    "name,family", [*(("gdn-conv-rope", f) for f in ("llama", "gemma2", "qwen3")), *((n, "llama") for n in NAMES[1:])]
+)
+def test_kept_heads_are_the_teachers_attention(name, family):
     teacher = tiny_model(family)
     n_layers, D = teacher.config.num_hidden_layers, teacher.config.head_dim
     groups = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
     # Layer 1 is converted in every family; every other layer stays softmax, so layer 1 sees the teacher's input.
     others = [i for i in range(n_layers) if i != 1]
-    settings = dict(kind="gdn", chunk_size=4, options=OPTIONS, softmax_layers=others, softmax_heads={"1": [1]})
-    student = convert(tiny_model(family), AttentionConfig(**settings))
+    student = convert(tiny_model(family), attention_config(name, softmax_layers=others, softmax_heads={"1": [1]}))
     perturb(student)
     ids = token_ids(2, 13)
     want, got = _o_proj_inputs(teacher, 1, ids), _o_proj_inputs(student, 1, ids)
@@ -62,11 +84,21 @@ def _linear_slices(module) -> dict[str, torch.Tensor]:
     kv head 0 of the tiny llama (query heads 0, 1) holds: query heads 2, 3 and kv head 1."""
     D = module.head_dim
     heads = torch.tensor([2, 3])
-    rows = torch.cat([torch.arange(h * D, (h + 1) * D) for h in heads])
+
+    def rows(width):
+        return torch.cat([torch.arange(h * width, (h + 1) * width) for h in heads])
+
     H, Hkv = module.num_heads, module.num_kv_heads
-    conv = torch.cat([rows, H * D + torch.arange(D, 2 * D), (H + Hkv) * D + torch.arange(D, 2 * D)])
-    return {"A_log": heads, "dt_bias": heads, "a_proj.weight": heads, "b_proj.weight": heads, "b_proj.bias": heads,
-            "g_proj.weight": rows, "g_proj.bias": rows, "o_norm.weight": torch.arange(D), "conv.weight": conv}  # fmt: skip
+    conv = torch.cat([rows(D), H * D + torch.arange(D, 2 * D), (H + Hkv) * D + torch.arange(D, 2 * D)])
+    per_head = ["A_log", "dt_bias", "a_proj.weight", "b_proj.weight", "b_proj.bias", "sinks", "gate.proj.weight",
+                "gate.proj.bias", "feature_map_q.weight", "feature_map_k.weight"]  # fmt: skip
+    slices = dict.fromkeys(per_head, heads) | {"g_proj.weight": rows(D), "g_proj.bias": rows(D), "conv.weight": conv}
+    if hasattr(module, "gate") and hasattr(module.gate, "up"):
+        slices |= {"gate.up.weight": rows(module.gate.channels), "gate.up.bias": rows(module.gate.channels)}
+    new = module.named_new_parameters()
+    # Shared by the heads: the whole tensor.
+    slices |= {name: torch.arange(new[name].shape[0]) for name in ("o_norm.weight", "gate.down.weight") if name in new}
+    return {name: slices[name] for name in new if name in slices}
 
 
 def _take(p, index, name):
@@ -74,11 +106,12 @@ def _take(p, index, name):
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["batch", "packed"])
-def test_linear_heads_are_the_plain_rule_on_their_heads_with_its_gradients(packed):
-    plain_model = converted("gdn", options=OPTIONS)
+@pytest.mark.parametrize("name", ["gdn-conv-rope", "lizard", "lawcat"])
+def test_linear_heads_are_the_plain_op_on_their_heads_with_its_gradients(name, packed):
+    plain_model = converted(name)
     perturb(plain_model)
     plain = converted_modules(plain_model)[1]
-    split = converted_modules(converted("gdn", options=OPTIONS, softmax_heads={"1": [0]}))[1]
+    split = converted_modules(converted(name, softmax_heads={"1": [0]}))[1]
     slices = _linear_slices(plain)
     assert sorted(split.named_new_parameters()) == sorted(slices)
     with torch.no_grad():
@@ -98,7 +131,7 @@ def test_linear_heads_are_the_plain_rule_on_their_heads_with_its_gradients(packe
                                    atol=1e-6, msg=lambda text, name=name: f"{name}: {text}")  # fmt: skip
 
 
-def test_new_parameters_cover_the_linear_heads_only():
+def test_gdn_new_parameters_cover_the_linear_heads_only():
     model = converted("gdn", options=OPTIONS, softmax_heads={"1": [1], "2": [0, 1]})
     modules = converted_modules(model)
     shapes = {n: tuple(p.shape) for n, p in modules[1].named_new_parameters().items()}
@@ -111,13 +144,14 @@ def test_new_parameters_cover_the_linear_heads_only():
     assert modules[0].a_proj.weight.shape == (4, 64)
 
 
-def test_decoding_equals_the_full_forward_and_the_cache_is_what_the_footprint_says():
-    model = converted("gdn", options=OPTIONS, softmax_heads={"1": [1], "2": [0, 1]})
+@pytest.mark.parametrize("name", NAMES)
+def test_decoding_equals_the_full_forward_and_the_cache_is_what_the_footprint_says(name):
+    model = converted(name, softmax_heads={"1": [1], "2": [0, 1]})
     perturb(model)
     cache = decode_equals_full(model, token_ids(2, 11))
     state = cache.recurrent_layer(1).state
-    assert isinstance(state, SoftmaxHeadsState) and isinstance(state.linear, DeltaState)
-    assert state.linear.recurrent.shape == (2, 2, 16, 16) and state.keys.shape == (2, 11, 1, 16)
+    assert isinstance(state, SoftmaxHeadsState) and isinstance(state.linear, STATES[name])
+    assert state.linear.tensors()[0].shape[:2] == (2, 2) and state.keys.shape == (2, 11, 1, 16)
     assert cache.recurrent_layer(2).state.linear is None
     assert cache.nbytes() == cache_bytes_at(model.config, 11, batch=2, dtype_bytes=4)["total"]
     generated = LinearizeCache(model.config)
@@ -135,10 +169,11 @@ def test_a_kind_that_cannot_split_heads_is_refused_with_the_kinds_that_can(monke
 
     monkeypatch.setattr("linearize.models.choose.retrieval_scores", no_scoring)
     for settings in (dict(softmax_head_budget=0.25), dict(softmax_heads={"1": [0]})):
-        with pytest.raises(LinearizeError, match=r"kind 'gla' cannot keep softmax heads.*\(gdn, hedgehog, lolcats\)"):
-            AttentionConfig(kind="gla", **settings)
-    with pytest.raises(LinearizeError, match="kind 'rwkv7' cannot keep softmax heads"):
+        with pytest.raises(LinearizeError, match=rf"kind 'rwkv7' cannot keep softmax heads.*\({CAN}\)"):
+            AttentionConfig(kind="rwkv7", **settings)
+    with pytest.raises(LinearizeError, match="kind 'rwkv7' cannot keep softmax heads") as info:
         load_recipe("lolcats-retrieval", ["attention.kind=rwkv7"])
+    assert "\n" not in str(info.value)
 
 
 def test_the_recipe_cache_arithmetic_on_smollm2():
