@@ -200,8 +200,9 @@ def test_shakespeare_source(tmp_path, monkeypatch):
     assert len(source_files("stdlib")) > 100
 
 
-# "heads": kept softmax heads grow with the context inside a converted layer; "lizard": a gated kind's own state.
-@pytest.mark.parametrize("family", ["llama", "gemma2", "hybrid", "heads", "lizard"])
+# "heads": kept softmax heads grow with the context inside a converted layer; "lizard": a gated kind's own state;
+# "gdn-heads", "lizard-heads": those states beside kept softmax heads.
+@pytest.mark.parametrize("family", ["llama", "gemma2", "hybrid", "heads", "lizard", "gdn-heads", "lizard-heads"])
 def test_cache_size_formula_matches_real_caches(family):
     model = tiny_model("gemma2" if family == "gemma2" else "llama")
     teacher_profile = cache_profile(model)
@@ -210,6 +211,8 @@ def test_cache_size_formula_matches_real_caches(family):
         "hybrid": dict(kind="lolcats", softmax_layers=[1]),
         "heads": dict(kind="lolcats", softmax_heads={"2": [1]}),
         "lizard": dict(kind="lizard"),
+        "gdn-heads": dict(kind="gdn", softmax_heads={"2": [1]}),
+        "lizard-heads": dict(kind="lizard", softmax_heads={"0": [0], "2": [1]}),
     }
     if family in settings:
         convert(model, AttentionConfig(window=4, feature_dim=8, **settings[family]))
