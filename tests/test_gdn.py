@@ -147,8 +147,9 @@ def _rel(a, b):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or fla_version() is None, reason="needs a CUDA GPU and fla-core")
-def test_gpu_fla_model_matches_the_pytorch_path_decodes_as_it_prefills_and_trains(monkeypatch):
-    model = converted("gdn", options={"conv_kernel": 4})
+@pytest.mark.parametrize("heads", [{}, {"1": [0]}], ids=["linear", "kept-head"])
+def test_gpu_fla_model_matches_the_pytorch_path_decodes_as_it_prefills_and_trains(monkeypatch, heads):
+    model = converted("gdn", options={"conv_kernel": 4}, softmax_heads=heads)
     perturb(model)
     model = model.to("cuda", torch.bfloat16).eval()
     for m in converted_modules(model).values():
