@@ -133,12 +133,13 @@ class AttentionConfig:
             if kv_heads:
                 heads[str(int(layer))] = sorted(set(kv_heads))
         self.softmax_heads = dict(sorted(heads.items(), key=lambda item: int(item[0])))
-        from .attention.registry import ATTENTION_KINDS, head_split_kinds
+        from .attention.registry import ATTENTION_KINDS, kinds_with
 
         if (self.softmax_head_budget or self.softmax_heads) and not ATTENTION_KINDS[self.kind].softmax_heads:
+            can = ", ".join(kinds_with("softmax_heads"))
             raise LinearizeError(
                 f"attention kind '{self.kind}' cannot keep softmax heads inside a layer (softmax_head_budget, "
-                f"softmax_heads): use a kind that can ({', '.join(head_split_kinds())}), or keep whole layers with "
+                f"softmax_heads): use a kind that can ({can}), or keep whole layers with "
                 "softmax_budget / softmax_layers"
             )
 

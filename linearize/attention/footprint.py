@@ -8,12 +8,12 @@ heads' growing cache. `cache_bytes_at` gives the teacher's figure beside the mod
 from __future__ import annotations
 
 from ..errors import LinearizeError
-from .heads import kv_cache_bytes
+from .heads import config_head_dim, kv_cache_bytes
 from .registry import get_attention_kind
 
 
 def _softmax_layer_bytes(config, layer_idx: int, tokens: int, batch: int, dtype_bytes: int) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config_head_dim(config)
     layer_types = getattr(config, "layer_types", None) or []
     window = getattr(config, "sliding_window", None)
     if window and layer_idx < len(layer_types) and layer_types[layer_idx] == "sliding_attention":

@@ -23,8 +23,8 @@ from ..kernels.gla import gated_linear_attention
 from ..kernels.gla.naive import EPS, expand_heads
 from ..kernels.window import WindowState, window_attention
 from .feature_maps import HedgehogFeatureMap
-from .heads import HeadSplit, softmax_heads_bytes, split_attention
-from .projection import project_qkv, rope_function
+from .heads import HeadSplit, config_head_dim, softmax_heads_bytes, split_attention
+from .projection import project_qkv, rope_function, rotate_qk
 from .registry import Control, ConvertedAttention
 from .short_conv import ShortConv
 
@@ -71,7 +71,7 @@ class GatedAttention(ConvertedAttention):
         original: the softmax attention module being replaced; its children are adopted.
         layer_idx: index of the decoder layer.
         gate: module `(hidden [B, T, hidden], keys [B, T, Hkv, D]) -> g [B, T, Hg, K or 1]` (see gates.py), over
-            the linear heads only when some are kept softmax (`linear_split`).
+            the linear heads only when some are kept softmax (`HeadSplit.of_layer`).
         feature: `hedgehog` (learned per-head map, 2F features, identity start) or `softmax` (Liger's, D features).
         feature_dim: F of the Hedgehog map.
         rope_linear: apply RoPE to the linear branch's q/k (the window branch always has it).
@@ -134,12 +134,6 @@ class GatedAttention(ConvertedAttention):
         # The Hedgehog maps are per query head: keys are shared out to the query heads first.
         return self.feature_map_q(q), self.feature_map_k(expand_heads(k, q.shape[2]))
 
-    def _rotate(self, q, k, position_embeddings):
-        """The teacher's RoPE on q `[B, T, H, D]` and k `[B, T, Hkv, D]`, whatever subset of heads they hold."""
-        cos, sin = position_embeddings
-        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2)
-
     def linear_heads(self, hidden, position_embeddings, q, k, v, token_mask, state, output_final_state, cu_seqlens):
         """The gated op on the linear heads' un-rotated q `[B, T, H, D]`, k and v `[B, T, Hkv, D]`
         (`split_attention`'s `LinearOp` once `hidden` and `position_embeddings` are bound): `(out, GatedState)`.
@@ -165,7 +159,7 @@ class GatedAttention(ConvertedAttention):
             x = torch.cat([q.flatten(2), k.flatten(2), v.flatten(2)], -1)
             x, conv_state = self.conv.packed(x, state.conv if state is not None else None, token_mask, cu_seqlens)
             q, k, v = (t.unflatten(-1, (-1, D)) for t in x.split([H * D, Hkv * D, Hkv * D], -1))
-        qr, kr = self._rotate(q, k, position_embeddings)
+        qr, kr = rotate_qk(self, q, k, position_embeddings)
 
         fq, fk = self._features(qr, kr) if self.rope_linear else self._features(q, k)
         g = self.gate(hidden, k)
@@ -207,7 +201,7 @@ class GatedAttention(ConvertedAttention):
         q, k, v = project_qkv(self, hidden_states, (torch.ones_like(cos), torch.zeros_like(sin)))
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         linear_op = partial(self.linear_heads, hidden_states, position_embeddings)
-        rotate = partial(self._rotate, position_embeddings=position_embeddings)
+        rotate = partial(rotate_qk, self, position_embeddings=position_embeddings)
         out = split_attention(
             self.split, linear_op, q, k, v, self.scaling, self.softcap, token_mask, layer, cu_seqlens, rotate=rotate
         )
@@ -225,19 +219,13 @@ class GatedAttention(ConvertedAttention):
         )
 
 
-def linear_split(original, cfg, layer_idx: int) -> HeadSplit:
-    """The head split a gated kind's builder gives its module (and sizes the module's gate by)."""
-    config = original.config
-    return HeadSplit(config.num_attention_heads, config.num_key_value_heads, cfg.softmax_heads.get(str(layer_idx), ()))
-
-
 def gated_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dtype_bytes: int, features: int | None,
                       window: int = 0, conv_kernel: int = 0) -> int:  # fmt: skip
     """Bytes of a gated layer's cache after `tokens` tokens: per linear query head the fp32 gated sums
     `[K, D + 1]` (K = `features`, None for the head size), the window's last W - 1 keys, values and mask of the linear
     key/value heads, the conv's last inputs; plus the kept softmax heads' keys, values and mask, which grow."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    split = HeadSplit(config.num_attention_heads, config.num_key_value_heads, cfg.softmax_heads.get(str(layer_idx), ()))
+    head_dim = config_head_dim(config)
+    split = HeadSplit.of_layer(config, cfg, layer_idx)
     H, Hkv = split.num_linear_heads, len(split.linear_kv)
     linear = 0
     if H:

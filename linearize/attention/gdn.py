@@ -34,8 +34,8 @@ from torch import nn
 from ..errors import LinearizeError
 from ..kernels import delta as delta_ops
 from .cache import RecurrentLayer
-from .heads import HeadSplit, softmax_heads_bytes, split_attention
-from .projection import project_qkv, rope_function
+from .heads import HeadSplit, config_head_dim, softmax_heads_bytes, split_attention
+from .projection import project_qkv, rope_function, rotate_qk
 from .registry import AttentionKind, ConvertedAttention, register_attention_kind
 from .short_conv import ShortConv
 
@@ -192,7 +192,7 @@ class GatedDeltaAttention(ConvertedAttention):
             x, conv_state = self.conv.packed(x, state.conv if state is not None else None, token_mask, cu_seqlens)
             q, k, v = (t.unflatten(-1, (-1, D)) for t in x.split([H * D, Hkv * D, Hkv * D], -1))
         if self.options.rope:
-            q, k = self._rotate(q, k, position_embeddings)
+            q, k = rotate_qk(self, q, k, position_embeddings)
         x = hidden.to(self.a_proj.weight.dtype)
         g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         beta = torch.sigmoid(self.b_proj(x).float())
@@ -205,12 +205,6 @@ class GatedDeltaAttention(ConvertedAttention):
             out = out * F.silu(self.g_proj(x).float()).unflatten(-1, (H, D))
         return out.to(hidden.dtype), DeltaState(recurrent, conv_state)
 
-    def _rotate(self, q, k, position_embeddings):
-        """The teacher's RoPE on q `[B, T, H, D]` and k `[B, T, Hkv, D]`, whatever subset of heads they hold."""
-        cos, sin = position_embeddings
-        q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-        return q.transpose(1, 2), k.transpose(1, 2)
-
     def attention_heads(self, hidden_states, position_embeddings, token_mask=None, cache=None, cu_seqlens=None):
         """Per-head attention output before `o_proj`: `[B, T, hidden]` -> `[B, T, H * D]`.
 
@@ -222,7 +216,7 @@ class GatedDeltaAttention(ConvertedAttention):
         q, k, v = project_qkv(self, hidden_states, (torch.ones_like(cos), torch.zeros_like(sin)))
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
         linear_op = partial(self.linear_heads, hidden_states, position_embeddings)
-        rotate = partial(self._rotate, position_embeddings=position_embeddings)
+        rotate = partial(rotate_qk, self, position_embeddings=position_embeddings)
         out = split_attention(
             self.split, linear_op, q, k, v, self.scaling, self.softcap, token_mask, layer, cu_seqlens, rotate=rotate
         )
@@ -244,8 +238,8 @@ class GatedDeltaAttention(ConvertedAttention):
 def gdn_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dtype_bytes: int) -> int:
     """Bytes of a `gdn` layer's cache after `tokens` tokens: per linear query head the fp32 [D, D] state, plus the
     conv's last inputs of the linear heads; plus the kept softmax heads' keys, values and mask, which grow."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    split = HeadSplit(config.num_attention_heads, config.num_key_value_heads, cfg.softmax_heads.get(str(layer_idx), ()))
+    head_dim = config_head_dim(config)
+    split = HeadSplit.of_layer(config, cfg, layer_idx)
     H, Hkv = split.num_linear_heads, len(split.linear_kv)
     kernel = cfg.kind_options().conv_kernel
     conv = max(kernel - 1, 0) * (H + 2 * Hkv) * head_dim * dtype_bytes

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from ..errors import LinearizeError
 from ..kernels import gla as gla_ops
 from .cache import RecurrentLayer
-from .gated import GatedAttention, gated_state_bytes, linear_split
+from .gated import GatedAttention, gated_state_bytes
 from .gates import LowRankGate
+from .heads import HeadSplit
 from .registry import AttentionKind, register_attention_kind
 
 # The ops every gated kind calls: the dispatcher (fla on CUDA), the PyTorch path, the truth.
@@ -47,7 +48,7 @@ class GateOptions:
 
 def build_gla(original, cfg, layer_idx: int, conv_kernel: int = 0) -> GatedAttention:
     opts = cfg.kind_options()
-    split = linear_split(original, cfg, layer_idx)
+    split = HeadSplit.of_layer(original.config, cfg, layer_idx)
     gate = LowRankGate(original.config.hidden_size, split.num_linear_heads, 2 * cfg.feature_dim, opts.gate_rank,
                        opts.gate_tau)  # fmt: skip
     return GatedAttention(original, layer_idx, gate, feature="hedgehog", feature_dim=cfg.feature_dim,

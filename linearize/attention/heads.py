@@ -52,6 +52,13 @@ class HeadSplit:
         self.restore = sorted(range(num_heads), key=lambda h: order[h])
         self._indices: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
+    @classmethod
+    def of_layer(cls, config, attention, layer_idx: int) -> HeadSplit:
+        """The split of layer `layer_idx` of a model `config` under the attention settings `attention`
+        (its `softmax_heads`)."""
+        kept = attention.softmax_heads.get(str(layer_idx), ())
+        return cls(config.num_attention_heads, config.num_key_value_heads, kept)
+
     def __bool__(self) -> bool:
         return bool(self.softmax_kv)
 
@@ -253,6 +260,11 @@ def split_weights(
     parts = [linear_weights(q.index_select(2, lin_q), k.index_select(2, lin_kv))] if split.num_linear_heads else []
     parts.append(_causal_probs(q.index_select(2, sm_q), k.index_select(2, sm_kv), scale, softcap))
     return torch.cat([p.float() for p in parts], dim=1).index_select(1, restore)
+
+
+def config_head_dim(config) -> int:
+    """A model config's attention head size (`head_dim`, else hidden size over query heads)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def kv_cache_bytes(kv_heads: int, head_dim: int, tokens: int, batch: int, dtype_bytes: int) -> int:

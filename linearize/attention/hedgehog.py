@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..kernels.hybrid import hybrid_attention, hybrid_attention_chunked, naive
 from .cache import RecurrentLayer
-from .heads import HeadSplit, softmax_heads_bytes
+from .heads import HeadSplit, config_head_dim, softmax_heads_bytes
 from .hybrid import HybridLinearAttention
 from .registry import AttentionKind, register_attention_kind
 
@@ -38,8 +38,8 @@ def hybrid_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dty
     plus the kept softmax heads' keys, values and mask, which grow with `tokens`. A sparse cache of K pairs adds,
     per linear key/value head, K keys and values and their int64 positions, and keeps C - 1 more raw tokens (those
     that left the window since the last update of the kept pairs, `SparseState`)."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    split = HeadSplit(config.num_attention_heads, config.num_key_value_heads, cfg.softmax_heads.get(str(layer_idx), ()))
+    head_dim = config_head_dim(config)
+    split = HeadSplit.of_layer(config, cfg, layer_idx)
     features, slots = 2 * cfg.feature_dim, max(window - 1, 0)
     sparse = getattr(cfg, "sparse_cache", 0) if window > 0 else 0
     if sparse:

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from ..errors import LinearizeError
 from .cache import RecurrentLayer
-from .gated import GATED_WINDOW_CONTROLS, GatedAttention, gated_state_bytes, linear_split
+from .gated import GATED_WINDOW_CONTROLS, GatedAttention, gated_state_bytes
 from .gates import PooledKeyGate
 from .gla import GLA_OPS, MAX_CHUNK
+from .heads import HeadSplit
 from .registry import AttentionKind, register_attention_kind
 
 
@@ -35,7 +36,7 @@ def build_liger(original, cfg, layer_idx: int) -> GatedAttention:
     gate = PooledKeyGate(original.head_dim, cfg.kind_options().gate_tau)
     return GatedAttention(original, layer_idx, gate, feature="softmax", window=cfg.window, mix="average",
                           chunk_size=min(cfg.chunk_size, MAX_CHUNK), window_chunk_size=cfg.chunk_size,
-                          softmax_kv_heads=linear_split(original, cfg, layer_idx).softmax_kv)  # fmt: skip
+                          softmax_kv_heads=HeadSplit.of_layer(original.config, cfg, layer_idx).softmax_kv)  # fmt: skip
 
 
 register_attention_kind(

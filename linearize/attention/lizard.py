@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from ..errors import LinearizeError
 from .cache import RecurrentLayer
-from .gated import GATED_WINDOW_CONTROLS, GatedAttention, gated_state_bytes, linear_split
+from .gated import GATED_WINDOW_CONTROLS, GatedAttention, gated_state_bytes
 from .gates import HeadGate
 from .gla import GLA_OPS, MAX_CHUNK
+from .heads import HeadSplit
 from .registry import AttentionKind, register_attention_kind
 
 
@@ -37,7 +38,7 @@ class LizardOptions:
 
 def build_lizard(original, cfg, layer_idx: int) -> GatedAttention:
     opts = cfg.kind_options()
-    split = linear_split(original, cfg, layer_idx)
+    split = HeadSplit.of_layer(original.config, cfg, layer_idx)
     gate = HeadGate(original.config.hidden_size, split.num_linear_heads, opts.gate_tau)
     return GatedAttention(original, layer_idx, gate, feature="hedgehog", feature_dim=cfg.feature_dim,
                           rope_linear=False, window=cfg.window, sinks=opts.sinks, mix="shared",

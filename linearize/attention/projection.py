@@ -50,6 +50,15 @@ def project_qkv(
         q = module.q_norm(q)
     if hasattr(module, "k_norm"):
         k = module.k_norm(k)
+    q, k = rotate_qk(module, q, k, position_embeddings)
+    return q, k, v
+
+
+def rotate_qk(
+    module: nn.Module, q: torch.Tensor, k: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The architecture's RoPE (`module.rope`) on q `[B, T, H, D]` and k `[B, T, Hkv, D]`, whatever subset of
+    heads they hold."""
     cos, sin = position_embeddings
     q, k = module.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-    return q.transpose(1, 2), k.transpose(1, 2), v
+    return q.transpose(1, 2), k.transpose(1, 2)

@@ -153,9 +153,9 @@ def get_attention_kind(name: str) -> AttentionKind:
     return ATTENTION_KINDS[name]
 
 
-def head_split_kinds() -> list[str]:
-    """Names of the registered kinds that keep softmax heads inside a layer."""
-    return sorted(name for name, kind in ATTENTION_KINDS.items() if kind.softmax_heads)
+def kinds_with(capability: str) -> list[str]:
+    """Names of the registered kinds whose `AttentionKind` flag `capability` is set (e.g. "softmax_heads")."""
+    return sorted(name for name, kind in ATTENTION_KINDS.items() if getattr(kind, capability))
 
 
 def converted_modules(model: nn.Module) -> dict[int, ConvertedAttention]:

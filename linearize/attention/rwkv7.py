@@ -36,6 +36,7 @@ from ..kernels import rwkv7 as rwkv7_ops
 from ..kernels.gla.naive import expand_heads
 from .cache import RecurrentLayer
 from .gated import GatedState
+from .heads import config_head_dim
 from .projection import project_qkv, rope_function
 from .registry import AttentionKind, ConvertedAttention, register_attention_kind
 
@@ -217,7 +218,7 @@ def build_rwkv7(original, cfg, layer_idx: int) -> Rwkv7Attention:
 
 def rwkv7_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dtype_bytes: int) -> int:
     """One fp32 `[H, D, D]` state per sequence, whatever the number of tokens."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = config_head_dim(config)
     return batch * config.num_attention_heads * head_dim * head_dim * 4
 
 

@@ -13,14 +13,9 @@ import logging
 from torch import nn
 
 from ..errors import LinearizeError
-from .registry import ATTENTION_KINDS, converted_modules, kind_of
+from .registry import ATTENTION_KINDS, converted_modules, kind_of, kinds_with
 
 logger = logging.getLogger(__name__)
-
-
-def supported_kinds() -> list[str]:
-    """Names of the registered kinds that take a sparse cache."""
-    return sorted(name for name, kind in ATTENTION_KINDS.items() if kind.sparse_cache)
 
 
 def takes_sparse_cache(model: nn.Module) -> bool:
@@ -44,7 +39,7 @@ def check_sparse_cache(kind: str, window: int, cache, block) -> None:
     if not ATTENTION_KINDS[kind].sparse_cache:
         raise LinearizeError(
             f"attention.sparse_cache needs a kind with a window: '{kind}' has none; kinds that take it: "
-            f"{', '.join(supported_kinds())}"
+            f"{', '.join(kinds_with('sparse_cache'))}"
         )
     if window < 1:
         raise LinearizeError(f"attention.sparse_cache needs attention.window >= 1, got {window}")
@@ -61,7 +56,7 @@ def set_sparse_cache(model: nn.Module, cache_size: int, block: int | None = None
         kinds = sorted({kind_of(m).name for m in converted_modules(model).values()}) or ["none converted"]
         raise LinearizeError(
             f"{name} has attention {', '.join(kinds)}, which takes no sparse cache; kinds that take it (with a "
-            f"window >= 1): {', '.join(supported_kinds())}"
+            f"window >= 1): {', '.join(kinds_with('sparse_cache'))}"
         )
     changed = 0
     for module in converted_modules(model).values():

@@ -105,13 +105,14 @@ def _check_head_layers(attention: AttentionConfig, plan: dict[str, str]) -> None
 def check_heads_built(model: nn.Module, attention: AttentionConfig) -> None:
     """After the swap: every layer with softmax heads was built by a kind that keeps them (has a `HeadSplit`)."""
     from ..attention import converted_modules
-    from ..attention.registry import head_split_kinds
+    from ..attention.registry import kinds_with
 
     modules = converted_modules(model)
     for layer, heads in attention.softmax_heads.items():
         split = getattr(modules[int(layer)], "split", None)
         if split is None or split.softmax_kv != heads:
+            can = ", ".join(kinds_with("softmax_heads"))
             raise LinearizeError(
                 f"attention kind '{attention.kind}' does not keep softmax heads inside a layer; use "
-                f"softmax_layers / softmax_budget with it, or a kind that does ({', '.join(head_split_kinds())})"
+                f"softmax_layers / softmax_budget with it, or a kind that does ({can})"
             )
