@@ -14,6 +14,15 @@ error against the linear state of the linear tokens that are no candidate, summe
 group: ||v_j - (phi_q(k_j) . Sum) / (phi_q(k_j) . z + eps)||^2. The K largest errors are kept (ties: the later
 position); the rest become linear. Selection runs without gradients; the op is differentiable given it.
 
+Learned eviction (`scorer`, after "Contextualized Learnable Token Eviction"): a small network scores each token
+from its own scorer input x_j (the layer passes its key before RoPE and its value) and those of its neighbours up
+to `scorer.margin` positions away on either side, which have all been seen when j leaves the window (margin < W).
+The K highest scores are kept instead of the largest recall errors (same tie rule). The forward is the same
+function of the selection; the gradient reaches the scorer straight through: with s_j = sigmoid(score_j), the
+values of kept pairs enter the exact terms as v_j * (1 + s_j - sg(s_j)) and those of linear tokens enter the
+linear terms as v_j * (1 - s_j + sg(s_j)) (sg: stop-gradient), so d loss / d s_j is how much more the pair helps
+exact than linear. The state keeps `margin` more raw tokens, their scorer inputs and the kept pairs' scores.
+
 The prefill loops over blocks of C tokens: per block the exact part over the keys in range plus the K kept, the
 linear part from the state at the block start plus the intra-block linear terms, then the boundary update.
 Decoding is the same code with T = 1. `sparse_naive.py` is the token-by-token ground truth.
@@ -21,6 +30,7 @@ Decoding is the same code with T = 1. `sparse_naive.py` is the token-by-token gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +53,10 @@ class SparseState:
         cache_v: `[B, Hkv, K, Dv]` their values.
         cache_pos: `[B, Hkv, K]` int64 positions of the kept tokens, -1 for an empty slot (empty slots last).
         seen: tokens (row slots) seen so far.
+        tail_x: `[B, slots, Hkv, E]` the tail tokens' scorer inputs (learned eviction; None otherwise). With a
+            scorer the tail also keeps the `margin` tokens before the frontier, the past neighbours of the next
+            candidates.
+        cache_score: `[B, Hkv, K]` fp32 scores of the kept pairs (learned eviction; None otherwise).
     """
 
     kv: torch.Tensor
@@ -54,10 +68,19 @@ class SparseState:
     cache_v: torch.Tensor
     cache_pos: torch.Tensor
     seen: int = 0
+    tail_x: torch.Tensor | None = None
+    cache_score: torch.Tensor | None = None
 
     @classmethod
-    def zeros(cls, batch, heads, kv_heads, head_dim, v_dim, features, window, cache_size, block, dtype, device):
-        slots = block + window - 2
+    def zeros(
+        cls, batch, heads, kv_heads, head_dim, v_dim, features, window, cache_size, block, dtype, device,
+        margin=0, score_dim=0,
+    ):  # fmt: skip
+        slots = block + window - 2 + margin
+        scored = dict(
+            tail_x=torch.zeros(batch, slots, kv_heads, score_dim, dtype=dtype, device=device),
+            cache_score=torch.zeros(batch, kv_heads, cache_size, device=device),
+        )
         return cls(
             kv=torch.zeros(batch, heads, features, v_dim, device=device),
             ksum=torch.zeros(batch, heads, features, device=device),
@@ -67,14 +90,21 @@ class SparseState:
             cache_k=torch.zeros(batch, kv_heads, cache_size, head_dim, dtype=dtype, device=device),
             cache_v=torch.zeros(batch, kv_heads, cache_size, v_dim, dtype=dtype, device=device),
             cache_pos=torch.full((batch, kv_heads, cache_size), -1, dtype=torch.long, device=device),
+            **(scored if score_dim else {}),
         )
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor of the state (the scorer's two only with learned eviction)."""
+        scored = () if self.tail_x is None else (self.tail_x, self.cache_score)
         return (self.kv, self.ksum, self.tail_k, self.tail_v, self.tail_mask, self.cache_k, self.cache_v,
-                self.cache_pos)  # fmt: skip
+                self.cache_pos, *scored)  # fmt: skip
+
+    @classmethod
+    def _of(cls, tensors, seen: int) -> SparseState:
+        return cls(*tensors[:8], seen, *tensors[8:])
 
     def _map(self, fn) -> SparseState:
-        return SparseState(*(fn(t) for t in self.tensors()), seen=self.seen)
+        return SparseState._of([fn(t) for t in self.tensors()], self.seen)
 
     def index_select(self, index: torch.Tensor) -> SparseState:
         return self._map(lambda t: t.index_select(0, index.to(t.device)))
@@ -89,21 +119,27 @@ class SparseState:
     def cat(states: list[SparseState]) -> SparseState:
         """States of separate sequences as one batch (their `seen` may differ: the first one's is kept)."""
         parts = zip(*(s.tensors() for s in states), strict=True)
-        return SparseState(*(torch.cat(p) for p in parts), seen=states[0].seen)
+        return SparseState._of([torch.cat(p) for p in parts], states[0].seen)
 
 
-def _select(cand_k, cand_v, cand_pos, kv, ksum, wq, cache_size, groups):
-    """Indices `[B, Hkv, K]` of the kept candidates: largest self-recall error first, the later position on ties."""
+def recall_errors(cand_k, cand_v, kv, ksum, wq, groups):
+    """`[B, Hkv, N]` self-recall error of each candidate against the linear state, summed over the group's heads."""
     B, Hkv, N, _ = cand_k.shape
     with torch.no_grad():
         keys = cand_k.repeat_interleave(groups, dim=1).transpose(1, 2)
         phi = hedgehog_feature_map(keys, wq).transpose(1, 2)
         vhat = torch.einsum("bhcf,bhfd->bhcd", phi, kv) / (torch.einsum("bhcf,bhf->bhc", phi, ksum)[..., None] + EPS)
         err = (cand_v.float().repeat_interleave(groups, dim=1) - vhat).pow(2).sum(-1)
-        err = err.view(B, Hkv, groups, N).sum(2).masked_fill(cand_pos < 0, float("-inf"))
-        # Later positions first, then a stable sort by error: equal errors keep the later position in front.
+        return err.view(B, Hkv, groups, N).sum(2)
+
+
+def _select(score, cand_pos, cache_size):
+    """Indices `[B, Hkv, K]` of the kept candidates: highest `score` first, the later position on ties."""
+    with torch.no_grad():
+        score = score.masked_fill(cand_pos < 0, float("-inf"))
+        # Later positions first, then a stable sort by score: equal scores keep the later position in front.
         by_pos = torch.sort(cand_pos, dim=-1, descending=True, stable=True).indices
-        by_err = torch.sort(err.gather(-1, by_pos), dim=-1, descending=True, stable=True).indices
+        by_err = torch.sort(score.gather(-1, by_pos), dim=-1, descending=True, stable=True).indices
         chosen = by_pos.gather(-1, by_err[..., :cache_size])
         # Kept slots in position order, empty ones last, so that every path builds the same state.
         pos = cand_pos.gather(-1, chosen)
@@ -133,6 +169,8 @@ def sparse_hybrid_attention(
     cache_size: int = 64,
     block: int | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    scorer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    score_x: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SparseState | None]:
     """Hybrid attention with a sparse cache over a block of new tokens, continuing from `initial_state`.
 
@@ -151,6 +189,10 @@ def sparse_hybrid_attention(
         cache_size: K, positions kept exact per key/value head (0: none, the plain op up to rounding).
         block: C >= 1, tokens between updates of the kept set (None: the window).
         cu_seqlens: `[N + 1]` offsets of N sequences packed along T (B = 1), each run on its own.
+        scorer: learned eviction: `(x [B, N, Hkv, E], ok [B, N]) -> [B, N, Hkv]` fp32 scores, each from the
+            inputs of the token and of its neighbours up to `scorer.margin` (< W) positions away, inputs where `ok`
+            is False counting as zeros; None selects by recall error (LoLA).
+        score_x: `[B, T, Hkv, E]` the new tokens' scorer inputs (with `scorer`).
 
     Returns:
         (`[B, T, H, Dv]` in the dtype of q, final state or None).
@@ -164,6 +206,7 @@ def sparse_hybrid_attention(
             out, state = sparse_hybrid_attention(
                 q[:, a:b], k[:, a:b], v[:, a:b], wq, wk, window_factor, window, scale, softcap,
                 None if token_mask is None else token_mask[:, a:b], init, output_final_state, cache_size, block,
+                scorer=scorer, score_x=None if score_x is None else score_x[:, a:b],
             )  # fmt: skip
             outs.append(out)
             states.append(state)
@@ -173,9 +216,11 @@ def sparse_hybrid_attention(
     Hkv, Dv = k.shape[2], v.shape[-1]
     groups = H // Hkv
     device = q.device
+    margin = scorer.margin if scorer is not None else 0
     state = initial_state or SparseState.zeros(
-        B, H, Hkv, D, Dv, 2 * wq.shape[-1], window, cache_size, block, k.dtype, device
-    )
+        B, H, Hkv, D, Dv, 2 * wq.shape[-1], window, cache_size, block, k.dtype, device,
+        margin=margin, score_dim=score_x.shape[-1] if scorer is not None else 0,
+    )  # fmt: skip
     if token_mask is None:
         token_mask = torch.ones(B, T, dtype=torch.bool, device=device)
     slots, p0 = state.tail_k.shape[1], state.seen
@@ -186,9 +231,17 @@ def sparse_hybrid_attention(
     phi_k = hedgehog_feature_map(repeat_kv(keys, groups), wk) * key_ok[:, :, None, None]
     phi_q = hedgehog_feature_map(q, wq)
     vr = repeat_kv(values, groups).float()
+    vr_lin, score, lift, cache_lift = vr, None, None, None
+    if scorer is not None:
+        xs = torch.cat([state.tail_x, score_x], dim=1)
+        score = scorer(xs, key_ok)
+        s = torch.sigmoid(score)
+        lift = s - s.detach()  # zero, with the gradient of s
+        vr_lin = vr * (1 - repeat_kv(lift[..., None], groups))
+        cache_lift = torch.zeros_like(state.cache_score)
     g = torch.sigmoid(window_factor.float())[None, :, None, None]
     kv, ksum = state.kv, state.ksum
-    cache_k, cache_v, cache_pos = state.cache_k, state.cache_v, state.cache_pos
+    cache_k, cache_v, cache_pos, cache_score = state.cache_k, state.cache_v, state.cache_pos, state.cache_score
 
     outputs, start, end = [], p0, p0 + T
     while start < end:
@@ -201,7 +254,7 @@ def sparse_hybrid_attention(
         pq = phi_q[:, start - p0 : stop - p0]
 
         lin = torch.einsum("bihf,bjhf->bhij", pq, phi_k[:, lo:hi]) * (kj <= qi - window)
-        num = torch.einsum("bhij,bjhd->bihd", lin, vr[:, lo:hi]) + torch.einsum("bihf,bhfd->bihd", pq, kv)
+        num = torch.einsum("bhij,bjhd->bihd", lin, vr_lin[:, lo:hi]) + torch.einsum("bihf,bhfd->bihd", pq, kv)
         den = lin.sum(-1).transpose(1, 2) + torch.einsum("bihf,bhf->bih", pq, ksum)
 
         qf = q[:, start - p0 : stop - p0].float()
@@ -214,15 +267,18 @@ def sparse_hybrid_attention(
         scores = scores.masked_fill(~exact, torch.finfo(scores.dtype).min)
         a = torch.exp(scores - scores.amax(-1, keepdim=True)) * exact * g
         n_win = hi - lo
+        kept_v = cache_v.float() if cache_lift is None else cache_v.float() * (1 + cache_lift[..., None])
         num = num + torch.einsum("bhij,bjhd->bihd", a[..., :n_win], vr[:, lo:hi])
-        num = num + torch.einsum("bhic,bhcd->bihd", a[..., n_win:], cache_v.repeat_interleave(groups, dim=1).float())
+        num = num + torch.einsum("bhic,bhcd->bihd", a[..., n_win:], kept_v.repeat_interleave(groups, dim=1))
         den = den + a.sum(-1).transpose(1, 2)
         outputs.append((num / (den[..., None] + EPS)).to(q.dtype))
 
         if stop % block == 0:
-            kv, ksum, cache_k, cache_v, cache_pos = _boundary(
-                keys[:, lo : lo + block], values[:, lo : lo + block], ok[:, :block], frontier, kv, ksum,
+            pend = slice(lo, lo + block)
+            kv, ksum, cache_k, cache_v, cache_pos, cache_score, cache_lift = _boundary(
+                keys[:, pend], values[:, pend], ok[:, :block], frontier, kv, ksum,
                 cache_k, cache_v, cache_pos, wq, wk, groups,
+                None if score is None else (score[:, pend], lift[:, pend], cache_score, cache_lift),
             )  # fmt: skip
         start = stop
 
@@ -231,16 +287,24 @@ def sparse_hybrid_attention(
         return out, None
     frontier = end // block * block - window
     tail_mask = (
-        key_ok[:, -slots:] & (torch.arange(end - slots, end, device=device) > frontier) if slots else key_ok[:, :0]
+        key_ok[:, -slots:] & (torch.arange(end - slots, end, device=device) > frontier - margin)
+        if slots
+        else key_ok[:, :0]
     )
     fill = tail_mask[:, :, None, None]
     tail_k, tail_v = keys[:, keys.shape[1] - slots :] * fill, values[:, values.shape[1] - slots :] * fill
-    return out, SparseState(kv, ksum, tail_k, tail_v, tail_mask, cache_k, cache_v, cache_pos, seen=end)
+    scored = ()
+    if scorer is not None:
+        scored = (xs[:, xs.shape[1] - slots :] * fill, cache_score)
+    return out, SparseState._of((kv, ksum, tail_k, tail_v, tail_mask, cache_k, cache_v, cache_pos, *scored), end)
 
 
-def _boundary(pend_k, pend_v, pend_ok, frontier, kv, ksum, cache_k, cache_v, cache_pos, wq, wk, groups):
+def _boundary(pend_k, pend_v, pend_ok, frontier, kv, ksum, cache_k, cache_v, cache_pos, wq, wk, groups, learned):
     """The update after a boundary token: choose the kept set among the kept and the `C` tokens that left the window
-    since the last boundary (positions frontier + 1 ..), and fold the others into the linear state."""
+    since the last boundary (positions frontier + 1 ..), and fold the others into the linear state.
+
+    `learned` is None (select by recall error) or `(pend_score, pend_lift, cache_score, cache_lift)`: the scores
+    to select by and the straight-through terms of the scorer's gradient (see the module docstring)."""
     B, C, Hkv, _ = pend_k.shape
     K = cache_k.shape[2]
     pos = torch.arange(frontier + 1, frontier + 1 + C, device=pend_k.device)
@@ -248,13 +312,23 @@ def _boundary(pend_k, pend_v, pend_ok, frontier, kv, ksum, cache_k, cache_v, cac
     cand_k = torch.cat([cache_k, pend_k.transpose(1, 2)], dim=2)
     cand_v = torch.cat([cache_v, pend_v.transpose(1, 2)], dim=2)
     cand_pos = torch.cat([cache_pos, pend_pos], dim=2)
-    chosen = _select(cand_k, cand_v, cand_pos, kv, ksum, wq, K, groups)
+    if learned is None:
+        chosen = _select(recall_errors(cand_k, cand_v, kv, ksum, wq, groups), cand_pos, K)
+    else:
+        pend_score, pend_lift, cache_score, cache_lift = learned
+        cand_score = torch.cat([cache_score, pend_score.transpose(1, 2)], dim=2)
+        cand_lift = torch.cat([cache_lift, pend_lift.transpose(1, 2)], dim=2)
+        chosen = _select(cand_score.detach(), cand_pos, K)
     fold = (cand_pos >= 0).scatter(2, chosen, False)
     phi = hedgehog_feature_map(cand_k.repeat_interleave(groups, dim=1).transpose(1, 2), wk).transpose(1, 2)
     phi = phi * fold.repeat_interleave(groups, dim=1)[..., None]
-    kv = kv + torch.einsum("bhcf,bhcd->bhfd", phi, cand_v.repeat_interleave(groups, dim=1).float())
+    fold_v = cand_v.float() if learned is None else cand_v.float() * (1 - cand_lift[..., None])
+    kv = kv + torch.einsum("bhcf,bhcd->bhfd", phi, fold_v.repeat_interleave(groups, dim=1))
     ksum = ksum + phi.sum(2)
     kept_pos = cand_pos.gather(2, chosen)
     # Empty slots hold zeros, whatever padding token the selection passed over.
     full = (kept_pos >= 0)[..., None]
-    return kv, ksum, _gather(cand_k, chosen) * full, _gather(cand_v, chosen) * full, kept_pos
+    kept = (_gather(cand_k, chosen) * full, _gather(cand_v, chosen) * full, kept_pos)
+    if learned is None:
+        return kv, ksum, *kept, None, None
+    return kv, ksum, *kept, cand_score.gather(2, chosen) * full[..., 0], cand_lift.gather(2, chosen) * full[..., 0]

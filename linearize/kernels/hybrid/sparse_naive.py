@@ -7,7 +7,10 @@ The op (see `sparse.py` for the full statement): each key/value head keeps a set
 older than the window, whose terms are exact like the window's (g * exp(s_ij - m_i), m_i the max over window and
 S); every other token older than the window is linear. S changes only after a token t with (t + 1) % C == 0: the
 candidates (S plus the tokens that left the window since the previous such boundary) are scored by their
-self-recall error against the linear state of the other linear tokens, and the K worst recalled are kept.
+self-recall error against the linear state of the other linear tokens, and the K worst recalled are kept. With a
+learned scorer the K highest scores are kept, each token scored once from the whole sequence's scorer inputs, and
+the values carry the straight-through terms of `sparse.py`: v_j (1 + s_j - sg(s_j)) while j is kept, v_j (1 - s_j
++ sg(s_j)) while it is linear.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def sparse_hybrid_attention_naive(
     token_mask: torch.Tensor | None = None,
     cache_size: int = 0,
     block: int | None = None,
+    scorer=None,
+    score_x: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SparseState]:
     """Quadratic, token-by-token reference of the sparse-cache hybrid op, from an empty state.
 
@@ -56,6 +61,7 @@ def sparse_hybrid_attention_naive(
         q, k, v, wq, wk, window_factor, window, scale, softcap, token_mask: as `hybrid_attention_naive`; window >= 1.
         cache_size: K, positions kept exact per key/value head.
         block: C, tokens between two updates of the kept set (None: the window).
+        scorer, score_x: learned eviction, as in `sparse_hybrid_attention` (None: select by recall error).
 
     Returns:
         (`[B, T, H, Dv]` in the dtype of q, the final `SparseState` with its kept keys ordered by position).
@@ -73,6 +79,11 @@ def sparse_hybrid_attention_naive(
         phi_kq = hedgehog_feature_map(repeat_kv(k, groups), wq)
     g = torch.sigmoid(window_factor.float())
     mask = token_mask.tolist()
+    score = lift = None
+    if scorer is not None:
+        score = scorer(score_x, token_mask)  # [B, T, Hkv]
+        s = torch.sigmoid(score)
+        lift = s - s.detach()
     kept = [[set() for _ in range(Hkv)] for _ in range(B)]
     rows = []
     for b in range(B):
@@ -85,13 +96,18 @@ def sparse_hybrid_attention_naive(
                 linear = [j for j in range(t - window + 1) if mask[b][j] and j not in S]
                 num = torch.zeros(Dv, device=q.device)
                 den = torch.zeros((), device=q.device)
+                v_exact, v_lin = vr[b, exact, h], vr[b, linear, h]
+                if lift is not None:
+                    up = torch.tensor([j in S for j in exact], device=q.device)
+                    v_exact = v_exact * (1 + lift[b, exact, h // groups] * up)[:, None]
+                    v_lin = v_lin * (1 - lift[b, linear, h // groups])[:, None]
                 if exact:
                     s = softcap_scores(kr[b, exact, h] @ q[b, t, h].float() * scale, softcap)
                     a = g[h] * torch.exp(s - s.max())
-                    num, den = num + a @ vr[b, exact, h], den + a.sum()
+                    num, den = num + a @ v_exact, den + a.sum()
                 if linear:
                     lin = phi_k[b, linear, h] @ phi_q[b, t, h]
-                    num, den = num + lin @ vr[b, linear, h], den + lin.sum()
+                    num, den = num + lin @ v_lin, den + lin.sum()
                 heads_out.append(num / (den + EPS))
             steps.append(torch.stack(heads_out))
             if (t + 1) % block:
@@ -103,19 +119,43 @@ def sparse_hybrid_attention_naive(
                     pending = [j for j in range(max(frontier - block + 1, 0), frontier + 1) if mask[b][j]]
                     cands = sorted(S | set(pending))
                     heads = range(kvh * groups, (kvh + 1) * groups)
-                    err = _recall_errors(set(cands), frontier, S, mask[b], phi_kq, phi_k, vr, heads, b)
+                    if score is None:
+                        err = _recall_errors(set(cands), frontier, S, mask[b], phi_kq, phi_k, vr, heads, b)
+                    else:
+                        err = {j: score[b, j, kvh].item() for j in cands}
                     ranked = sorted(cands, key=lambda j: (err[j], j), reverse=True)
                     kept[b][kvh] = set(ranked[:cache_size])
         rows.append(torch.stack(steps) if steps else q.new_zeros(0, H, Dv, dtype=torch.float32))
     out = torch.stack(rows).to(q.dtype)
-    return out, _final_state(k, v, phi_k, vr, token_mask, kept, window, block, cache_size, groups)
+    margin = scorer.margin if scorer is not None else 0
+    if lift is not None:
+        vr = vr * (1 - repeat_kv(lift[..., None], groups))  # the linear tokens' values in the state
+    state = _final_state(k, v, phi_k, vr, token_mask, kept, window, block, cache_size, groups, margin)
+    if scorer is not None:
+        state.tail_x = _tail(score_x, token_mask, T, block, window, margin)[0]
+        state.cache_score = torch.stack([
+            torch.stack([torch.cat([score[b, sorted(kept[b][h]), h], score.new_zeros(cache_size - len(kept[b][h]))])
+                         for h in range(Hkv)])
+            for b in range(B)
+        ])  # fmt: skip
+    return out, state
 
 
-def _final_state(k, v, phi_k, vr, token_mask, kept, window, block, cache_size, groups) -> SparseState:
+def _tail(x, token_mask, T, block, window, margin):
+    """The last `slots` positions of `x` `[B, T, Hkv, E]`, oldest first, and their mask: real where a token is
+    there and past the frontier (less `margin`)."""
+    frontier = T // block * block - window
+    slots = block + window - 2 + margin
+    pos = torch.arange(T - slots, T, device=x.device)
+    idx = pos.clamp_min(0)
+    mask = token_mask[:, idx] & (pos >= 0) & (pos > frontier - margin)
+    return x[:, idx] * mask[:, :, None, None], mask
+
+
+def _final_state(k, v, phi_k, vr, token_mask, kept, window, block, cache_size, groups, margin=0) -> SparseState:
     B, T, Hkv, D = k.shape
     H, Dv, F2 = phi_k.shape[2], v.shape[-1], phi_k.shape[-1]
     frontier = T // block * block - window
-    slots = block + window - 2
     kv = torch.zeros(B, H, F2, Dv, device=k.device)
     ksum = torch.zeros(B, H, F2, device=k.device)
     cache_k = k.new_zeros(B, Hkv, cache_size, D)
@@ -140,12 +180,8 @@ def _final_state(k, v, phi_k, vr, token_mask, kept, window, block, cache_size, g
             cache_pos[b, kvh, : len(S)] = torch.tensor(S, dtype=torch.long)
         ck_rows.append(torch.stack(ck_heads))
         cv_rows.append(torch.stack(cv_heads))
-    # The tail: the last `slots` positions, oldest first; real where a token is there and past the frontier.
-    pos = torch.arange(T - slots, T, device=k.device)
-    idx = pos.clamp_min(0)
-    tail_mask = token_mask[:, idx] & (pos >= 0) & (pos > frontier)
-    tail_k = k[:, idx] * tail_mask[:, :, None, None]
-    tail_v = v[:, idx] * tail_mask[:, :, None, None]
+    tail_k, tail_mask = _tail(k, token_mask, T, block, window, margin)
+    tail_v = _tail(v, token_mask, T, block, window, margin)[0]
     return SparseState(
         torch.stack(kv_rows), torch.stack(ksum_rows), tail_k, tail_v, tail_mask,
         torch.stack(ck_rows), torch.stack(cv_rows), cache_pos, T,
