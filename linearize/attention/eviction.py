@@ -39,8 +39,9 @@ class TokenScorer(nn.Module):
         for _ in range(LAYERS):
             widths.append(max(widths[-1] // 2, MIN_WIDTH))
         self.convs = nn.ModuleList(
-            nn.Conv1d(kv_heads * a, kv_heads * b, KERNEL, padding=KERNEL // 2, groups=kv_heads, device=device,
-                      dtype=dtype)  # fmt: skip
+            nn.Conv1d(
+                kv_heads * a, kv_heads * b, KERNEL, padding=KERNEL // 2, groups=kv_heads, device=device, dtype=dtype
+            )  # fmt: skip
             for a, b in zip(widths[:-1], widths[1:], strict=True)
         )
         self.proj = nn.Conv1d(kv_heads * widths[-1], kv_heads, 1, groups=kv_heads, device=device, dtype=dtype)
