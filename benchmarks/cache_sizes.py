@@ -18,6 +18,7 @@ ROWS = {
     "lolcats": ("lolcats", {}),
     "lolcats, sparse cache K=64": ("lolcats", {"sparse_cache": 64}),
     "lolcats, sparse cache K=256": ("lolcats", {"sparse_cache": 256}),
+    "lolcats, learned eviction K=64 (lolcats-evict)": ("lolcats", {"sparse_cache": 64, "sparse_scorer": "learned"}),
     "gdn-retrieval (9 of 90 kv heads kept)": (
         "gdn",
         {"softmax_heads": KEPT_HEADS, "options": {"output_gate": True, "conv_kernel": 0, "rope": False}},

@@ -68,6 +68,9 @@ class AttentionConfig:
         sparse_cache: K, past key/value pairs per linear key/value head kept exact beside the window, those the
             linear state recalls worst (LoLA); 0 (default) for none. Only kinds with a window take it.
         sparse_block: C, tokens between two updates of the kept pairs (None: the window).
+        sparse_scorer: how the kept pairs are chosen: "recall" (default; the linear state's recall error, LoLA, no
+            parameters) or "learned" (a small convolutional scorer per layer, trained in every stage; learnable
+            token eviction). "learned" needs a sparse cache and a window above the scorer's reach (3 tokens).
     """
 
     kind: str = "lolcats"
@@ -84,6 +87,7 @@ class AttentionConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     sparse_cache: int = 0
     sparse_block: int | None = None
+    sparse_scorer: str = "recall"
 
     def __post_init__(self):
         from .attention import ATTENTION_KINDS
@@ -102,7 +106,7 @@ class AttentionConfig:
         self._check_softmax_choice()
         from .attention.sparse_cache import check_sparse_cache
 
-        check_sparse_cache(self.kind, self.window, self.sparse_cache, self.sparse_block)
+        check_sparse_cache(self.kind, self.window, self.sparse_cache, self.sparse_block, self.sparse_scorer)
 
     def _check_softmax_choice(self) -> None:
         """Budgets are chosen by score, lists are given: one of the two per granularity, and only fractions."""

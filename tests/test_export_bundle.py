@@ -26,7 +26,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 KINDS = ["lolcats", *sorted(k for k, v in linearize.ATTENTION_KINDS.items() if v.build is not None and k != "lolcats")]
 # Settings beyond the kind's own, travelling in config.json: `<kind>+<variant>` entries of KINDS.
 VARIANTS = {
-    "lolcats+sparse": dict(sparse_cache=2, sparse_block=2),
+    "lolcats+sparse": dict(window=4, sparse_cache=2, sparse_block=2, sparse_scorer="learned"),
     "gdn+heads": dict(softmax_heads={"1": [0], "2": [0, 1]}, options={"conv_kernel": 4}),
     "lizard+heads": dict(softmax_heads={"0": [1], "3": [0]}),
 }
@@ -86,7 +86,8 @@ def exported(tmp_path_factory):
     out = {}
     for kind in KINDS:
         model = tiny_model("llama")
-        convert(model, AttentionConfig(kind=kind.split("+")[0], window=3, feature_dim=8, **VARIANTS.get(kind, {})))
+        settings = dict(window=3, feature_dim=8) | VARIANTS.get(kind, {})
+        convert(model, AttentionConfig(kind=kind.split("+")[0], **settings))
         randomise_new_parameters(model)
         folder = tmp_path_factory.mktemp("export") / f"tiny-{kind}"
         model.save_pretrained(folder)

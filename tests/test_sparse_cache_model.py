@@ -1,5 +1,6 @@
-"""The sparse cache (LoLA) in a converted model: settings and their errors, decoding equal to the full forward,
-export and reload, the cache's bytes, and `linearize eval --sparse-cache` on a trained-free student."""
+"""The sparse cache (LoLA, or a learned scorer) in a converted model: settings and their errors, decoding equal to
+the full forward, export and reload, the cache's bytes, and `linearize eval --sparse-cache` on a trained-free
+student."""
 
 import json
 
@@ -39,6 +40,9 @@ def _ids(batch=2, length=9, seed=0):
         (dict(sparse_cache=4, sparse_block=0), "sparse_block must be an integer >= 1"),
         (dict(kind="hedgehog", sparse_cache=4), "'hedgehog' has none; kinds that take it: lolcats"),
         (dict(sparse_cache=4, window=0), "needs attention.window >= 1"),
+        (dict(sparse_cache=4, sparse_scorer="attention"), "sparse_scorer must be one of recall, learned"),
+        (dict(sparse_scorer="learned"), "needs a sparse cache: set attention.sparse_cache >= 1"),
+        (dict(sparse_cache=4, window=3, sparse_scorer="learned"), "set attention.window >= 4, got 3"),
     ],
 )
 def test_settings_errors_are_one_line(settings, message):
@@ -54,9 +58,12 @@ def test_settings_from_a_recipe_mapping():
         from_dict(AttentionConfig, {"sparse_cache": "many"}, prefix="attention.")
 
 
-def test_generate_equals_the_full_forward_and_the_cache_size_is_counted():
+@pytest.mark.parametrize("scorer", ["recall", "learned"])
+def test_generate_equals_the_full_forward_and_the_cache_size_is_counted(scorer):
     # A head-level hybrid with a softmax layer: the kept pairs live beside the linear kv heads only.
-    model = _converted(sparse_cache=2, sparse_block=3, softmax_heads={"1": [1]}, softmax_layers=[2])
+    model = _converted(
+        sparse_cache=2, sparse_block=3, softmax_heads={"1": [1]}, softmax_layers=[2], sparse_scorer=scorer
+    )
     prompt = _ids()
     cache = LinearizeCache(model.config)
     greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
@@ -68,6 +75,8 @@ def test_generate_equals_the_full_forward_and_the_cache_size_is_counted():
     # 16 tokens seen: boundaries after 2, 5, ..., 14 put pairs in the cache of every linear kv head.
     assert (cache.layers[0].state.cache_pos >= 0).all()
     assert cache.nbytes() == cache_bytes_at(model.config, 16, batch=2, dtype_bytes=4)["total"]
+    if scorer == "learned":
+        return
     plain = cache_bytes_at(_converted(softmax_heads={"1": [1]}, softmax_layers=[2]).config, 16, 2, 4)["layers"]["0"]
     # Layer 0: 2 kv heads x 2 pairs x (keys and values of 16 fp32 numbers + an int64 position), and 3 - 1 more
     # raw tokens of 2 kv heads (keys and values) plus their mask byte, per row.
@@ -75,11 +84,14 @@ def test_generate_equals_the_full_forward_and_the_cache_size_is_counted():
     assert cache_bytes_at(model.config, 16, 2, 4)["layers"]["0"] == plain + extra
 
 
-def test_gradients_reach_the_new_parameters_through_the_kept_pairs():
-    model = _converted(sparse_cache=2, sparse_block=2)
+@pytest.mark.parametrize("scorer", ["recall", "learned"])
+def test_gradients_reach_the_new_parameters_through_the_kept_pairs(scorer):
+    model = _converted(sparse_cache=2, sparse_block=2, sparse_scorer=scorer)
     model(_ids(length=12), labels=_ids(length=12)).loss.backward()
     for module in converted_modules(model).values():
-        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in module.new_parameters())
+        named = module.named_new_parameters()
+        assert any(n.startswith("token_scorer.") for n in named) == (scorer == "learned")
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in named.values())
 
 
 def test_export_reloads_with_the_cache_and_switching_it_off_restores_the_plain_op(tmp_path):
@@ -106,6 +118,24 @@ def test_export_reloads_with_the_cache_and_switching_it_off_restores_the_plain_o
         set_sparse_cache(plain, -2)
 
 
+def test_a_learned_scorer_is_saved_reloaded_and_resized_but_not_removed(tmp_path):
+    model = _converted(sparse_cache=2, sparse_block=3, sparse_scorer="learned")
+    ids = _ids(length=14)
+    with torch.no_grad():
+        want = model(ids).logits
+        recall = _converted(sparse_cache=2, sparse_block=3)
+        recall.load_state_dict(model.state_dict(), strict=False)
+        assert not torch.allclose(recall(ids).logits, want)  # the scorer chose other pairs
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["linearize"]["attention"]["sparse_scorer"] == "learned"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, want)
+    assert set_sparse_cache(loaded, 3) == 4
+    with pytest.raises(LinearizeError, match="can resize but not remove: pass K >= 1"):
+        set_sparse_cache(loaded, 0)
+
+
 def test_eval_applies_the_cache_and_names_it(tmp_path, capsys):
     tok = tiny_tokenizer()
     save_converted(_converted(), tok, tmp_path / "student")
@@ -129,7 +159,7 @@ def test_eval_applies_the_cache_and_names_it(tmp_path, capsys):
     cache = {row["model"]: row["at"]["64"]["total"] for row in report["long_context"]["cache"]}
     assert cache["student"] == cache_bytes_at(_converted(sparse_cache=2, sparse_block=3).config, 64, 1, 4)["total"]
     assert cache["student"] > cache_bytes_at(_converted().config, 64, 1, 4)["total"]
-    assert "Sparse cache (LoLA, not trained with): 2 past key/value pairs" in (out / "report.md").read_text()
+    assert "Sparse cache set for this evaluation: 2 past key/value pairs" in (out / "report.md").read_text()
     capsys.readouterr()
     bad = ["eval", "--model", str(tmp_path / "hedgehog"), *common, "--out", str(tmp_path / "r2"), "--sparse-cache", "2"]
     assert main(bad) == 2
@@ -143,3 +173,6 @@ def test_model_card_names_the_cache():
 
     lines = _attention_section({"attention": {"kind": "lolcats", "window": 4, "sparse_cache": 2}, "layers": {}})
     assert "| sparse cache | 2 past pairs per kv head (LoLA), updated every 4 tokens |" in lines
+    settings = {"kind": "lolcats", "window": 4, "sparse_cache": 2, "sparse_scorer": "learned", "sparse_block": 8}
+    lines = _attention_section({"attention": settings, "layers": {}})
+    assert "| sparse cache | 2 past pairs per kv head (chosen by a learned scorer), updated every 8 tokens |" in lines

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..kernels.hybrid import hybrid_attention, hybrid_attention_chunked, naive
 from .cache import RecurrentLayer
+from .eviction import MARGIN
 from .heads import HeadSplit, config_head_dim, softmax_heads_bytes
 from .hybrid import HybridLinearAttention
 from .registry import AttentionKind, register_attention_kind
@@ -29,6 +30,7 @@ def build_hedgehog(original, cfg, layer_idx: int, window: int = 0) -> HybridLine
         softmax_kv_heads=cfg.softmax_heads.get(str(layer_idx), ()),
         sparse_cache=cfg.sparse_cache,
         sparse_block=cfg.sparse_block,
+        sparse_scorer=getattr(cfg, "sparse_scorer", "recall"),
     )
 
 
@@ -37,18 +39,22 @@ def hybrid_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dty
     `[2F, Dv]` and normaliser `[2F]`, the last W-1 raw keys/values of the linear key/value heads and their mask;
     plus the kept softmax heads' keys, values and mask, which grow with `tokens`. A sparse cache of K pairs adds,
     per linear key/value head, K keys and values and their int64 positions, and keeps C - 1 more raw tokens (those
-    that left the window since the last update of the kept pairs, `SparseState`)."""
+    that left the window since the last update of the kept pairs, `SparseState`); a learned scorer adds the fp32
+    scores of the K pairs, `margin` more raw tokens and every raw token's scorer input (key and value again)."""
     head_dim = config_head_dim(config)
     split = HeadSplit.of_layer(config, cfg, layer_idx)
     features, slots = 2 * cfg.feature_dim, max(window - 1, 0)
     sparse = getattr(cfg, "sparse_cache", 0) if window > 0 else 0
+    learned = bool(sparse) and getattr(cfg, "sparse_scorer", "recall") == "learned"
     if sparse:
-        slots = (cfg.sparse_block or window) + window - 2
+        slots = (cfg.sparse_block or window) + window - 2 + (MARGIN if learned else 0)
     linear = 0
     if split.num_linear_heads:
         heads, kv_heads = split.num_linear_heads, len(split.linear_kv)
         pair = 2 * kv_heads * head_dim * dtype_bytes
-        linear = batch * (4 * heads * features * (head_dim + 1) + slots * (pair + 1) + sparse * (pair + 8 * kv_heads))
+        per_kept = pair + 8 * kv_heads + (4 * kv_heads if learned else 0)
+        per_slot = pair * (2 if learned else 1) + 1
+        linear = batch * (4 * heads * features * (head_dim + 1) + slots * per_slot + sparse * per_kept)
     return linear + softmax_heads_bytes(len(split.softmax_kv), head_dim, tokens, batch, dtype_bytes)
 
 

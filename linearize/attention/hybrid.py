@@ -5,7 +5,8 @@ and a learned per-head window weight. The module keeps the teacher's projections
 adds only the feature maps and the window factors. Its decoding state is a `HybridState` (linear state plus the
 last W-1 raw keys/values) kept in a `RecurrentLayer` of the cache; with a sparse cache (`sparse_cache` K > 0, LoLA:
 the K past pairs per key/value head that the linear state recalls worst stay exact beside the window) it is a
-`SparseState` and the op is `sparse_hybrid_attention`. Key/value heads listed in `softmax_kv_heads`
+`SparseState` and the op is `sparse_hybrid_attention`; with `sparse_scorer="learned"` a small network
+(`eviction.TokenScorer`, a new parameter) picks the kept pairs instead. Key/value heads listed in `softmax_kv_heads`
 keep exact softmax over every token (heads.py); the feature maps and window factors cover the other heads only.
 """
 
@@ -23,9 +24,10 @@ from ..kernels.hybrid import (
     hybrid_attention_weights,
 )
 from ..kernels.hybrid.sparse import sparse_hybrid_attention
+from .eviction import TokenScorer
 from .feature_maps import HedgehogFeatureMap
 from .heads import HeadSplit, split_attention, split_weights
-from .projection import project_qkv, rope_function
+from .projection import project_qkv, rope_function, rotate_qk
 from .registry import PACKED_KWARG, TOKEN_MASK_KWARG, Control, ConvertedAttention  # noqa: F401
 
 
@@ -44,6 +46,8 @@ class HybridLinearAttention(ConvertedAttention):
         sparse_cache: past pairs per linear key/value head kept exact beside the window (0: none); the evaluation
             may change it on a loaded model (it adds no parameters).
         sparse_block: tokens between updates of the kept pairs (None: the window).
+        sparse_scorer: how the kept pairs are chosen: "recall" (LoLA's recall error, no parameters) or "learned"
+            (a `TokenScorer` over the linear key/value heads, trained with the feature maps).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class HybridLinearAttention(ConvertedAttention):
         softmax_kv_heads: tuple[int, ...] = (),
         sparse_cache: int = 0,
         sparse_block: int | None = None,
+        sparse_scorer: str = "recall",
     ):
         super().__init__(original, layer_idx)
         self.config = config
@@ -83,6 +88,11 @@ class HybridLinearAttention(ConvertedAttention):
         self.feature_map_k = HedgehogFeatureMap(n_linear, self.head_dim, feature_dim).to(ref.device, ref.dtype)
         if window > 0:
             self.window_factors = nn.Parameter(torch.empty(n_linear, device=ref.device, dtype=ref.dtype))
+        self.token_scorer = None
+        if sparse_scorer == "learned" and n_linear:
+            # Scores from each token's key before RoPE and its value (head size D each).
+            n_kv = len(self.split.linear_kv)
+            self.token_scorer = TokenScorer(n_kv, 2 * self.head_dim, device=ref.device, dtype=ref.dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -99,13 +109,21 @@ class HybridLinearAttention(ConvertedAttention):
         if "window_factors" in names:
             with torch.no_grad():
                 self.window_factors.fill_(self.init_window_factor)
+        if any(n.startswith("token_scorer.") for n in names):
+            self.token_scorer.reset_parameters()
 
     def named_new_parameters(self) -> dict[str, nn.Parameter]:
-        """The feature maps and, with a window, the per-head window weight (what attention transfer trains)."""
+        """The feature maps, with a window the per-head window weight, with learned eviction the token scorer
+        (what attention transfer trains)."""
         named = {"feature_map_q.weight": self.feature_map_q.weight, "feature_map_k.weight": self.feature_map_k.weight}
         if self.window > 0:
             named["window_factors"] = self.window_factors
+        if self.token_scorer is not None:
+            named.update({f"token_scorer.{n}": p for n, p in self.token_scorer.named_parameters()})
         return named
+
+    def _sparse(self) -> bool:
+        return self.use_linear and self.sparse_cache > 0 and self.window > 0
 
     def attention_heads(
         self, hidden_states: torch.Tensor, position_embeddings, token_mask=None, cache=None, cu_seqlens=None
@@ -115,20 +133,29 @@ class HybridLinearAttention(ConvertedAttention):
         This is what attention transfer matches against the teacher's per-head outputs. `cu_seqlens` (`[N + 1]`)
         marks sequences packed along T (B = 1) that must not attend to each other.
         """
-        q, k, v = project_qkv(self, hidden_states, position_embeddings)
         layer = cache.recurrent_layer(self.layer_idx) if cache is not None else None
+        linear_op, rotate = self.linear_heads, None
+        if self.token_scorer is not None and self._sparse():
+            # The scorer reads keys before RoPE: q and k come unrotated, each branch rotates its own heads.
+            rotate = partial(rotate_qk, self, position_embeddings=position_embeddings)
+            linear_op = partial(self.linear_heads, rotate=rotate)
+        q, k, v = project_qkv(self, hidden_states, position_embeddings, rotate=rotate is None)
         out = split_attention(
-            self.split, self.linear_heads, q, k, v, self.scaling, self.softcap, token_mask, layer, cu_seqlens
+            self.split, linear_op, q, k, v, self.scaling, self.softcap, token_mask, layer, cu_seqlens, rotate
         )
         return out.reshape(*hidden_states.shape[:-1], -1)
 
-    def linear_heads(self, q, k, v, token_mask, initial_state, output_final_state: bool, cu_seqlens):
-        """The hybrid op on the linear heads' q `[B, T, H', D]`, k and v `[B, T, H'kv, D]`: `(out, state)`."""
+    def linear_heads(self, q, k, v, token_mask, initial_state, output_final_state: bool, cu_seqlens, rotate=None):
+        """The hybrid op on the linear heads' q `[B, T, H', D]`, k and v `[B, T, H'kv, D]`: `(out, state)`.
+        `rotate` (learned eviction) is the RoPE still to apply to q and k, after the scorer has read k."""
         sizes = dict(chunk_size=self.chunk_size)
-        if self.use_linear and self.sparse_cache and self.window > 0:
+        if self._sparse():
             # The controls switch a branch off and run the plain op: the kept pairs belong to neither branch alone.
             op = partial(sparse_hybrid_attention, cu_seqlens=cu_seqlens)
             sizes = dict(cache_size=self.sparse_cache, block=self.sparse_block)
+            if rotate is not None:
+                sizes.update(scorer=self.token_scorer, score_x=torch.cat([k, v], dim=-1))
+                q, k = rotate(q, k)
         elif self.use_linear:
             # The dispatcher takes packed sequences itself, so that the Triton kernels get them in one row.
             op = partial(hybrid_attention, cu_seqlens=cu_seqlens)
@@ -170,6 +197,8 @@ class HybridLinearAttention(ConvertedAttention):
     def extra_repr(self) -> str:
         heads = f", softmax_kv_heads={self.split.softmax_kv}" if self.split else ""
         sparse = f", sparse_cache={self.sparse_cache}, sparse_block={self.sparse_block}" if self.sparse_cache else ""
+        if self.token_scorer is not None:
+            sparse += ", sparse_scorer=learned"
         return f"layer_idx={self.layer_idx}, window={self.window}, feature_dim={self.feature_dim}{heads}{sparse}"
 
 

@@ -23,9 +23,12 @@ def rope_function(original: nn.Module):
 
 
 def project_qkv(
-    module: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    module: nn.Module,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    rotate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Project, normalise and rotate as the original attention does.
+    """Project, normalise and (unless `rotate` is False) rotate as the original attention does.
 
     Args:
         module: a converted attention module holding the original projections.
@@ -50,7 +53,8 @@ def project_qkv(
         q = module.q_norm(q)
     if hasattr(module, "k_norm"):
         k = module.k_norm(k)
-    q, k = rotate_qk(module, q, k, position_embeddings)
+    if rotate:
+        q, k = rotate_qk(module, q, k, position_embeddings)
     return q, k, v
 
 

@@ -3,7 +3,8 @@
 The cache adds no parameters: the kept pairs are chosen by the linear state's recall error at run time, so an
 evaluation can try it on any trained student of a kind that takes it (`AttentionKind.sparse_cache`). The modules
 get the new sizes and the model's conversion settings record them, so that a save writes them into config.json and
-a reload builds the same op.
+a reload builds the same op. A student trained with a learned scorer (`attention.sparse_scorer: learned`) keeps it:
+the evaluation can change its K, not remove it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import logging
 from torch import nn
 
 from ..errors import LinearizeError
+from .eviction import MARGIN
 from .registry import ATTENTION_KINDS, converted_modules, kind_of, kinds_with
+
+SCORERS = ("recall", "learned")
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +35,19 @@ def check_sizes(cache, block, names: tuple[str, str] = ("attention.sparse_cache"
         raise LinearizeError(f"{names[1]} must be an integer >= 1 or unset (the window), got {block!r}")
 
 
-def check_sparse_cache(kind: str, window: int, cache, block) -> None:
-    """The attention settings' check: counts, and a cache only for a kind that takes it, with a window."""
+def check_sparse_cache(kind: str, window: int, cache, block, scorer: str = "recall") -> None:
+    """The attention settings' check: counts, and a cache only for a kind that takes it, with a window; a learned
+    scorer only with a cache and a window wider than the scorer's reach."""
     check_sizes(cache, block)
+    if scorer not in SCORERS:
+        raise LinearizeError(f"attention.sparse_scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    if scorer == "learned" and not cache:
+        raise LinearizeError("attention.sparse_scorer=learned needs a sparse cache: set attention.sparse_cache >= 1")
+    if scorer == "learned" and window <= MARGIN:
+        raise LinearizeError(
+            f"attention.sparse_scorer=learned scores each token from {MARGIN} neighbours on each side, which must "
+            f"have been seen when it leaves the window: set attention.window >= {MARGIN + 1}, got {window}"
+        )
     if not cache:
         return
     if not ATTENTION_KINDS[kind].sparse_cache:
@@ -57,6 +71,11 @@ def set_sparse_cache(model: nn.Module, cache_size: int, block: int | None = None
         raise LinearizeError(
             f"{name} has attention {', '.join(kinds)}, which takes no sparse cache; kinds that take it (with a "
             f"window >= 1): {', '.join(kinds_with('sparse_cache'))}"
+        )
+    if not cache_size and any(getattr(m, "token_scorer", None) is not None for m in converted_modules(model).values()):
+        raise LinearizeError(
+            f"{name} was trained with a learned sparse cache (attention.sparse_scorer=learned), which --sparse-cache "
+            "can resize but not remove: pass K >= 1"
         )
     changed = 0
     for module in converted_modules(model).values():

@@ -83,7 +83,7 @@ def render_markdown(report: dict) -> str:
     if sparse:
         lines.append("")
         lines.append(
-            f"Sparse cache (LoLA, not trained with): {sparse['pairs']} past key/value pairs per kv head kept exact "
+            f"Sparse cache set for this evaluation: {sparse['pairs']} past key/value pairs per kv head kept exact "
             f"beside the window, updated every {sparse.get('block') or 'window'} tokens, in "
             f"{', '.join(sparse.get('models') or [])}."
         )
