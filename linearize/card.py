@@ -132,7 +132,10 @@ def _attention_section(settings: dict) -> list[str]:
         block = attention.get("sparse_block") or window
         how = "chosen by a learned scorer" if attention.get("sparse_scorer") == "learned" else "LoLA"
         rows.append(
-            ["sparse cache", f"{attention['sparse_cache']} past pairs per kv head ({how}), updated every {block} tokens"]
+            [
+                "sparse cache",
+                f"{attention['sparse_cache']} past pairs per kv head ({how}), updated every {block} tokens",
+            ]
         )
     return ["## Attention", "", *_table(["setting", "value"], rows), ""]
 

@@ -27,8 +27,9 @@ def _window_parts(state) -> list:
     if hasattr(state, "win_k"):
         return [state.win_k, state.win_v, state.win_mask]
     if hasattr(state, "tail_k"):
-        # A sparse cache's raw recent tokens: the window and those waiting for the next update of the kept pairs.
-        return [state.tail_k, state.tail_v, state.tail_mask]
+        # A sparse cache's raw recent tokens: the window and those waiting for the next update of the kept pairs
+        # (with a learned scorer, also their scorer inputs).
+        return [state.tail_k, state.tail_v, state.tail_mask, getattr(state, "tail_x", None)]
     window = getattr(state, "window", None)
     return list(window.tensors()) if window is not None else []
 

@@ -51,14 +51,30 @@ def torch_path(
         run = functools.partial(chunk, chunk_size=chunk_size)
     if cu_seqlens is None:
         return run(*tensors, scale, initial_state, output_final_state)
+    return run_packed(lambda parts, init: run(*parts, scale, init, True), tensors, initial_state, output_final_state,
+                      cu_seqlens)  # fmt: skip
+
+
+def run_packed(
+    run: Callable[[list, object], tuple[torch.Tensor, object]],
+    tensors: Sequence[torch.Tensor | None],
+    initial_state,
+    output_final_state: bool,
+    cu_seqlens: torch.Tensor,
+    take: Callable[[object, int], object] = lambda state, n: state[n : n + 1],
+    join: Callable[[list], object] = lambda states: torch.cat(states, 0),
+):
+    """Each of the N sequences packed along T (B = 1) on its own: `run(parts, init)` on its slice of every tensor
+    (None stays None) from its row of `initial_state` (`take(state, n)`); the outputs are concatenated along T and
+    the final states joined along N (`join`, when `output_final_state`)."""
     bounds = cu_seqlens.tolist()
     outs, states = [], []
     for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        init = initial_state[n : n + 1] if initial_state is not None else None
-        o, s = run(*(x[:, a:b] for x in tensors), scale, init, True)
+        init = take(initial_state, n) if initial_state is not None else None
+        o, s = run([None if x is None else x[:, a:b] for x in tensors], init)
         outs.append(o)
         states.append(s)
-    return torch.cat(outs, 1), torch.cat(states, 0) if output_final_state else None
+    return torch.cat(outs, 1), join(states) if output_final_state else None
 
 
 def recurrent_scan(

@@ -104,13 +104,18 @@ def test_no_cache_is_the_plain_op():
     torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-5)
 
 
-def test_packed_sequences_run_each_on_its_own():
+@pytest.mark.parametrize("learned", [False, True], ids=["recall", "learned"])
+def test_packed_sequences_run_each_on_its_own(learned):
     q, k, v, *weights = make_inputs(1, 20, 4, 2, 8, 4, seed=3)
-    kw = dict(window=3, scale=SCALE, cache_size=2, block=3, output_final_state=True)
+    x = torch.randn(1, 20, 2, 16, generator=torch.Generator().manual_seed(3))
+    kw = dict(window=4, scale=SCALE, cache_size=2, block=3, output_final_state=True)
+    if learned:
+        kw["scorer"] = _scorer(2, 16, 2)
     with torch.no_grad():
-        out, state = sparse_hybrid_attention(q, k, v, *weights, cu_seqlens=torch.tensor([0, 8, 20]), **kw)
+        out, state = sparse_hybrid_attention(q, k, v, *weights, cu_seqlens=torch.tensor([0, 8, 20]), score_x=x, **kw)
         for a, b, n in ((0, 8, 0), (8, 20, 1)):
-            alone, alone_state = sparse_hybrid_attention(q[:, a:b], k[:, a:b], v[:, a:b], *weights, **kw)
+            alone, alone_state = sparse_hybrid_attention(q[:, a:b], k[:, a:b], v[:, a:b], *weights,
+                                                         score_x=x[:, a:b], **kw)  # fmt: skip
             torch.testing.assert_close(out[:, a:b], alone)
             torch.testing.assert_close(state.cache_pos[n], alone_state.cache_pos[0])
 

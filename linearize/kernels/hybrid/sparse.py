@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..common import run_packed
 from .naive import EPS, hedgehog_feature_map, repeat_kv, softcap_scores
 
 
@@ -199,18 +200,14 @@ def sparse_hybrid_attention(
     """
     block = block or window
     if cu_seqlens is not None:
-        outs, states = [], []
-        bounds = cu_seqlens.tolist()
-        for n, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            init = initial_state.index_select(torch.tensor([n])) if initial_state is not None else None
-            out, state = sparse_hybrid_attention(
-                q[:, a:b], k[:, a:b], v[:, a:b], wq, wk, window_factor, window, scale, softcap,
-                None if token_mask is None else token_mask[:, a:b], init, output_final_state, cache_size, block,
-                scorer=scorer, score_x=None if score_x is None else score_x[:, a:b],
-            )  # fmt: skip
-            outs.append(out)
-            states.append(state)
-        return torch.cat(outs, dim=1), SparseState.cat(states) if output_final_state else None
+        return run_packed(
+            lambda parts, init: sparse_hybrid_attention(
+                *parts[:3], wq, wk, window_factor, window, scale, softcap, parts[3], init, output_final_state,
+                cache_size, block, scorer=scorer, score_x=parts[4],
+            ),
+            (q, k, v, token_mask, score_x), initial_state, output_final_state, cu_seqlens,
+            take=lambda state, n: state.index_select(torch.tensor([n])), join=SparseState.cat,
+        )  # fmt: skip
 
     B, T, H, D = q.shape
     Hkv, Dv = k.shape[2], v.shape[-1]
