@@ -69,8 +69,9 @@ class AttentionConfig:
             linear state recalls worst (LoLA); 0 (default) for none. Only kinds with a window take it.
         sparse_block: C, tokens between two updates of the kept pairs (None: the window).
         sparse_scorer: how the kept pairs are chosen: "recall" (default; the linear state's recall error, LoLA, no
-            parameters) or "learned" (a small convolutional scorer per layer, trained in every stage; learnable
-            token eviction). "learned" needs a sparse cache and a window above the scorer's reach (3 tokens).
+            parameters) or "learned" (the log recall error plus the score of a small convolutional scorer per layer
+            that starts at 0 and trains with the new attention parameters; learnable token eviction). "learned"
+            needs a sparse cache and a window above the scorer's reach (3 tokens).
     """
 
     kind: str = "lolcats"

@@ -3,14 +3,14 @@
 After "Alleviating Forgetfulness of Linear Attention by Hybrid Sparse Attention and Contextualized Learnable Token
 Eviction" (He and Garner, 2025): per key/value head, a stack of 1-D convolutions over the tokens (kernel 3, each
 layer halving the channels, SiLU between) reads each token's key before RoPE and its value, and those of its
-neighbours up to `margin` = layers x (kernel // 2) positions away on both sides, and gives one score. The sparse
-cache keeps the K best-scored pairs (`attention.sparse_scorer: learned`); the op passes the gradient to the scores
-straight through (kernels/hybrid/sparse.py). Scoring from keys before RoPE keeps the scores free of position.
+neighbours up to `margin` = layers x (kernel // 2) positions away on both sides, and gives one score, added to
+the log of LoLA's recall error when the sparse cache ranks its candidates (`attention.sparse_scorer: learned`). The
+score starts at 0 (a zero last layer), so a new scorer chooses as LoLA does, and training moves it away where the
+kept pairs help or do not; the op passes the gradient to the scores straight through the kept pairs
+(kernels/hybrid/sparse.py). Scoring from keys before RoPE keeps the scores free of position.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -48,11 +48,11 @@ class TokenScorer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """He-normal convolutions and a zero bias on the score: the start is random, fixed by the run's seed."""
+        """He-normal convolutions (fixed by the run's seed) and a zero last layer: every score starts at 0."""
         for conv in self.convs:
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
             nn.init.zeros_(conv.bias)
-        nn.init.normal_(self.proj.weight, std=1 / math.sqrt(self.proj.weight.shape[1]))
+        nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:

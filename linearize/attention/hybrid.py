@@ -6,8 +6,9 @@ adds only the feature maps and the window factors. Its decoding state is a `Hybr
 last W-1 raw keys/values) kept in a `RecurrentLayer` of the cache; with a sparse cache (`sparse_cache` K > 0, LoLA:
 the K past pairs per key/value head that the linear state recalls worst stay exact beside the window) it is a
 `SparseState` and the op is `sparse_hybrid_attention`; with `sparse_scorer="learned"` a small network
-(`eviction.TokenScorer`, a new parameter) picks the kept pairs instead. Key/value heads listed in `softmax_kv_heads`
-keep exact softmax over every token (heads.py); the feature maps and window factors cover the other heads only.
+(`eviction.TokenScorer`, a new parameter) adds its score to the recall error's log. Key/value heads listed in
+`softmax_kv_heads` keep exact softmax over every token (heads.py); the feature maps and window factors cover the
+other heads only.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ class HybridLinearAttention(ConvertedAttention):
             may change it on a loaded model (it adds no parameters).
         sparse_block: tokens between updates of the kept pairs (None: the window).
         sparse_scorer: how the kept pairs are chosen: "recall" (LoLA's recall error, no parameters) or "learned"
-            (a `TokenScorer` over the linear key/value heads, trained with the feature maps).
+            (the log recall error plus the score of a `TokenScorer` over the linear key/value heads, trained with
+            the feature maps).
     """
 
     def __init__(

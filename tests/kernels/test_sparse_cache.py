@@ -169,8 +169,11 @@ def test_state_follows_the_cache_protocol():
 
 
 def _scorer(Hkv, E, seed):
+    """A scorer with a random last layer (a new one scores every token 0, which chooses as the recall error)."""
     torch.manual_seed(seed)
-    return TokenScorer(Hkv, E)
+    scorer = TokenScorer(Hkv, E)
+    torch.nn.init.normal_(scorer.proj.weight, std=8.0)
+    return scorer
 
 
 @pytest.mark.parametrize("B, T, H, Hkv, D, W, C, K, padding", [
@@ -187,10 +190,13 @@ def test_learned_eviction_equals_the_reference_on_outputs_states_and_every_gradi
     ref, ref_state = sparse_hybrid_attention_naive(*inputs, **kw)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     assert_states_equal(state, ref_state)
-    # The scorer chose: the kept pairs are not those the recall error keeps.
-    _, recall = sparse_hybrid_attention(*inputs, window=W, scale=SCALE, token_mask=mask, cache_size=K, block=C,
-                                        output_final_state=True)  # fmt: skip
+    # The scorer chose: the kept pairs are not those the recall error keeps, unless its scores are all 0.
+    recall_kw = dict(window=W, scale=SCALE, token_mask=mask, cache_size=K, block=C, output_final_state=True)
+    _, recall = sparse_hybrid_attention(*inputs, **recall_kw)
     assert not torch.equal(recall.cache_pos, state.cache_pos)
+    with torch.no_grad():
+        _, fresh = sparse_hybrid_attention(*inputs, **recall_kw, scorer=TokenScorer(Hkv, 2 * D), score_x=x)
+    assert torch.equal(fresh.cache_pos, recall.cache_pos)
     assert (state.cache_pos >= 0).any()
 
     def loss(o, s):
@@ -224,14 +230,15 @@ def test_learned_eviction_in_pieces_equals_one_call():
     assert_states_equal(state, full_state)
 
 
-def test_the_best_scored_token_is_kept_whatever_its_recall():
-    # The scorer reads one channel of x: token 2 scores highest and stays, though its value is recalled well.
+def test_a_high_score_outweighs_the_recall_error():
+    # The scorer reads one channel of x: token 2 scores far above the rest and stays, though its value is recalled
+    # well; without the scorer the worst-recalled token stays.
     B, T, H, Hkv, D = 1, 12, 2, 1, 4
     q, k, v, wq, wk, wf = (t.detach() for t in make_inputs(B, T, H, Hkv, D, 2, seed=5))
     v = 0.01 * v
     v[0, 7] = 50.0
     x = torch.zeros(B, T, Hkv, 4)
-    x[0, 2, 0, 0] = 1.0
+    x[0, 2, 0, 0] = 100.0
 
     class ReadOne(torch.nn.Module):
         margin = 0

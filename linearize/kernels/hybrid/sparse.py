@@ -14,14 +14,15 @@ error against the linear state of the linear tokens that are no candidate, summe
 group: ||v_j - (phi_q(k_j) . Sum) / (phi_q(k_j) . z + eps)||^2. The K largest errors are kept (ties: the later
 position); the rest become linear. Selection runs without gradients; the op is differentiable given it.
 
-Learned eviction (`scorer`, after "Contextualized Learnable Token Eviction"): a small network scores each token
-from its own scorer input x_j (the layer passes its key before RoPE and its value) and those of its neighbours up
-to `scorer.margin` positions away on either side, which have all been seen when j leaves the window (margin < W).
-The K highest scores are kept instead of the largest recall errors (same tie rule). The forward is the same
-function of the selection; the gradient reaches the scorer straight through: with s_j = sigmoid(score_j), the
-values of kept pairs enter the exact terms as v_j * (1 + s_j - sg(s_j)) and those of linear tokens enter the
-linear terms as v_j * (1 - s_j + sg(s_j)) (sg: stop-gradient), so d loss / d s_j is how much more the pair helps
-exact than linear. The state keeps `margin` more raw tokens, their scorer inputs and the kept pairs' scores.
+Learned eviction (`scorer`, after "Contextualized Learnable Token Eviction"): a small network gives each token a
+score from its own scorer input x_j (the layer passes its key before RoPE and its value) and those of its
+neighbours up to `scorer.margin` positions away on either side, all seen when j leaves the window (margin < W).
+Candidates are ranked by log(recall error) + score instead of the recall error alone, so a scorer that outputs 0
+(as the layer's starts) chooses as LoLA does. The forward is the same function of the selection; the gradient
+reaches the scores straight through the kept pairs: with s_j = sigmoid(score_j), the value of a kept pair enters
+the exact terms as v_j * (1 + s_j - sg(s_j)) (sg: stop-gradient), equal to v_j, so d loss / d s_j says whether
+the pair helps as an exact term. The state keeps `margin` more raw tokens, their scorer inputs and the kept
+pairs' scores.
 
 The prefill loops over blocks of C tokens: per block the exact part over the keys in range plus the K kept, the
 linear part from the state at the block start plus the intra-block linear terms, then the boundary update.
@@ -37,6 +38,9 @@ import torch
 
 from ..common import run_packed
 from .naive import EPS, hedgehog_feature_map, repeat_kv, softcap_scores
+
+# The smallest recall error the learned ranking takes the log of.
+TINY = 1e-30
 
 
 @dataclass
@@ -228,13 +232,12 @@ def sparse_hybrid_attention(
     phi_k = hedgehog_feature_map(repeat_kv(keys, groups), wk) * key_ok[:, :, None, None]
     phi_q = hedgehog_feature_map(q, wq)
     vr = repeat_kv(values, groups).float()
-    vr_lin, score, lift, cache_lift = vr, None, None, None
+    score, lift, cache_lift = None, None, None
     if scorer is not None:
         xs = torch.cat([state.tail_x, score_x], dim=1)
         score = scorer(xs, key_ok)
         s = torch.sigmoid(score)
         lift = s - s.detach()  # zero, with the gradient of s
-        vr_lin = vr * (1 - repeat_kv(lift[..., None], groups))
         cache_lift = torch.zeros_like(state.cache_score)
     g = torch.sigmoid(window_factor.float())[None, :, None, None]
     kv, ksum = state.kv, state.ksum
@@ -251,7 +254,7 @@ def sparse_hybrid_attention(
         pq = phi_q[:, start - p0 : stop - p0]
 
         lin = torch.einsum("bihf,bjhf->bhij", pq, phi_k[:, lo:hi]) * (kj <= qi - window)
-        num = torch.einsum("bhij,bjhd->bihd", lin, vr_lin[:, lo:hi]) + torch.einsum("bihf,bhfd->bihd", pq, kv)
+        num = torch.einsum("bhij,bjhd->bihd", lin, vr[:, lo:hi]) + torch.einsum("bihf,bhfd->bihd", pq, kv)
         den = lin.sum(-1).transpose(1, 2) + torch.einsum("bihf,bhf->bih", pq, ksum)
 
         qf = q[:, start - p0 : stop - p0].float()
@@ -301,7 +304,7 @@ def _boundary(pend_k, pend_v, pend_ok, frontier, kv, ksum, cache_k, cache_v, cac
     since the last boundary (positions frontier + 1 ..), and fold the others into the linear state.
 
     `learned` is None (select by recall error) or `(pend_score, pend_lift, cache_score, cache_lift)`: the scores
-    to select by and the straight-through terms of the scorer's gradient (see the module docstring)."""
+    added to the log recall errors and their straight-through terms (see the module docstring)."""
     B, C, Hkv, _ = pend_k.shape
     K = cache_k.shape[2]
     pos = torch.arange(frontier + 1, frontier + 1 + C, device=pend_k.device)
@@ -309,18 +312,18 @@ def _boundary(pend_k, pend_v, pend_ok, frontier, kv, ksum, cache_k, cache_v, cac
     cand_k = torch.cat([cache_k, pend_k.transpose(1, 2)], dim=2)
     cand_v = torch.cat([cache_v, pend_v.transpose(1, 2)], dim=2)
     cand_pos = torch.cat([cache_pos, pend_pos], dim=2)
+    err = recall_errors(cand_k, cand_v, kv, ksum, wq, groups)
     if learned is None:
-        chosen = _select(recall_errors(cand_k, cand_v, kv, ksum, wq, groups), cand_pos, K)
+        chosen = _select(err, cand_pos, K)
     else:
         pend_score, pend_lift, cache_score, cache_lift = learned
         cand_score = torch.cat([cache_score, pend_score.transpose(1, 2)], dim=2)
         cand_lift = torch.cat([cache_lift, pend_lift.transpose(1, 2)], dim=2)
-        chosen = _select(cand_score.detach(), cand_pos, K)
+        chosen = _select(err.clamp_min(TINY).log() + cand_score.detach(), cand_pos, K)
     fold = (cand_pos >= 0).scatter(2, chosen, False)
     phi = hedgehog_feature_map(cand_k.repeat_interleave(groups, dim=1).transpose(1, 2), wk).transpose(1, 2)
     phi = phi * fold.repeat_interleave(groups, dim=1)[..., None]
-    fold_v = cand_v.float() if learned is None else cand_v.float() * (1 - cand_lift[..., None])
-    kv = kv + torch.einsum("bhcf,bhcd->bhfd", phi, fold_v.repeat_interleave(groups, dim=1))
+    kv = kv + torch.einsum("bhcf,bhcd->bhfd", phi, cand_v.float().repeat_interleave(groups, dim=1))
     ksum = ksum + phi.sum(2)
     kept_pos = cand_pos.gather(2, chosen)
     # Empty slots hold zeros, whatever padding token the selection passed over.

@@ -8,17 +8,18 @@ older than the window, whose terms are exact like the window's (g * exp(s_ij - m
 S); every other token older than the window is linear. S changes only after a token t with (t + 1) % C == 0: the
 candidates (S plus the tokens that left the window since the previous such boundary) are scored by their
 self-recall error against the linear state of the other linear tokens, and the K worst recalled are kept. With a
-learned scorer the K highest scores are kept, each token scored once from the whole sequence's scorer inputs, and
-the values carry the straight-through terms of `sparse.py`: v_j (1 + s_j - sg(s_j)) while j is kept, v_j (1 - s_j
-+ sg(s_j)) while it is linear.
+learned scorer the K highest log(recall error) + score are kept, each token scored once from the whole sequence's
+scorer inputs, and a kept pair's value carries the straight-through term of `sparse.py`: v_j (1 + s_j - sg(s_j)).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .naive import EPS, hedgehog_feature_map, repeat_kv, softcap_scores
-from .sparse import SparseState
+from .sparse import TINY, SparseState
 
 
 def _recall_errors(cands, frontier, S, mask_b, phi_kq, phi_k, vr, heads, b):
@@ -100,7 +101,6 @@ def sparse_hybrid_attention_naive(
                 if lift is not None:
                     up = torch.tensor([j in S for j in exact], device=q.device)
                     v_exact = v_exact * (1 + lift[b, exact, h // groups] * up)[:, None]
-                    v_lin = v_lin * (1 - lift[b, linear, h // groups])[:, None]
                 if exact:
                     s = softcap_scores(kr[b, exact, h] @ q[b, t, h].float() * scale, softcap)
                     a = g[h] * torch.exp(s - s.max())
@@ -119,17 +119,14 @@ def sparse_hybrid_attention_naive(
                     pending = [j for j in range(max(frontier - block + 1, 0), frontier + 1) if mask[b][j]]
                     cands = sorted(S | set(pending))
                     heads = range(kvh * groups, (kvh + 1) * groups)
-                    if score is None:
-                        err = _recall_errors(set(cands), frontier, S, mask[b], phi_kq, phi_k, vr, heads, b)
-                    else:
-                        err = {j: score[b, j, kvh].item() for j in cands}
+                    err = _recall_errors(set(cands), frontier, S, mask[b], phi_kq, phi_k, vr, heads, b)
+                    if score is not None:
+                        err = {j: math.log(max(e, TINY)) + score[b, j, kvh].item() for j, e in err.items()}
                     ranked = sorted(cands, key=lambda j: (err[j], j), reverse=True)
                     kept[b][kvh] = set(ranked[:cache_size])
         rows.append(torch.stack(steps) if steps else q.new_zeros(0, H, Dv, dtype=torch.float32))
     out = torch.stack(rows).to(q.dtype)
     margin = scorer.margin if scorer is not None else 0
-    if lift is not None:
-        vr = vr * (1 - repeat_kv(lift[..., None], groups))  # the linear tokens' values in the state
     state = _final_state(k, v, phi_k, vr, token_mask, kept, window, block, cache_size, groups, margin)
     if scorer is not None:
         state.tail_x = _tail(score_x, token_mask, T, block, window, margin)[0]
