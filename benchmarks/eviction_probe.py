@@ -46,13 +46,10 @@ def run(batch, weights, scorer, learned: bool):
     return loss, kept
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
+def probe(steps: int, seed: int = 0, log=print) -> list[tuple[str, float, float]]:
+    """`(choice, needles kept, probe error)` for the recall error, the scorer before and after `steps` steps."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     marker = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
     weights = (
         0.5 * torch.randn(1, D, F, generator=gen),
@@ -60,25 +57,34 @@ def main() -> None:
         torch.tensor([4.0]),
     )
     scorer = TokenScorer(1, 2 * D)
-    test = make_batch(torch.Generator().manual_seed(args.seed + 1), marker)
+    test = make_batch(torch.Generator().manual_seed(seed + 1), marker)
     rows = []
     with torch.no_grad():
         rows.append(("recall error (LoLA)", *run(test, weights, scorer, learned=False)))
         rows.append(("learned, before training", *run(test, weights, scorer, learned=True)))
     optim = torch.optim.Adam(scorer.parameters(), lr=3e-3)
-    for step in range(args.steps):
+    for step in range(steps):
         loss, kept = run(make_batch(gen, marker), weights, scorer, learned=True)
         optim.zero_grad()
         loss.backward()
         optim.step()
-        if step % 50 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}: loss {loss.item():.4f}, needles kept {kept.item():.2f}")
+        if step % 50 == 0 or step == steps - 1:
+            log(f"step {step:4d}: loss {loss.item():.4f}, needles kept {kept.item():.2f}")
     with torch.no_grad():
-        rows.append((f"learned, after {args.steps} steps", *run(test, weights, scorer, learned=True)))
+        rows.append((f"learned, after {steps} steps", *run(test, weights, scorer, learned=True)))
+    return [(name, kept.item(), loss.item()) for name, loss, kept in rows]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    rows = probe(args.steps, args.seed)
     print(f"\n| choice (K={K} of {T - W} past tokens, {NEEDLES} needles) | needles kept | probe error |")
     print("|---|---|---|")
-    for name, loss, kept in rows:
-        print(f"| {name} | {kept.item():.2f} | {loss.item():.3f} |")
+    for name, kept, loss in rows:
+        print(f"| {name} | {kept:.2f} | {loss:.3f} |")
     print(f"| chance | {K / (T - W):.2f} | |")
 
 

@@ -2,6 +2,9 @@
 reference on outputs, final states and every gradient; decoding in pieces against one call; packed sequences; the
 tie rule of the selection; the state's cache protocol."""
 
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -250,3 +253,14 @@ def test_a_high_score_outweighs_the_recall_error():
     _, state = sparse_hybrid_attention(q, k, v, wq, wk, wf, scorer=ReadOne(), score_x=x, **kw)
     _, recall = sparse_hybrid_attention(q, k, v, wq, wk, wf, **kw)
     assert state.cache_pos.tolist() == [[[2]]] and recall.cache_pos.tolist() == [[[7]]]
+
+
+def test_the_scorer_learns_to_keep_what_the_recall_error_misses():
+    # benchmarks/eviction_probe.py: needles that only the scorer's inputs mark, among 120 past tokens, K = 4.
+    path = Path(__file__).parents[2] / "benchmarks" / "eviction_probe.py"
+    spec = importlib.util.spec_from_file_location("eviction_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (_, recall, _), (_, fresh, _), (_, trained, _) = module.probe(steps=100, log=lambda _: None)
+    assert fresh == recall < 0.1
+    assert trained > 0.3
