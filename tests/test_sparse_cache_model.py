@@ -176,3 +176,14 @@ def test_model_card_names_the_cache():
     settings = {"kind": "lolcats", "window": 4, "sparse_cache": 2, "sparse_scorer": "learned", "sparse_block": 8}
     lines = _attention_section({"attention": settings, "layers": {}})
     assert "| sparse cache | 2 past pairs per kv head (chosen by a learned scorer), updated every 8 tokens |" in lines
+
+
+def test_a_bf16_model_trains_its_fp32_scorer():
+    # As the pipeline trains on a GPU: the model in bf16, its new parameters (the scorer among them) in fp32.
+    model = _converted(sparse_cache=2, sparse_block=2, sparse_scorer="learned").to(torch.bfloat16)
+    for module in converted_modules(model).values():
+        module.float_new_parameters()
+    loss = model(_ids(length=12), labels=_ids(length=12)).loss
+    loss.backward()
+    scorer = [p for m in converted_modules(model).values() for p in m.token_scorer.parameters()]
+    assert torch.isfinite(loss) and all(p.dtype == torch.float32 and p.grad is not None for p in scorer)

@@ -57,8 +57,10 @@ class TokenScorer(nn.Module):
 
     def forward(self, x: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
         B, N, H, E = x.shape
-        m = ok[:, None, :].to(x.dtype)
-        h = (x * ok[:, :, None, None]).reshape(B, N, H * E).transpose(1, 2)
+        # In the weights' dtype: a trained scorer is fp32 beside a bf16 model (`float_new_parameters`).
+        dtype = self.proj.weight.dtype
+        m = ok[:, None, :].to(dtype)
+        h = (x.to(dtype) * ok[:, :, None, None]).reshape(B, N, H * E).transpose(1, 2)
         for conv in self.convs:
             h = F.silu(conv(h) * m)
         return self.proj(h).transpose(1, 2).float()
