@@ -150,6 +150,12 @@ def _stage_line(number: int, stage: dict) -> str:
     label = _STAGE_LABELS.get(stage.get("objective"), "LoRA fine-tune" if "lora" in trains else "fine-tune")
     if not stage.get("enabled", True):
         return f"- stage {number}, {label}: skipped"
+    if stage.get("objective") == "kl_restore":
+        return (
+            f"- stage {number}, layer selection: the {_cell(stage.get('softmax_budget'))} fraction of layers whose "
+            f"restoration to softmax lowered the KL to the teacher most, measured on {_cell(stage.get('tokens'))} "
+            "tokens"
+        )
     parts = [f"{_cell(stage.get('tokens'))} tokens"]
     if stage.get("objective") in _STAGE_LABELS:
         parts.append(f"MSE weight {_cell(stage.get('mse_weight'))}")

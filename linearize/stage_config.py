@@ -76,7 +76,9 @@ class StageConfig:
             between student and teacher per-head attention outputs, plus the attention-weight cross-entropy
             when xent_weight > 0), "hidden_state" (L2 between the layers' attention outputs after o_proj),
             "ce" (next-token cross-entropy), "kl" (KL(teacher || student) on next-token distributions, at
-            kd_temperature) or "mix" (ce_weight x CE + kd_weight x KL).
+            kd_temperature), "mix" (ce_weight x CE + kd_weight x KL), or "kl_restore" (a selection stage that
+            trains nothing: the `softmax_budget` fraction of layers whose restoration to softmax lowers the KL to
+            the teacher most go back to softmax, measured on `tokens` held-out tokens; see train/select.py).
         trains: registered trainable set (`linearize.train.trainables.TRAINABLES`): "attention" (the new
             attention parameters), "lora" (LoRA adapters), "lora+attention" or "all" (every weight).
         enabled: run the stage (default true); false gives, e.g., the no-transfer control.
@@ -97,6 +99,7 @@ class StageConfig:
         kd_temperature: softmax temperature of the KL term ("kl" and "mix").
         lora: adapter settings (stages that train LoRA).
         optim: optimiser settings.
+        softmax_budget: selection stages: fraction of the model's layers restored to softmax.
     """
 
     name: str = "stage"
@@ -115,6 +118,7 @@ class StageConfig:
     kd_temperature: float = 1.0
     lora: LoraSettings = field(default_factory=LoraSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    softmax_budget: float = 0.0
 
     def __post_init__(self):
         from .train.registry import OBJECTIVES, TRAINABLES

@@ -29,13 +29,16 @@ class Objective:
         build: `(run, stage) -> objective` with `backward(input_ids, scale) -> dict` (gradients of scale x the
             loss; metrics unscaled), `evaluate(input_ids)` and `close()` (undoes what build switched on).
         whole_model: back-propagates through every layer of the model (for the memory plan).
+        select: for a selection stage, which trains nothing: `(run, stage) -> StageResult`, run instead of the
+            training loop (`build` is then unused).
     """
 
     name: str
     description: str
     check: Callable
-    build: Callable
+    build: Callable | None
     whole_model: bool = False
+    select: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,20 @@ def _check_mix(stage) -> None:
         raise LinearizeError(f"{stage.name}.ce_weight and {stage.name}.kd_weight must be >= 0 and not both 0")
 
 
+def _check_select(stage) -> None:
+    if not 0.0 < stage.softmax_budget <= 1.0:
+        raise LinearizeError(
+            f"{stage.name}.softmax_budget must be a fraction in (0, 1] (of the model's layers restored to softmax), "
+            f"got {stage.softmax_budget}"
+        )
+
+
+def _kl_restore(run, stage):
+    from .select import kl_restore_stage
+
+    return kl_restore_stage(run, stage)
+
+
 def _attention_objective(target: str) -> Callable:
     def build(run, stage):
         from ..attention import converted_modules
@@ -148,6 +165,15 @@ for _objective in (
     ),
     Objective(
         "mix", "ce_weight x cross-entropy + kd_weight x KL", _check_mix, _lm_objective(None, None), whole_model=True
+    ),
+    Objective(
+        "kl_restore",
+        "selection, trains nothing: restore each converted layer alone to softmax and keep the softmax_budget "
+        "fraction of layers whose restoration lowers KL(teacher || student) most, measured on `tokens` held-out "
+        "tokens",
+        _check_select,
+        None,
+        select=_kl_restore,
     ),
 ):
     register_objective(_objective)

@@ -73,6 +73,8 @@ def run_recipe_stage(run: Run, index: int, stage: StageConfig) -> StageResult | 
     """Run stage `index` of the recipe; None when it has nothing to train (e.g. every layer kept as softmax)."""
     from ..data import BatchPlan
 
+    if OBJECTIVES[stage.objective].select is not None:
+        return OBJECTIVES[stage.objective].select(run, stage)
     named = TRAINABLES[stage.trains].setup(run, stage)
     if not named:
         logger.info("%s: nothing to train (%s); skipped", stage.name, stage.trains)
