@@ -84,23 +84,29 @@ def restore_layers(run, layers: list[int]) -> None:
     attention["softmax_layers"] = sorted(set(attention.get("softmax_layers") or []) | set(layers))
 
 
-def kl_restore_scores(run, sequences: torch.Tensor, batch_size: int) -> tuple[float, dict[int, float]]:
-    """KL with every converted layer linear, and with each one alone restored to softmax."""
+def kl_with_restored(run, layers: list[int], sequences: torch.Tensor, batch_size: int) -> float:
+    """Held-out KL(teacher || student) with `layers` restored to softmax for the measurement only."""
     from ..models.twin import shallow_twin
 
+    paths = _attention_paths(run.model)
     was_training = run.model.training
     run.model.eval()
+    converted = {layer: _swap(run.model, paths[layer], shallow_twin(run.teacher.get_submodule(paths[layer])))
+                 for layer in layers}  # fmt: skip
     try:
-        baseline = _kl(run, sequences, batch_size)
-        restored = {}
-        for layer, path in sorted(_attention_paths(run.model).items()):
-            converted = _swap(run.model, path, shallow_twin(run.teacher.get_submodule(path)))
-            try:
-                restored[layer] = _kl(run, sequences, batch_size)
-            finally:
-                _swap(run.model, path, converted)
+        return _kl(run, sequences, batch_size)
     finally:
+        for layer, module in converted.items():
+            _swap(run.model, paths[layer], module)
         run.model.train(was_training)
+
+
+def kl_restore_scores(run, sequences: torch.Tensor, batch_size: int) -> tuple[float, dict[int, float]]:
+    """KL with every converted layer linear, and with each one alone restored to softmax."""
+    baseline = kl_with_restored(run, [], sequences, batch_size)
+    restored = {
+        layer: kl_with_restored(run, [layer], sequences, batch_size) for layer in sorted(_attention_paths(run.model))
+    }
     return baseline, restored
 
 
@@ -143,12 +149,7 @@ def kl_restore_stage(run, stage) -> StageResult:
             torch.distributed.broadcast_object_list(shared, src=0)
             layers = shared[0]
         restore_layers(run, layers)
-        was_training = run.model.training
-        run.model.eval()
-        try:
-            selected = _kl(run, sequences, stage.batch_size)
-        finally:
-            run.model.train(was_training)
+        selected = kl_with_restored(run, [], sequences, stage.batch_size)
         record = {
             "criterion": "kl_restore",
             "stage": stage.name,
