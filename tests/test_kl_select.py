@@ -44,12 +44,15 @@ def test_choice_takes_the_largest_drops_ties_to_the_lower_layer():
 def test_the_layer_converted_worst_is_restored(tmp_path):
     teacher = tiny_model("llama").eval()
     student = shallow_twin(teacher)
-    convert(student, AttentionConfig(kind="lolcats", window=4, feature_dim=8))
+    # Layer 2 also keeps a softmax head: restored whole, its kept-head entry goes.
+    convert(student, AttentionConfig(kind="lolcats", window=4, feature_dim=8, softmax_heads={"2": [1], "3": [0]}))
     randomise_new_parameters(student)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # layer 2's feature maps are noise: its output is the furthest off
-        for fmap in (converted_modules(student)[2].feature_map_q, converted_modules(student)[2].feature_map_k):
+    with torch.no_grad():  # layer 2's linear heads: noise features and no window, the furthest off
+        broken = converted_modules(student)[2]
+        for fmap in (broken.feature_map_q, broken.feature_map_k):
             fmap.weight.copy_(10 * torch.randn(fmap.weight.shape, generator=gen))
+        broken.window_factors.fill_(-20.0)
     recipe = load_recipe("lolcats", ["data.seq_len=16"])
     ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
     run = Run(recipe, Dist(), tmp_path, False, teacher, student, None, data={16: SimpleNamespace(validation=ids)})
@@ -62,6 +65,7 @@ def test_the_layer_converted_worst_is_restored(tmp_path):
     assert record["kl_selected"] < record["kl_all_converted"]
     settings = student.config.linearize
     assert settings["layers"]["2"] == "softmax" and settings["attention"]["softmax_layers"] == [2]
+    assert settings["attention"]["softmax_heads"] == {"3": [0]}
     assert json.loads((tmp_path / "select.selection.json").read_text()) == record
     # The restored layer is the teacher's attention on the teacher's weights, not a view of the teacher's module.
     restored = student.model.layers[2].self_attn

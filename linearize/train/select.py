@@ -82,6 +82,9 @@ def restore_layers(run, layers: list[int]) -> None:
         settings["layers"][str(layer)] = "softmax"
     attention = settings["attention"]
     attention["softmax_layers"] = sorted(set(attention.get("softmax_layers") or []) | set(layers))
+    # A softmax layer keeps every head: kept heads listed for it no longer mean anything.
+    for layer in layers:
+        (attention.get("softmax_heads") or {}).pop(str(layer), None)
 
 
 def kl_with_restored(run, layers: list[int], sequences: torch.Tensor, batch_size: int) -> float:
