@@ -104,12 +104,25 @@ def kl_with_restored(run, layers: list[int], sequences: torch.Tensor, batch_size
         run.model.train(was_training)
 
 
-def kl_restore_scores(run, sequences: torch.Tensor, batch_size: int) -> tuple[float, dict[int, float]]:
-    """KL with every converted layer linear, and with each one alone restored to softmax."""
-    baseline = kl_with_restored(run, [], sequences, batch_size)
-    restored = {
-        layer: kl_with_restored(run, [layer], sequences, batch_size) for layer in sorted(_attention_paths(run.model))
-    }
+def kl_restore_scores(
+    run, sequences: torch.Tensor, batch_size: int, desc: str = "select"
+) -> tuple[float, dict[int, float]]:
+    """KL with every converted layer linear, and with each one alone restored to softmax (a progress bar over the
+    layers on the main process)."""
+    from tqdm.auto import tqdm
+
+    layers = sorted(_attention_paths(run.model))
+    bar = tqdm(total=len(layers) + 1, desc=desc, unit="layer", dynamic_ncols=True, disable=not run.ctx.main)
+    try:
+        baseline = kl_with_restored(run, [], sequences, batch_size)
+        bar.update()
+        restored = {}
+        for layer in layers:
+            restored[layer] = kl_with_restored(run, [layer], sequences, batch_size)
+            bar.set_postfix(layer=layer, kl=f"{restored[layer]:.4f}")
+            bar.update()
+    finally:
+        bar.close()
     return baseline, restored
 
 
@@ -144,7 +157,7 @@ def kl_restore_stage(run, stage) -> StageResult:
                 "%s: %d held-out sequences of %d tokens, fewer than tokens=%d asks for; measuring on those",
                 stage.name, len(sequences), seq_len, stage.tokens,
             )  # fmt: skip
-        baseline, restored = kl_restore_scores(run, sequences, stage.batch_size)
+        baseline, restored = kl_restore_scores(run, sequences, stage.batch_size, desc=stage.name)
         layers = choose(run.model.config.num_hidden_layers, stage.softmax_budget, baseline, restored)
         if run.ctx.world > 1:
             # One choice for every process, whatever rounding differences the measurements had.
