@@ -46,13 +46,19 @@ def _swap(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _kl(run, sequences: torch.Tensor, batch_size: int) -> float:
-    """Mean per-token KL(teacher || student) over `sequences` `[N, T]`."""
+def _kl(run, sequences: torch.Tensor, batch_size: int, teacher_cache: dict | None = None) -> float:
+    """Mean per-token KL(teacher || student) over `sequences` `[N, T]`; `teacher_cache` keeps the teacher's final
+    hidden states by batch between calls on the same sequences."""
     weights = LossWeights(ce=0.0, kd=1.0)
     total, count = 0.0, 0
     for start in range(0, len(sequences), batch_size):
         ids = sequences[start : start + batch_size].to(run.ctx.device)
-        teacher_hidden = final_hidden(run.teacher, ids)
+        if teacher_cache is not None and start in teacher_cache:
+            teacher_hidden = teacher_cache[start]
+        else:
+            teacher_hidden = final_hidden(run.teacher, ids)
+            if teacher_cache is not None:
+                teacher_cache[start] = teacher_hidden
         hidden = final_hidden(run.model, ids)
         loss, _ = vocab_losses(
             hidden,
@@ -87,8 +93,11 @@ def restore_layers(run, layers: list[int]) -> None:
         (attention.get("softmax_heads") or {}).pop(str(layer), None)
 
 
-def kl_with_restored(run, layers: list[int], sequences: torch.Tensor, batch_size: int) -> float:
-    """Held-out KL(teacher || student) with `layers` restored to softmax for the measurement only."""
+def kl_with_restored(
+    run, layers: list[int], sequences: torch.Tensor, batch_size: int, teacher_cache: dict | None = None
+) -> float:
+    """Held-out KL(teacher || student) with `layers` restored to softmax for the measurement only (`teacher_cache`:
+    as `_kl`'s, for several calls on the same sequences)."""
     from ..models.twin import shallow_twin
 
     paths = _attention_paths(run.model)
@@ -97,7 +106,7 @@ def kl_with_restored(run, layers: list[int], sequences: torch.Tensor, batch_size
     converted = {layer: _swap(run.model, paths[layer], shallow_twin(run.teacher.get_submodule(paths[layer])))
                  for layer in layers}  # fmt: skip
     try:
-        return _kl(run, sequences, batch_size)
+        return _kl(run, sequences, batch_size, teacher_cache)
     finally:
         for layer, module in converted.items():
             _swap(run.model, paths[layer], module)
@@ -113,12 +122,13 @@ def kl_restore_scores(
 
     layers = sorted(_attention_paths(run.model))
     bar = tqdm(total=len(layers) + 1, desc=desc, unit="layer", dynamic_ncols=True, disable=not run.ctx.main)
+    teacher: dict = {}
     try:
-        baseline = kl_with_restored(run, [], sequences, batch_size)
+        baseline = kl_with_restored(run, [], sequences, batch_size, teacher)
         bar.update()
         restored = {}
         for layer in layers:
-            restored[layer] = kl_with_restored(run, [layer], sequences, batch_size)
+            restored[layer] = kl_with_restored(run, [layer], sequences, batch_size, teacher)
             bar.set_postfix(layer=layer, kl=f"{restored[layer]:.4f}")
             bar.update()
     finally:
