@@ -162,6 +162,11 @@ def kl_restore_stage(run, stage) -> StageResult:
         seq_len = data.validation.shape[1]
         wanted = max(1, stage.tokens // seq_len)
         sequences = data.validation[:wanted]
+        if not len(sequences):
+            raise LinearizeError(
+                f"{stage.name}: kl_restore measures on held-out sequences and the data has none; give more text "
+                "(data.dataset) or a shorter data.seq_len"
+            )
         if len(sequences) < wanted:
             logger.warning(
                 "%s: %d held-out sequences of %d tokens, fewer than tokens=%d asks for; measuring on those",
