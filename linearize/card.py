@@ -137,6 +137,16 @@ def _attention_section(settings: dict) -> list[str]:
                 f"{attention['sparse_cache']} past pairs per kv head ({how}), updated every {block} tokens",
             ]
         )
+    chosen = settings.get("kl_selection")
+    if chosen:
+        rows.append(
+            [
+                "layers chosen by KL",
+                f"{', '.join(map(str, chosen['layers'])) or 'none'}: held-out KL to the teacher "
+                f"{chosen['kl_all_converted']:.4g} with every layer converted, {chosen['kl_selected']:.4g} with these "
+                f"restored to softmax ({chosen['tokens']:,} tokens)",
+            ]
+        )
     return ["## Attention", "", *_table(["setting", "value"], rows), ""]
 
 

@@ -94,7 +94,9 @@ def test_pipeline_records_exports_and_reloads_the_choice(selected_run):
     (chosen,) = record["layers"]
     assert settings["kl_selection"] == record and settings["attention"]["softmax_layers"] == [chosen]
     assert [i for i, kind in settings["layers"].items() if kind == "softmax"] == [str(chosen)]
-    assert "stage 2, layer selection: the 0.25 fraction of layers" in render_model_card(out)
+    card = render_model_card(out)
+    assert "stage 2, layer selection: the 0.25 fraction of layers" in card
+    assert f"| layers chosen by KL | {chosen}: held-out KL to the teacher {record['kl_all_converted']:.4g}" in card
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert sorted(converted_modules(model)) == sorted({0, 1, 2, 3} - {chosen})
     prompt = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
