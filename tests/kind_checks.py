@@ -5,10 +5,9 @@ forward, a word corpus."""
 from __future__ import annotations
 
 import copy
-import random
 
 import torch
-from tiny_models import VOCAB, WORDS, randomise_new_parameters, tiny_model
+from tiny_models import VOCAB, randomise_new_parameters, tiny_model, write_words
 
 from linearize import AttentionConfig, convert
 from linearize._compat import CACHE_KWARG, output_cache
@@ -97,6 +96,5 @@ def generates_greedily(model, ids):
 def write_corpus(folder):
     """60 paragraphs of 30 random words, a pipeline's `data.dataset`."""
     path = folder / "words.txt"
-    rng = random.Random(0)
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(60)))
+    write_words(path, 60)
     return path

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from tiny_models import WORDS, save_tiny
+from tiny_models import save_tiny, write_words
 
 from linearize.cli import main
 
@@ -56,9 +56,8 @@ def assets(tmp_path_factory):
     a.gpt2 = root / "gpt2"
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)
     transformers.GPT2LMHeadModel(config).save_pretrained(a.gpt2)
-    rng = random.Random(0)
     a.words = root / "words.txt"
-    a.words.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(40)))
+    write_words(a.words, 40)
     fill = {"words": a.words}
     a.conv = root / "conv"
     assert main(["convert", "--model", str(a.tiny), "--out", str(a.conv), "--set", "attention.feature_dim=4"]) == 0

@@ -1,13 +1,12 @@
 """Exported folders: weights in the teacher's dtype (or the one asked for), and the usual file permissions."""
 
 import os
-import random
 import stat
 
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import WORDS, randomise_new_parameters, tiny_model, tiny_tokenizer
+from tiny_models import randomise_new_parameters, tiny_model, tiny_tokenizer, write_words
 
 from linearize.config import load_recipe
 from linearize.errors import LinearizeError
@@ -71,8 +70,7 @@ def test_pipeline_exports_a_bf16_teacher_in_bf16_and_fp32_when_asked(tmp_path):
 
     teacher = _teacher(tmp_path / "teacher", torch.bfloat16)
     corpus = tmp_path / "words.txt"
-    rng = random.Random(0)
-    corpus.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(60)))
+    write_words(corpus, 60)
     sets = [*TINY_SETS, f"data.dataset={corpus}"]
     run_pipeline(str(teacher), load_recipe("lolcats", sets), tmp_path / "auto")
     assert _dtypes(tmp_path / "auto") == {"BF16"}

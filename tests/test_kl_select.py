@@ -3,13 +3,12 @@ teacher most is the one restored; in a pipeline the choice is recorded, exported
 resume without measuring again."""
 
 import json
-import random
 import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
-from tiny_models import WORDS, randomise_new_parameters, save_tiny, tiny_model
+from tiny_models import randomise_new_parameters, save_tiny, tiny_model, write_words
 from transformers import AutoModelForCausalLM
 
 from linearize.attention import LinearizeCache, converted_modules
@@ -77,8 +76,7 @@ def test_the_layer_converted_worst_is_restored(tmp_path):
 def selected_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("select")
     corpus = root / "words.txt"
-    rng = random.Random(0)
-    corpus.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(120)))
+    write_words(corpus, 120)
     tiny = save_tiny("llama", root / "tiny")
     recipe = load_recipe("lolcats", [*SETS, f"data.dataset={corpus}", STAGES])
     out = root / "out"

@@ -4,7 +4,6 @@ printed, resumed steps are logged once, and lm-eval task folders are replaced on
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import time
 
 import pytest
 import torch
-from tiny_models import WORDS, save_tiny
+from tiny_models import save_tiny, write_words
 
 from linearize import outdir
 from linearize.cli import main
@@ -36,8 +35,7 @@ SETS = [
 def inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("inputs")
     words = root / "words.txt"
-    rng = random.Random(0)
-    words.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(40)))
+    write_words(words, 40)
     return save_tiny("llama", root / "tiny"), words
 
 

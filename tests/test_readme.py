@@ -13,7 +13,6 @@ real.
 """
 
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_models import WORDS, save_tiny
+from tiny_models import save_tiny, write_words
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKS = [
@@ -67,8 +66,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
     tiny = save_tiny("llama", root / "tiny")
     words = root / "words.txt"
-    rng = random.Random(0)
-    words.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(60)))
+    write_words(words, 60)
     exported = root / "out" / "smol"
     assert main(["convert", "--model", str(tiny), "--out", str(exported), "--set", "attention.feature_dim=8"]) == 0
     return tiny, words, exported

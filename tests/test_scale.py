@@ -4,11 +4,9 @@ the settings to change and the checkpoint kept, and an automatic micro-batch hal
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
-from tiny_models import WORDS, randomise_new_parameters, save_tiny, tiny_model
+from tiny_models import randomise_new_parameters, save_tiny, tiny_model, write_words
 
 from linearize.attention import converted_modules
 from linearize.config import load_recipe
@@ -166,8 +164,7 @@ def test_an_automatic_micro_batch_halves_on_a_first_step_oom_and_a_set_one_does_
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "words.txt"
-    rng = random.Random(0)
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(60)))
+    write_words(path, 60)
     return path
 
 

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_models import WORDS, save_tiny, tiny_model
+from tiny_models import save_tiny, tiny_model, write_words
 
 from linearize.attention import converted_modules
 from linearize.config import StageConfig, load_recipe
@@ -30,8 +30,7 @@ SETS = [
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "words.txt"
-    rng = random.Random(0)
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(120)))
+    write_words(path, 120)
     return path
 
 

@@ -3,7 +3,6 @@ kill -9 reproduces an uninterrupted run, NaN stops cleanly, and two data-paralle
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import WORDS, save_tiny, tiny_model
+from tiny_models import save_tiny, tiny_model, write_words
 
 from linearize.config import AttentionConfig, OptimConfig, RunConfig, StageConfig, load_recipe
 from linearize.errors import LinearizeError
@@ -40,8 +39,7 @@ TINY_SETS = [
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "words.txt"
-    rng = random.Random(0)
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(200)))
+    write_words(path, 200)
     return path
 
 

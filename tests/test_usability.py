@@ -3,12 +3,11 @@ Python API (`linearize.train`, `linearize.evaluate`) that the CLI's commands cal
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 
 import pytest
-from tiny_models import WORDS, save_tiny
+from tiny_models import save_tiny, write_words
 
 import linearize
 from linearize.cli import build_parser, main
@@ -31,8 +30,7 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "words.txt"
-    rng = random.Random(0)
-    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(60)))
+    write_words(path, 60)
     return path
 
 

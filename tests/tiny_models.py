@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 import transformers
 
@@ -75,6 +77,14 @@ WORDS = (
     "film state war like de well each house early music high series him four best life old us no way end back just "
     "name work north south east west river day paris capital france water light"
 ).split()
+
+
+def write_words(path, paragraphs: int):
+    """Write `paragraphs` paragraphs of 30 random `WORDS` (seed 0) to `path`, a pipeline's `data.dataset`; returns
+    `path`."""
+    rng = random.Random(0)
+    path.write_text("\n\n".join(" ".join(rng.choice(WORDS) for _ in range(30)) for _ in range(paragraphs)))
+    return path
 
 
 def packed_forwards(model, lens, seed=0, mixed=False, separate=True):
