@@ -45,6 +45,14 @@ def _swap(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
     return old
 
 
+def _restore(run, path: str) -> nn.Module:
+    """Put a twin of the teacher's softmax attention at `path` in the student (its own module, the teacher's
+    weights, so later LoRA wraps the twin and never the teacher); returns the converted module it replaced."""
+    from ..models.twin import shallow_twin
+
+    return _swap(run.model, path, shallow_twin(run.teacher.get_submodule(path)))
+
+
 @torch.no_grad()
 def _kl(run, sequences: torch.Tensor, batch_size: int, teacher_cache: dict | None = None) -> float:
     """Mean per-token KL(teacher || student) over `sequences` `[N, T]`; `teacher_cache` keeps the teacher's final
@@ -76,15 +84,13 @@ def _kl(run, sequences: torch.Tensor, batch_size: int, teacher_cache: dict | Non
 def restore_layers(run, layers: list[int]) -> None:
     """Give `layers` of the student back the teacher's softmax attention (a twin of the teacher's module sharing
     its weights) and record it in the model's settings."""
-    from ..models.twin import shallow_twin
-
     paths = _attention_paths(run.model)
     missing = [layer for layer in layers if layer not in paths]
     if missing:
         raise LinearizeError(f"layers {missing} are not converted in this run; a resumed run must use its recipe")
     settings = run.model.config.linearize
     for layer in layers:
-        _swap(run.model, paths[layer], shallow_twin(run.teacher.get_submodule(paths[layer])))
+        _restore(run, paths[layer])
         settings["layers"][str(layer)] = "softmax"
     attention = settings["attention"]
     attention["softmax_layers"] = sorted(set(attention.get("softmax_layers") or []) | set(layers))
@@ -98,13 +104,10 @@ def kl_with_restored(
 ) -> float:
     """Held-out KL(teacher || student) with `layers` restored to softmax for the measurement only (`teacher_cache`:
     as `_kl`'s, for several calls on the same sequences)."""
-    from ..models.twin import shallow_twin
-
     paths = _attention_paths(run.model)
     was_training = run.model.training
     run.model.eval()
-    converted = {layer: _swap(run.model, paths[layer], shallow_twin(run.teacher.get_submodule(paths[layer])))
-                 for layer in layers}  # fmt: skip
+    converted = {layer: _restore(run, paths[layer]) for layer in layers}
     try:
         return _kl(run, sequences, batch_size, teacher_cache)
     finally:
@@ -114,15 +117,15 @@ def kl_with_restored(
 
 
 def kl_restore_scores(
-    run, sequences: torch.Tensor, batch_size: int, desc: str = "select"
+    run, sequences: torch.Tensor, batch_size: int, desc: str = "select", teacher_cache: dict | None = None
 ) -> tuple[float, dict[int, float]]:
     """KL with every converted layer linear, and with each one alone restored to softmax (a progress bar over the
-    layers on the main process)."""
+    layers on the main process; `teacher_cache` as `_kl`'s, to keep the teacher's states for a later call)."""
     from tqdm.auto import tqdm
 
     layers = sorted(_attention_paths(run.model))
     bar = tqdm(total=len(layers) + 1, desc=desc, unit="layer", dynamic_ncols=True, disable=not run.ctx.main)
-    teacher: dict = {}
+    teacher = {} if teacher_cache is None else teacher_cache
     try:
         baseline = kl_with_restored(run, [], sequences, batch_size, teacher)
         bar.update()
@@ -172,7 +175,8 @@ def kl_restore_stage(run, stage) -> StageResult:
                 "%s: %d held-out sequences of %d tokens, fewer than tokens=%d asks for; measuring on those",
                 stage.name, len(sequences), seq_len, stage.tokens,
             )  # fmt: skip
-        baseline, restored = kl_restore_scores(run, sequences, stage.batch_size, desc=stage.name)
+        teacher: dict = {}
+        baseline, restored = kl_restore_scores(run, sequences, stage.batch_size, stage.name, teacher)
         layers = choose(run.model.config.num_hidden_layers, stage.softmax_budget, baseline, restored)
         if run.ctx.world > 1:
             # One choice for every process, whatever rounding differences the measurements had.
@@ -180,7 +184,7 @@ def kl_restore_stage(run, stage) -> StageResult:
             torch.distributed.broadcast_object_list(shared, src=0)
             layers = shared[0]
         restore_layers(run, layers)
-        selected = kl_with_restored(run, [], sequences, stage.batch_size)
+        selected = kl_with_restored(run, [], sequences, stage.batch_size, teacher)
         record = {
             "criterion": "kl_restore",
             "stage": stage.name,
