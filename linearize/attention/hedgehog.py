@@ -30,7 +30,7 @@ def build_hedgehog(original, cfg, layer_idx: int, window: int = 0) -> HybridLine
         softmax_kv_heads=cfg.softmax_heads.get(str(layer_idx), ()),
         sparse_cache=cfg.sparse_cache,
         sparse_block=cfg.sparse_block,
-        sparse_scorer=getattr(cfg, "sparse_scorer", "recall"),
+        sparse_scorer=cfg.sparse_scorer,
     )
 
 
@@ -44,8 +44,8 @@ def hybrid_state_bytes(config, cfg, layer_idx: int, tokens: int, batch: int, dty
     head_dim = config_head_dim(config)
     split = HeadSplit.of_layer(config, cfg, layer_idx)
     features, slots = 2 * cfg.feature_dim, max(window - 1, 0)
-    sparse = getattr(cfg, "sparse_cache", 0) if window > 0 else 0
-    learned = bool(sparse) and getattr(cfg, "sparse_scorer", "recall") == "learned"
+    sparse = cfg.sparse_cache if window > 0 else 0
+    learned = bool(sparse) and cfg.sparse_scorer == "learned"
     if sparse:
         slots = (cfg.sparse_block or window) + window - 2 + (MARGIN if learned else 0)
     linear = 0
